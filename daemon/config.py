@@ -1,0 +1,284 @@
+"""Configuration: one TOML file, one frozen dataclass per section, every value checked.
+
+`load_config(path, overrides)` reads the file (or the built-in defaults when there is none), applies the
+`--set section.key=value` overrides and returns a `Config`. Unknown sections or keys, wrong types and values out
+of range raise `ConfigError` naming the key, the value and what is allowed. The objects are passed down to the
+parts; there are no module-level globals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import ConfigError
+
+DEFAULT_CONFIG_NAMES = ("config.toml", "~/.config/improvd/config.toml")
+
+
+def _opt(default: Any, *, lo: float | None = None, hi: float | None = None,
+         choices: tuple | None = None, path: bool = False) -> Any:
+    """A dataclass field with its allowed range or choices (checked by `_check`)."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "path": path}
+    if isinstance(default, (list, tuple)):
+        return field(default=tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training data comes from and how it is split."""
+
+    corpus: str = _opt("bach", choices=("bach",))
+    cache_dir: str = _opt("~/.cache/improvd", path=True)
+    val_fraction: float = _opt(0.15, lo=0.01, hi=0.9)
+    seed: int = _opt(1234, lo=0)
+    workers: int = _opt(0, lo=0, hi=256)
+    group_melodies: bool = _opt(True)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained; the preset fixes the architecture and its hyper-parameters."""
+
+    preset: str = _opt("default", choices=("default", "tutorial", "tiny"))
+    epochs: int = _opt(0, lo=0, hi=100000)
+    max_minutes: float = _opt(0.0, lo=0.0)
+    batch_size: int = _opt(0, lo=0, hi=65536)
+    seed: int = _opt(1234, lo=0)
+    runs_dir: str = _opt("runs", path=True)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The evaluation protocol shared by every model and baseline."""
+
+    context: int = _opt(25, lo=1, hi=4096)
+    batch_size: int = _opt(512, lo=1, hi=1 << 20)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The ONNX model the daemon and `improvd generate` run."""
+
+    path: str = _opt("models/bach.onnx", path=True)
+    threads: int = _opt(1, lo=1, hi=64)
+
+
+@dataclass(frozen=True)
+class MidiConfig:
+    """MIDI ports and channels. Channels are 1-based here, as a musician reads them."""
+
+    api: str = _opt("auto", choices=("auto", "alsa", "jack", "coremidi", "winmm"))
+    client_name: str = _opt("improvd")
+    input: str = _opt("virtual:improvd in")
+    output: str = _opt("virtual:improvd out")
+    input_channels: tuple[int, ...] = _opt((), lo=1, hi=16)
+    output_channel: int = _opt(1, lo=1, hi=16)
+
+
+@dataclass(frozen=True)
+class ImproviseConfig:
+    """What improvd plays and when."""
+
+    mode: str = _opt("respond", choices=("respond", "continuous"))
+    silence: float = _opt(0.6, lo=0.05, hi=60.0)
+    max_notes: int = _opt(32, lo=1, hi=10000)
+    max_seconds: float = _opt(8.0, lo=0.1, hi=3600.0)
+    temperature: float = _opt(0.9, lo=0.0, hi=10.0)
+    top_p: float = _opt(0.95, lo=0.01, hi=1.0)
+    pitch_range: tuple[int, ...] = _opt((21, 108), lo=0, hi=127)
+    step_range: tuple[float, ...] = _opt((0.0, 2.0), lo=0.0, hi=60.0)
+    duration_range: tuple[float, ...] = _opt((0.03, 4.0), lo=0.001, hi=60.0)
+    velocity: str = _opt("follow", choices=("model", "follow", "fixed"))
+    fixed_velocity: int = _opt(90, lo=1, hi=127)
+    window: int = _opt(64, lo=1, hi=100000)
+    seed: int = _opt(-1, lo=-1)
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    """Session recordings."""
+
+    dir: str = _opt("", path=True)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Logging to stderr."""
+
+    level: str = _opt("info", choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; `source` is the file it came from (None for the built-in defaults)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    midi: MidiConfig = field(default_factory=MidiConfig)
+    improvise: ImproviseConfig = field(default_factory=ImproviseConfig)
+    record: RecordConfig = field(default_factory=RecordConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str | None = None
+
+    def replace(self, **sections: Any) -> "Config":
+        """A copy with whole sections replaced."""
+        return dataclasses.replace(self, **sections)
+
+    def with_overrides(self, overrides: list[str]) -> "Config":
+        """A copy with `section.key=value` overrides applied and checked."""
+        raw = self.to_dict()
+        for item in overrides:
+            section, key, value = parse_override(item)
+            raw.setdefault(section, {})[key] = value
+        base = Path(self.source).parent if self.source else None
+        return from_dict(raw, base_dir=base, source=self.source)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain data (lists for tuples), the form written into run directories and model cards."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in _section_types():
+            section = getattr(self, name)
+            out[name] = {k: list(v) if isinstance(v, tuple) else v
+                         for k, v in dataclasses.asdict(section).items()}
+        return out
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name != "source"}
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {typing.get_args(tp)[0].__name__}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+
+
+def _coerce(where: str, tp: Any, value: Any) -> Any:
+    """Check `value` against the annotated type; ints are accepted where floats are expected."""
+    if typing.get_origin(tp) is tuple:
+        item_tp = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} = {value!r} is not valid: expected {_type_name(tp)}")
+        return tuple(_coerce(f"{where}[{i}]", item_tp, v) for i, v in enumerate(value))
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{where} = {value!r} is not valid: expected {_type_name(tp)}")
+    return value
+
+
+def _check_range(where: str, value: Any, meta: dict) -> None:
+    items = value if isinstance(value, tuple) else (value,)
+    for v in items:
+        if meta["choices"] is not None and v not in meta["choices"]:
+            allowed = ", ".join(repr(c) for c in meta["choices"])
+            raise ConfigError(f"{where} = {v!r} is not valid: allowed values are {allowed}")
+        if meta["lo"] is not None and v < meta["lo"] or meta["hi"] is not None and v > meta["hi"]:
+            lo = meta["lo"] if meta["lo"] is not None else "-inf"
+            hi = meta["hi"] if meta["hi"] is not None else "inf"
+            raise ConfigError(f"{where} = {v!r} is out of range: allowed {lo}..{hi}")
+
+
+def _check_pairs(name: str, section: Any) -> None:
+    """Keys that are [low, high] ranges need exactly two ordered values."""
+    for key in ("pitch_range", "step_range", "duration_range"):
+        if hasattr(section, key):
+            value = getattr(section, key)
+            if len(value) != 2 or value[0] > value[1]:
+                raise ConfigError(f"{name}.{key} = {list(value)!r} is not valid: expected [low, high] with low <= high")
+
+
+def _build_section(name: str, cls: type, raw: dict[str, Any], base_dir: Path | None) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key {name}.{key}; valid keys in [{name}]: {', '.join(fields)}")
+        where = f"{name}.{key}"
+        value = _coerce(where, hints[key], value)
+        _check_range(where, value, fields[key].metadata)
+        if fields[key].metadata.get("path") and value and base_dir is not None:
+            expanded = os.path.expanduser(value)
+            if not os.path.isabs(expanded):
+                value = str(base_dir / expanded)
+        values[key] = value
+    section = cls(**values)
+    _check_pairs(name, section)
+    return section
+
+
+def from_dict(raw: dict[str, Any], *, base_dir: Path | None = None, source: str | None = None) -> Config:
+    """Build a checked `Config` from parsed TOML; relative paths resolve against `base_dir`."""
+    sections = _section_types()
+    built = {}
+    for name, value in raw.items():
+        if name not in sections:
+            raise ConfigError(f"unknown section [{name}]; valid sections: {', '.join(sections)}")
+        built[name] = _build_section(name, sections[name], value, base_dir)
+    return Config(**built, source=source)
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """Split `section.key=value`; the value is read as TOML (`0.5`, `true`, `[1, 2]`), else taken as a string."""
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"--set {item!r} is not valid: expected section.key=value, e.g. improvise.temperature=0")
+    lhs, text = item.split("=", 1)
+    section, key = lhs.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return section, key, value
+
+
+def find_default_config() -> Path | None:
+    """The first existing file of `DEFAULT_CONFIG_NAMES`, or None."""
+    for name in DEFAULT_CONFIG_NAMES:
+        path = Path(name).expanduser()
+        if path.is_file():
+            return path
+    return None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a config file (or the default one, or the built-in defaults) and apply overrides.
+
+    Args:
+        path: a TOML file; None looks for `config.toml` here, then `~/.config/improvd/config.toml`.
+        overrides: `section.key=value` strings, applied in order.
+
+    Raises:
+        ConfigError: the file is missing or not TOML, or a key or value is not allowed.
+    """
+    file = Path(path) if path is not None else find_default_config()
+    raw: dict[str, Any] = {}
+    if file is not None:
+        try:
+            raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file {str(file)!r} does not exist") from err
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {str(file)!r} is not valid TOML: {err}") from err
+    source = str(file.resolve()) if file is not None else None
+    config = from_dict(raw, base_dir=file.resolve().parent if file else None, source=source)
+    return config.with_overrides(overrides or [])

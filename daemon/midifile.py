@@ -1,0 +1,165 @@
+"""MIDI files <-> notes, with mido only (the daemon's light runtime; training imports this too).
+
+Reading merges the notes of every non-drum channel (channel 10, index 9, is drums in General MIDI) of every
+track, honouring tempo changes, and sorts them by (onset, pitch). Writing uses 960 ticks per quarter at
+120 bpm (about 0.5 ms a tick), so times survive a round trip to the millisecond.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import mido
+import numpy as np
+
+from daemon import notes as nt
+from daemon.errors import MidiFileError
+
+DRUM_CHANNEL = 9
+TICKS_PER_BEAT = 960
+TEMPO_US = 500_000  # 120 bpm
+MIN_DURATION_S = 0.001
+
+
+def read_notes(path: str | os.PathLike) -> np.ndarray:
+    """Read a MIDI file into notes (see `daemon.notes`).
+
+    Args:
+        path: a Standard MIDI File (type 0, 1 or 2).
+
+    Returns:
+        float64 [N, 4] notes, N >= 1.
+
+    Raises:
+        MidiFileError: the file is unreadable, not MIDI, truncated, or holds no pitched notes (the message
+            says which).
+    """
+    try:
+        midi = mido.MidiFile(path, clip=True)
+    except FileNotFoundError as err:
+        raise MidiFileError(f"{path}: no such file") from err
+    except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError) as err:
+        raise MidiFileError(f"{path}: not a readable MIDI file ({type(err).__name__}: {err})") from err
+    try:
+        return notes_from_midi(midi)
+    except MidiFileError as err:
+        raise MidiFileError(f"{path}: {err}") from err
+
+
+def notes_from_midi(midi: mido.MidiFile) -> np.ndarray:
+    """Notes of a parsed `mido.MidiFile` (see `read_notes`)."""
+    tracks = [mido.merge_tracks(midi.tracks)] if midi.type != 2 else list(midi.tracks)
+    pitch, onset, duration, velocity = [], [], [], []
+    drum_notes = 0
+    for track in tracks:
+        now_s = 0.0
+        tempo = TEMPO_US
+        sounding: dict[tuple[int, int], deque] = defaultdict(deque)
+        for msg in track:
+            if msg.time:
+                now_s += mido.tick2second(msg.time, midi.ticks_per_beat, tempo)
+            if msg.type == "set_tempo":
+                tempo = msg.tempo
+            elif msg.type == "note_on" and msg.velocity > 0:
+                if msg.channel == DRUM_CHANNEL:
+                    drum_notes += 1
+                else:
+                    sounding[(msg.channel, msg.note)].append((now_s, msg.velocity))
+            elif msg.type in ("note_off", "note_on"):
+                held = sounding.get((msg.channel, msg.note))
+                if held:
+                    start_s, vel = held.popleft()
+                    pitch.append(msg.note)
+                    onset.append(start_s)
+                    duration.append(now_s - start_s)
+                    velocity.append(vel)
+        for (_, note), held in sounding.items():  # never released: end them with the track
+            for start_s, vel in held:
+                pitch.append(note)
+                onset.append(start_s)
+                duration.append(now_s - start_s)
+                velocity.append(vel)
+    if not pitch:
+        raise MidiFileError("drums only, no pitched notes" if drum_notes else "no notes")
+    duration_s = np.maximum(np.asarray(duration, dtype=np.float64), MIN_DURATION_S)
+    return nt.from_onsets(pitch, onset, duration_s, velocity)
+
+
+@dataclass(frozen=True)
+class Track:
+    """One track to write: a name, its notes, the MIDI channel (0-based) and an optional GM program."""
+
+    name: str
+    notes: np.ndarray
+    channel: int = 0
+    program: int | None = None
+    start_s: float = 0.0
+
+
+def _seconds_to_ticks(t_s: float) -> int:
+    return int(round(t_s * TICKS_PER_BEAT * 1e6 / TEMPO_US))
+
+
+def track_events(notes: np.ndarray, start_s: float = 0.0) -> list[tuple[int, int, int, int]]:
+    """Absolute-tick events (tick, kind, pitch, velocity) of one track, kind 0 = note-off, 1 = note-on.
+
+    A note that starts while the same pitch still sounds ends the earlier one at that moment, so every
+    note-off is unambiguous. At equal ticks note-offs come first.
+    """
+    starts = nt.onsets(notes, start_s) if len(notes) else np.zeros(0)
+    events = []
+    last_on: dict[int, tuple[int, int]] = {}  # pitch -> (on tick, index in events of its off)
+    for (pitch, _, dur, vel), t0 in sorted(zip(notes.tolist(), starts.tolist()), key=lambda x: (x[1], x[0][0])):
+        p = int(pitch)
+        on = _seconds_to_ticks(t0)
+        off = max(on + 1, _seconds_to_ticks(t0 + dur))
+        if p in last_on:
+            prev_on, idx = last_on[p]
+            if prev_on == on:  # the same pitch twice at one onset (a unison): one note, the longer
+                events[idx] = (max(events[idx][0], off), 0, p, 0)
+                continue
+            if events[idx][0] > on:  # still sounding: cut it where the new one starts
+                events[idx] = (on, 0, p, 0)
+        events.append((on, 1, p, int(np.clip(round(vel), 1, 127))))
+        events.append((off, 0, p, 0))
+        last_on[p] = (on, len(events) - 1)
+    events.sort(key=lambda e: (e[0], e[1]))
+    return events
+
+
+def write_notes(path: str | os.PathLike, tracks: list[Track]) -> None:
+    """Write tracks of notes to a type-1 MIDI file, atomically (a temporary file, then a rename).
+
+    Args:
+        path: the output file; it is either written whole or left as it was.
+        tracks: the tracks, each with notes as in `daemon.notes`.
+    """
+    midi = mido.MidiFile(type=1, ticks_per_beat=TICKS_PER_BEAT)
+    meta = mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=TEMPO_US, time=0)])
+    midi.tracks.append(meta)
+    for track in tracks:
+        mtrack = mido.MidiTrack([mido.MetaMessage("track_name", name=track.name, time=0)])
+        if track.program is not None:
+            mtrack.append(mido.Message("program_change", channel=track.channel, program=track.program, time=0))
+        now = 0
+        for tick, kind, pitch, vel in track_events(np.asarray(track.notes, dtype=np.float64), track.start_s):
+            msg_type = "note_on" if kind else "note_off"
+            mtrack.append(mido.Message(msg_type, channel=track.channel, note=pitch, velocity=vel, time=tick - now))
+            now = tick
+        midi.tracks.append(mtrack)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            midi.save(file=fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
