@@ -1,0 +1,421 @@
+"""A reusable harness for end-to-end tests over real MIDI ports on a JACK server.
+
+Pieces, each a real process talking JACK MIDI, so that timing is measured the way a musician would hear it:
+
+- `JackServer`: a uniquely named `jackd` with the dummy driver (48 kHz, 64-frame periods; no sound card needed),
+  started and waited for, stopped with SIGTERM + wait, its `/dev/shm` files removed. The `jack_server` fixture
+  gives one per test module.
+- `Player`: a small script in another process that opens a mido JACK virtual output and plays timed notes that
+  the test sends it, one JSON line per phrase.
+- `Receiver`: `jack_midi_dump -a`, an independent third-party client; each event is timestamped in frames of the
+  server's clock (`t_s = frame / 48000`).
+- `Daemon`: `improvd run` as a subprocess (`python -m daemon.cli run`) with a temporary config file.
+
+Every child process dies with the test process (PR_SET_PDEATHSIG) and is also ended by `stop_all()` (atexit).
+Clients get `JACK_NO_START_SERVER=1` so that none starts a server of its own by accident.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import glob
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE_RATE = 48000
+PERIOD_FRAMES = 64
+JACKD = shutil.which("jackd")
+JACK_TOOLS = ("jack_lsp", "jack_connect", "jack_midi_dump")
+
+requires_jack = pytest.mark.skipif(
+    JACKD is None or any(shutil.which(t) is None for t in JACK_TOOLS),
+    reason="jackd and the JACK example clients (jack_lsp, jack_connect, jack_midi_dump) are not installed; "
+           "on Debian/Ubuntu: apt-get install jackd2")
+
+_counter = itertools.count()
+_children: list[subprocess.Popen] = []
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when the process that started it dies (Linux)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def spawn(cmd: list[str], *, env: dict[str, str], **kwargs) -> subprocess.Popen:
+    """Start a child process that is ended with the test process, whatever happens."""
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent, **kwargs)
+    _children.append(proc)
+    return proc
+
+
+def terminate(proc: subprocess.Popen, timeout: float = 3.0) -> int | None:
+    """SIGTERM, wait, then SIGKILL if it does not go; returns the exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    return proc.returncode
+
+
+@atexit.register
+def stop_all() -> None:
+    """End every child still running, newest first (servers were started first, so they go last)."""
+    for proc in reversed(_children):
+        terminate(proc)
+
+
+class JackServer:
+    """A `jackd` with the dummy driver under a unique name.
+
+    Args:
+        rate: sample rate (Hz).
+        period: frames per period (the dummy driver's cycle; 64 frames at 48 kHz = 1.33 ms).
+    """
+
+    def __init__(self, rate: int = SAMPLE_RATE, period: int = PERIOD_FRAMES) -> None:
+        self.name = f"improvd-test-{os.getpid()}-{next(_counter)}"
+        self.rate = rate
+        self.period = period
+        self.env = dict(os.environ, JACK_DEFAULT_SERVER=self.name, JACK_NO_START_SERVER="1",
+                        PYTHONUNBUFFERED="1")
+        self.proc: subprocess.Popen | None = None
+        self.log_path: Path | None = None
+
+    def start(self, log_dir: Path, timeout: float = 10.0) -> "JackServer":
+        """Start `jackd` and wait until a client can connect to it."""
+        self.log_path = Path(log_dir) / f"{self.name}.log"
+        log = open(self.log_path, "wb")
+        self.proc = spawn([JACKD, "-n", self.name, "--no-realtime", "-d", "dummy",
+                           "-r", str(self.rate), "-p", str(self.period)],
+                          env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"jackd exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            if "system:capture_1" in self.ports():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"jackd {self.name} did not come up within {timeout} s")
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait, and remove the server's leftover files under /dev/shm."""
+        rc = terminate(self.proc, timeout=5.0) if self.proc is not None else None
+        for path in glob.glob(f"/dev/shm/jack_sem.*_{self.name}_*") + glob.glob(f"/dev/shm/jack_{self.name}_*"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        return rc
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def ports(self) -> list[str]:
+        """All port names (`jack_lsp`); [] when the server is not reachable."""
+        out = subprocess.run(["jack_lsp"], env=self.env, capture_output=True, text=True, timeout=10)
+        return out.stdout.split("\n")[:-1] if out.returncode == 0 else []
+
+    def connections(self) -> str:
+        """`jack_lsp -c` output, for failure messages."""
+        return subprocess.run(["jack_lsp", "-c"], env=self.env, capture_output=True, text=True, timeout=10).stdout
+
+    def wait_port(self, pattern: str, timeout: float = 10.0) -> str:
+        """The full name of the first port whose name ends with `pattern` (e.g. ':improvd out')."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for port in self.ports():
+                if port.endswith(pattern):
+                    return port
+            time.sleep(0.05)
+        raise AssertionError(f"no JACK port ending with {pattern!r} within {timeout} s; ports: {self.ports()}")
+
+    def connect(self, src: str, dst: str) -> None:
+        out = subprocess.run(["jack_connect", src, dst], env=self.env, capture_output=True, text=True, timeout=10)
+        if out.returncode != 0:
+            raise AssertionError(f"jack_connect {src!r} {dst!r} failed: {out.stderr.strip()}")
+
+
+@dataclass(frozen=True)
+class MidiEvent:
+    """One event seen by the receiver: server time (s, from the receiver's start) and the raw bytes."""
+
+    t_s: float
+    data: tuple[int, ...]
+
+    @property
+    def kind(self) -> str:
+        """'on' (note-on with velocity > 0), 'off' (note-off or note-on with velocity 0), else 'other'."""
+        status = self.data[0] & 0xF0
+        if status == 0x90 and len(self.data) == 3 and self.data[2] > 0:
+            return "on"
+        if status == 0x80 or status == 0x90:
+            return "off"
+        return "other"
+
+    @property
+    def channel(self) -> int:
+        """0-based channel."""
+        return self.data[0] & 0x0F
+
+    @property
+    def note(self) -> int:
+        return self.data[1]
+
+
+_DUMP_LINE = re.compile(r"^\s*(\d+):((?: [0-9a-fA-F]{2})+)")
+
+
+def parse_dump_line(line: str, rate: int = SAMPLE_RATE) -> MidiEvent | None:
+    """One line of `jack_midi_dump -a` (`  46208: 90 3c 64 note on ...`) as an event, else None."""
+    m = _DUMP_LINE.match(line)
+    if not m:
+        return None
+    return MidiEvent(int(m.group(1)) / rate, tuple(int(b, 16) for b in m.group(2).split()))
+
+
+class _LineReader:
+    """Reads a child's text stream on a thread; keeps every line; lets the test wait for one."""
+
+    def __init__(self, stream, on_line: Callable[[str], None] | None = None) -> None:
+        self.lines: list[str] = []
+        self.eof = False
+        self.cond = threading.Condition()
+        self._on_line = on_line
+        self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _run(self, stream) -> None:
+        for line in stream:
+            with self.cond:
+                if self._on_line is not None:
+                    self._on_line(line)
+                self.lines.append(line.rstrip("\n"))
+                self.cond.notify_all()
+        with self.cond:
+            self.eof = True
+            self.cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(predicate, timeout)
+
+    def wait_line(self, pattern: str, timeout: float, start: int = 0) -> str:
+        """The first line at index >= start containing `pattern`; AssertionError after `timeout`."""
+        rx = re.compile(pattern)
+        found: list[str] = []
+
+        def check() -> bool:
+            found[:] = [ln for ln in self.lines[start:] if rx.search(ln)]
+            return bool(found)
+        if not self.wait_for(check, timeout):
+            raise AssertionError(f"no line matching {pattern!r} within {timeout} s; got:\n" + "\n".join(self.lines))
+        return found[0]
+
+
+class Receiver:
+    """`jack_midi_dump -a` on its own JACK client; `events` fill in as they arrive."""
+
+    def __init__(self, server: JackServer, client: str = "receiver") -> None:
+        self.server = server
+        self.client = f"{client}-{next(_counter)}"
+        self.events: list[MidiEvent] = []
+        self.proc = spawn(["stdbuf", "-oL", "jack_midi_dump", "-a", self.client], env=server.env,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+        self.reader = _LineReader(self.proc.stdout, self._on_line)
+        self.port = server.wait_port(f"{self.client}:input")
+
+    def _on_line(self, line: str) -> None:
+        ev = parse_dump_line(line, self.server.rate)
+        if ev is not None:
+            self.events.append(ev)
+
+    def wait_events(self, predicate: Callable[[list[MidiEvent]], bool], timeout: float) -> bool:
+        return self.reader.wait_for(lambda: predicate(self.events), timeout)
+
+    def wait_quiet(self, quiet_s: float, timeout: float) -> None:
+        """Wait until no event has arrived for `quiet_s` seconds (wall clock)."""
+        deadline = time.monotonic() + timeout
+        count, since = len(self.events), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+            if len(self.events) != count:
+                count, since = len(self.events), time.monotonic()
+            elif time.monotonic() - since >= quiet_s:
+                return
+        raise AssertionError(f"the receiver never went quiet for {quiet_s} s within {timeout} s")
+
+    def stop(self) -> None:
+        terminate(self.proc)
+
+
+PLAYER_SCRIPT = r"""
+import json, sys, time
+import mido
+mido.set_backend("mido.backends.rtmidi/UNIX_JACK")
+port = mido.open_output(sys.argv[2], virtual=True, client_name=sys.argv[1])
+print("ready", flush=True)
+for line in sys.stdin:
+    events = json.loads(line)
+    start = time.perf_counter() + 0.005
+    for t_s, kind, note, velocity, channel in events:
+        due = start + t_s
+        while due - time.perf_counter() > 0.002:
+            time.sleep(due - time.perf_counter() - 0.0015)
+        while time.perf_counter() < due:
+            pass
+        port.send(mido.Message(kind, note=note, velocity=velocity, channel=channel))
+    print("done", flush=True)
+port.close()
+"""
+
+
+def phrase(pitches: Iterable[int], *, step_s: float = 0.12, duration_s: float = 0.08, velocity: int = 90,
+           channel: int = 1, start_s: float = 0.0) -> list[tuple[float, str, int, int, int]]:
+    """Events of a monophonic phrase: (t_s, 'note_on'|'note_off', pitch, velocity, 0-based channel)."""
+    events = []
+    for i, p in enumerate(pitches):
+        t = start_s + i * step_s
+        events.append((t, "note_on", int(p), velocity, channel))
+        events.append((t + duration_s, "note_off", int(p), 0, channel))
+    return sorted(events, key=lambda e: (e[0], e[1] == "note_on"))
+
+
+class Player:
+    """A mido JACK virtual output in another process; `play(events)` sends them with their timing."""
+
+    def __init__(self, server: JackServer, client: str = "player", port: str = "out") -> None:
+        self.client = f"{client}-{next(_counter)}"
+        self.proc = spawn([sys.executable, "-c", PLAYER_SCRIPT, self.client, port], env=server.env, cwd=REPO,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.reader = _LineReader(self.proc.stdout)
+        self.reader.wait_line("^ready$", 10.0)
+        self.port = server.wait_port(f"{self.client}:{port}")
+        self._done = 0
+
+    def play(self, events: list, *, wait: bool = True, timeout: float = 30.0) -> None:
+        """Send a phrase (see `phrase`); with `wait`, return once its last event is sent."""
+        self.proc.stdin.write(json.dumps(events) + "\n")
+        self.proc.stdin.flush()
+        self._done += 1
+        if wait:
+            self.wait_done(timeout)
+
+    def wait_done(self, timeout: float = 30.0) -> None:
+        n = self._done
+        if not self.reader.wait_for(lambda: sum(ln == "done" for ln in self.reader.lines) >= n, timeout):
+            raise AssertionError("the player did not finish its phrase")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(3.0)
+            except subprocess.TimeoutExpired:
+                terminate(self.proc)
+
+
+def write_config(path: Path, *, model: Path, midi: dict | None = None, improvise: dict | None = None,
+                 record: dict | None = None, log: dict | None = None) -> Path:
+    """A TOML config for `improvd run`; values are Python str, int, float, bool or lists of them."""
+    sections = {"model": {"path": str(model)}, "midi": {"api": "jack", **(midi or {})},
+                "improvise": improvise or {}, "record": record or {}, "log": log or {}}
+
+    def fmt(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return json.dumps(v)
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {fmt(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Daemon:
+    """`improvd run --config CONFIG` as a subprocess; its stderr lines are kept in `lines`."""
+
+    def __init__(self, server: JackServer, config: Path, *extra: str) -> None:
+        self.server = server
+        self.proc = spawn([sys.executable, "-m", "daemon.cli", "run", "--config", str(config), *extra],
+                          env=server.env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+        self.reader = _LineReader(self.proc.stderr)
+
+    @property
+    def lines(self) -> list[str]:
+        return self.reader.lines
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Wait for the 'ready' log line (ports open, model loaded)."""
+        def ready() -> bool:
+            return self.proc.poll() is not None or any(" ready: " in ln for ln in self.lines)
+        self.reader.wait_for(ready, timeout)
+        if self.proc.poll() is not None or not any(" ready: " in ln for ln in self.lines):
+            terminate(self.proc)
+            self.reader.wait_for(lambda: False, 0.2)
+            raise AssertionError(f"improvd did not become ready (rc={self.proc.returncode}):\n" + self.log())
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def send_signal(self, sig: int) -> float:
+        """Send a signal; returns the perf_counter time it was sent."""
+        t = time.perf_counter()
+        self.proc.send_signal(sig)
+        return t
+
+    def wait(self, timeout: float) -> int:
+        self.proc.wait(timeout)
+        self.reader._thread.join(2.0)
+        return self.proc.returncode
+
+    def stop(self) -> int | None:
+        rc = terminate(self.proc)
+        self.reader._thread.join(2.0)
+        return rc
+
+
+def make_model(directory: Path, seed: int = 0) -> Path:
+    """A small valid step-format ONNX model built by tests.modelfactory (no TensorFlow)."""
+    from tests import modelfactory
+    return modelfactory.write_model(Path(directory) / "model.onnx", seed=seed)
+
+
+@pytest.fixture(scope="module")
+def jack_server(tmp_path_factory):
+    """A JACK server with the dummy driver (48 kHz, 64 frames) for one test module."""
+    if JACKD is None:
+        pytest.skip("jackd is not installed (apt-get install jackd2)")
+    server = JackServer().start(tmp_path_factory.mktemp("jack"))
+    try:
+        yield server
+    finally:
+        server.stop()

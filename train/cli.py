@@ -1,0 +1,252 @@
+"""`improvd train` and `improvd eval`: data selection, the split, the run directory and the reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from daemon.config import Config
+from daemon.errors import ImprovdError
+from train import data as td
+from train.evaluate import evaluate, format_table, keras_predictor, onnx_predictor
+from train.markov import evaluate_orders, transpose_sequences
+from train.model import get_preset
+
+log = logging.getLogger(__name__)
+
+
+def command_line() -> str:
+    return "improvd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def data_source(args, config: Config) -> dict:
+    """{"kind": "dir", "path": ...} or {"kind": "corpus", "name": "bach"} from the arguments."""
+    if getattr(args, "data", None):
+        return {"kind": "dir", "path": str(Path(args.data).expanduser().resolve())}
+    return {"kind": "corpus", "name": getattr(args, "corpus", None) or config.data.corpus}
+
+
+def load_data(source: dict, config: Config, progress: bool) -> td.Collection:
+    """Parse (or read from the cache) every MIDI file of the source."""
+    if source["kind"] == "dir":
+        try:
+            paths = td.find_midi_files(source["path"])
+        except FileNotFoundError as err:
+            raise ImprovdError(str(err)) from err
+        if not paths:
+            raise ImprovdError(f"no .mid or .midi files below {source['path']!r}")
+    else:
+        from train.corpus import bach_midi_dir
+        paths = td.find_midi_files(bach_midi_dir(config.data.cache_dir, config.data.workers, progress))
+    collection = td.load_collection(paths, config.data.cache_dir, config.data.workers, progress)
+    s = collection.summary()
+    log.info("data: %d files, %d notes, %d skipped, %d from cache", s["files"], s["notes"], s["skipped"],
+             s["from_cache"])
+    if s["skipped"]:
+        print(f"skipped {s['skipped']} file(s):", file=sys.stderr)
+        for item in s["skipped_files"]:
+            print(f"  {item['path']}: {item['reason']}", file=sys.stderr)
+    if not collection.files:
+        raise ImprovdError("no usable MIDI file: nothing to train on or evaluate")
+    return collection
+
+
+def split_by_hashes(collection: td.Collection, split: dict) -> td.Split | None:
+    """The split recorded in a run (by content hash), applied to this collection; None if it does not fit."""
+    val_hashes = set(split.get("val_sha256", []))
+    if not val_hashes:
+        return None
+    val = [i for i, f in enumerate(collection.files) if f.sha256 in val_hashes]
+    if not val:
+        return None
+    train = [i for i, f in enumerate(collection.files) if f.sha256 not in val_hashes]
+    return td.Split(train=train, val=val, groups=split.get("melody_groups", 0),
+                    grouped_files=split.get("files_sharing_a_melody", 0))
+
+
+def split_json(collection: td.Collection, split: td.Split, config: Config) -> dict:
+    files = collection.files
+    out = split.to_json(files)
+    out.update({
+        "seed": config.data.seed, "val_fraction": config.data.val_fraction,
+        "group_melodies": config.data.group_melodies,
+        "train_sha256": [files[i].sha256 for i in split.train], "val_sha256": [files[i].sha256 for i in split.val],
+        "leakage_16_note_runs": td.leakage([files[i].notes for i in split.train],
+                                           [files[i].notes for i in split.val]),
+    })
+    return out
+
+
+def make_split(collection: td.Collection, config: Config) -> td.Split:
+    split = td.split_files(collection.files, config.data.val_fraction, config.data.seed,
+                           config.data.group_melodies)
+    if not split.val or not split.train:
+        raise ImprovdError(f"{len(collection.files)} usable file(s) cannot be split into training and validation; "
+                           f"give at least 2")
+    return split
+
+
+def new_run_dir(config: Config, preset_name: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(config.train.runs_dir).expanduser()
+    run = base / f"{stamp}-{preset_name}"
+    n = 1
+    while run.exists():
+        n += 1
+        run = base / f"{stamp}-{preset_name}-{n}"
+    return run
+
+
+def cmd_train(args, config: Config) -> int:
+    """`improvd train`: parse, split, fit, evaluate, write the run directory."""
+    from train.fit import fit, plot_curves, write_json
+
+    progress = not args.no_progress
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = json.loads((run_dir / "config.json").read_text())
+        preset = get_preset(saved["preset"]["name"])
+        source = saved["data_source"]
+        split_info = json.loads((run_dir / "split.json").read_text())
+    else:
+        try:
+            preset = get_preset(args.preset or config.train.preset)
+        except ValueError as err:
+            raise ImprovdError(str(err)) from err
+        run_dir = Path(args.out) if args.out else new_run_dir(config, preset.name)
+        source = data_source(args, config)
+        split_info = None
+    epochs = args.epochs or config.train.epochs or preset.epochs
+    max_minutes = args.max_minutes if args.max_minutes is not None else config.train.max_minutes
+    batch_size = config.train.batch_size or preset.batch_size
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    collection = load_data(source, config, progress)
+    split = split_by_hashes(collection, split_info) if split_info else None
+    if split is None:
+        split = make_split(collection, config)
+        split_info = split_json(collection, split, config)
+    files = collection.files
+    train_notes = [files[i].notes for i in split.train]
+    val_notes = [files[i].notes for i in split.val]
+    print(f"training {preset.name} on {len(train_notes)} files ({sum(map(len, train_notes))} notes), validating "
+          f"on {len(val_notes)} ({sum(map(len, val_notes))} notes); run directory {run_dir}", file=sys.stderr)
+    write_json(run_dir / "split.json", split_info)
+    write_json(run_dir / "config.json", {
+        "preset": preset.to_dict(), "data_source": source, "config": config.to_dict(),
+        "epochs": epochs, "max_minutes": max_minutes, "batch_size": batch_size, "command": command_line()})
+
+    result = fit(run_dir, preset, train_notes, val_notes, epochs=epochs, max_minutes=max_minutes,
+                 batch_size=batch_size, seed=config.train.seed, resume=bool(args.resume), progress=progress)
+    started = time.monotonic()
+    val_metrics = evaluate(keras_predictor(result.model), val_notes, config.eval.context, config.eval.batch_size,
+                           progress)
+    eval_seconds = time.monotonic() - started
+    metrics = {
+        "preset": preset.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(), "data_source": source, "data": collection.summary(),
+        "split": {k: split_info[k] for k in ("seed", "val_fraction", "melody_groups", "files_sharing_a_melody",
+                                             "leakage_16_note_runs")}
+        | {"train_files": len(split.train), "val_files": len(split.val)},
+        "training": {"epochs": result.epochs, "best_epoch": result.best_epoch, "seconds": result.seconds,
+                     "stopped_by": result.stopped_by, "monitor": preset.monitor},
+        "val": val_metrics, "eval_seconds": eval_seconds,
+        "parameters": int(result.model.count_params()),
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    if result.history:
+        plot_curves(result.history, run_dir / "curves.png", f"improvd {preset.name}: {run_dir.name}")
+    print(format_table([(f"{preset.name} (val)", val_metrics)]))
+    print(f"run directory: {run_dir} ({result.epochs} epochs, best {result.best_epoch}, "
+          f"{result.seconds / 60:.1f} min, stopped by {result.stopped_by})")
+    return 130 if result.stopped_by == "interrupted" else 0
+
+
+# --- eval -----------------------------------------------------------------------------------------------------
+
+def _model_split(path: Path) -> dict | None:
+    """The split a model was trained with: its run's split.json, or the val hashes in an ONNX card."""
+    run_dir = path if path.is_dir() else path.parent
+    if (run_dir / "split.json").exists():
+        return json.loads((run_dir / "split.json").read_text())
+    if path.suffix == ".onnx":
+        from daemon.model import StepModel
+        card = StepModel(str(path)).card
+        return card.get("split") if isinstance(card.get("split"), dict) else None
+    return None
+
+
+def load_predictor(path: Path, config: Config):
+    """(name, predictor) for a run directory, a .keras file or an .onnx file."""
+    if path.is_dir():
+        path = path / "model.keras"
+    if not path.exists():
+        raise ImprovdError(f"model {str(path)!r} does not exist")
+    if path.suffix == ".onnx":
+        from daemon.model import StepModel
+        return path.name, onnx_predictor(StepModel(str(path), threads=max(1, config.model.threads)))
+    if path.suffix == ".keras":
+        from train.model import load_keras
+        return path.name, keras_predictor(load_keras(path))
+    raise ImprovdError(f"model {str(path)!r}: expected a run directory, a .keras or an .onnx file")
+
+
+def markov_report(train_notes, eval_notes, context: int, transpose: int) -> dict:
+    """The Markov baseline, plain and trained on the LSTM's transpositions, each at its best order."""
+    pitches = lambda files: [f[:, 0].astype(np.int64) for f in files]  # noqa: E731
+    train_p, eval_p = pitches(train_notes), pitches(eval_notes)
+    plain = evaluate_orders(train_p, eval_p, context=context)
+    shifted = evaluate_orders(transpose_sequences(train_p, range(-transpose, transpose + 1)), eval_p,
+                              context=context)
+    return {"plain": plain, "transposed": shifted, "transpose": transpose}
+
+
+def cmd_eval(args, config: Config) -> int:
+    """`improvd eval`: one protocol for every model and for the Markov baseline."""
+    progress = not args.no_progress
+    source = data_source(args, config)
+    collection = load_data(source, config, progress)
+    files = collection.files
+    if args.split == "all":
+        eval_idx, train_idx = list(range(len(files))), None
+    else:
+        split = None
+        if args.model:
+            recorded = _model_split(Path(args.model))
+            split = split_by_hashes(collection, recorded) if recorded else None
+            if recorded and split is None:
+                log.warning("the model's validation files are not in this data: splitting it afresh")
+        split = split or make_split(collection, config)
+        eval_idx, train_idx = split.val, split.train
+    eval_notes = [files[i].notes for i in eval_idx]
+    context = config.eval.context
+    report: dict = {"data_source": source, "split": args.split, "files": len(eval_notes), "context": context}
+    rows = []
+    if args.model:
+        name, predictor = load_predictor(Path(args.model), config)
+        report["model"] = str(args.model)
+        report["metrics"] = evaluate(predictor, eval_notes, context, config.eval.batch_size, progress)
+        rows.append((name, report["metrics"]))
+    else:
+        if train_idx is None:
+            raise ImprovdError("--baseline markov is fitted on the training files: use --split val")
+        transpose = get_preset(config.train.preset).transpose
+        started = time.monotonic()
+        report["markov"] = markov_report([files[i].notes for i in train_idx], eval_notes, context, transpose)
+        report["seconds"] = time.monotonic() - started
+        for variant in ("plain", "transposed"):
+            m = report["markov"][variant]
+            rows.append((f"markov {variant} (KN, best order {m['best_order']})",
+                         {**m, "step_mae_s": None, "duration_mae_s": None}))
+    print(format_table(rows))
+    if args.json:
+        from train.fit import write_json
+        write_json(Path(args.json), report)
+    return 0

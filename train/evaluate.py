@@ -1,0 +1,92 @@
+"""One evaluation protocol for every model and baseline.
+
+Each note of the evaluated files that has at least `context` notes before it is predicted from exactly those
+`context` notes (from a zero state). Reported: pitch cross-entropy (nats/note), pitch top-1 accuracy, step and
+duration mean absolute error (s), and the number of notes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+
+from daemon import notes as nt
+
+Predictor = Callable[[np.ndarray], dict[str, np.ndarray]]  # raw windows [N, T, 4] -> next-note outputs
+
+
+def protocol_batches(files: list[np.ndarray], context: int, batch_size: int) -> Iterator[tuple[np.ndarray,
+                                                                                                np.ndarray]]:
+    """(windows [B, context, 4], targets [B, 4]) over every note with `context` predecessors, in order."""
+    rows = [(f, i) for f, notes in enumerate(files) for i in range(context, len(notes))]
+    for b in range(0, len(rows), batch_size):
+        part = rows[b:b + batch_size]
+        windows = np.stack([files[f][i - context:i] for f, i in part])
+        targets = np.stack([files[f][i] for f, i in part])
+        yield windows, targets
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
+    m = logits.max(axis=-1, keepdims=True)
+    return logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
+
+
+def evaluate(predict: Predictor, files: list[np.ndarray], context: int = 25, batch_size: int = 512,
+             progress: bool = False) -> dict:
+    """Score `predict` on `files` with the protocol; returns the metrics as a dict.
+
+    Raises:
+        ValueError: no file has more than `context` notes.
+    """
+    from tqdm import tqdm
+
+    total = sum(max(0, len(f) - context) for f in files)
+    if total == 0:
+        raise ValueError(f"no note has {context} notes before it: the files are too short for this protocol")
+    ce = correct = step_err = dur_err = 0.0
+    n = 0
+    bar = tqdm(total=total, desc="evaluating", unit="note", disable=not progress)
+    for windows, targets in protocol_batches(files, context, batch_size):
+        out = predict(windows)
+        logp = log_softmax(out["pitch_logits"])
+        pitch = targets[:, nt.PITCH].astype(np.int64)
+        ce -= logp[np.arange(len(pitch)), pitch].sum()
+        correct += (logp.argmax(axis=1) == pitch).sum()
+        step_err += np.abs(np.maximum(out["step"], 0.0) - targets[:, nt.STEP]).sum()
+        dur_err += np.abs(np.maximum(out["duration"], 0.0) - targets[:, nt.DURATION]).sum()
+        n += len(pitch)
+        bar.update(len(pitch))
+    bar.close()
+    return {"cross_entropy": ce / n, "accuracy": correct / n, "step_mae_s": step_err / n,
+            "duration_mae_s": dur_err / n, "notes": n, "context": context}
+
+
+def keras_predictor(model) -> Predictor:
+    from train.model import predict_next
+    return lambda windows: predict_next(model, windows)
+
+
+def onnx_predictor(step_model) -> Predictor:
+    """The step model fed note by note from a zero state, a whole batch of windows at once."""
+    def predict(windows: np.ndarray) -> dict[str, np.ndarray]:
+        state = step_model.zero_state(len(windows))
+        x = windows[..., :step_model.num_features].astype(np.float32)
+        for t in range(windows.shape[1]):
+            pred = step_model.run(x[:, t], state)
+            state = pred.state
+        return {"pitch_logits": pred.pitch_logits, "step": pred.step, "duration": pred.duration}
+    return predict
+
+
+def format_table(rows: list[tuple[str, dict]]) -> str:
+    """Metrics of several models as an aligned text table."""
+    head = f"{'model':<34} {'pitch CE':>9} {'top-1':>7} {'step MAE':>9} {'dur MAE':>9} {'notes':>8}"
+    lines = [head, "-" * len(head)]
+    for name, m in rows:
+        step = f"{m['step_mae_s']:.4f}" if m.get("step_mae_s") is not None else "-"
+        dur = f"{m['duration_mae_s']:.4f}" if m.get("duration_mae_s") is not None else "-"
+        lines.append(f"{name:<34} {m['cross_entropy']:>9.4f} {m['accuracy']:>7.3f} {step:>9} {dur:>9} "
+                     f"{m['notes']:>8}")
+    return "\n".join(lines)
