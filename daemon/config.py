@@ -99,6 +99,7 @@ class ImproviseConfig:
     fixed_velocity: int = _opt(90, lo=1, hi=127)
     window: int = _opt(64, lo=1, hi=100000)
     seed: int = _opt(-1, lo=-1)
+    max_hold: float = _opt(8.0, lo=0.1, hi=3600.0)
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ class FactoryModel:
         """The greedy continuation of `prime` (float [K, 4] notes) by DESIGN.md §3, without re-priming.
 
         Each generated note is [argmax pitch within pitch_range, clamped step, clamped duration, velocity]
-        (velocity is the model's when F = 4, else 0) and is fed back before the next one is predicted.
+        (velocity is the model's, rounded to 1..127, when F = 4, else 0) and is fed back before the next one is predicted.
         """
         state = self.zero_state()
         out = None
@@ -101,7 +101,8 @@ class FactoryModel:
             masked = np.full(128, -np.inf)
             lo, hi = pitch_range
             masked[lo:hi + 1] = logits[lo:hi + 1]
-            vel = float(out["velocity"][0]) if "velocity" in out else 0.0
+            # The velocity played (and fed back) is the model's rounded to a MIDI velocity 1..127.
+            vel = float(min(max(round(float(out["velocity"][0])), 1), 127)) if "velocity" in out else 0.0
             row = np.array([float(np.argmax(masked)),
                             float(np.clip(np.float64(out["step"][0]), *step_range)),
                             float(np.clip(np.float64(out["duration"][0]), *duration_range)), vel])

@@ -76,7 +76,10 @@ def onnx_predictor(step_model) -> Predictor:
         for t in range(windows.shape[1]):
             pred = step_model.run(x[:, t], state)
             state = pred.state
-        return {"pitch_logits": pred.pitch_logits, "step": pred.step, "duration": pred.duration}
+        out = {"pitch_logits": pred.pitch_logits, "step": pred.step, "duration": pred.duration}
+        if pred.velocity is not None:
+            out["velocity"] = pred.velocity
+        return out
     return predict
 
 

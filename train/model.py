@@ -116,7 +116,8 @@ def _register():
         def call(self, x):
             import keras.ops as ops
             pitch = ops.cast(ops.clip(ops.round(x[..., 0]), 0, 127), "int32")
-            times = ops.log1p(ops.maximum(x[..., 1:3], 0.0) / TIME_SCALE_S)
+            # log1p(t / 0.1 s), written as log(t + 0.1) - log(0.1): ONNX has no Log1p.
+            times = ops.log(ops.maximum(x[..., 1:3], 0.0) + TIME_SCALE_S) - float(np.log(TIME_SCALE_S))
             parts = [self.table(pitch), times]
             if self.num_features > 3:
                 parts.append(x[..., 3:4] / 127.0)

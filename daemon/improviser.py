@@ -1,0 +1,164 @@
+"""The decoding loop shared by the daemon (engine thread) and `improvd generate`: feed notes, predict the next one.
+
+An `Improviser` holds a `StepModel`, the recurrent state carried from note to note and the model's outputs after
+the last note fed. Its surface is small, like Notochord's: `feed(note)`, `predict()`, `reset()`.
+
+    imp = Improviser(model, Decoding.from_config(config.improvise), rng=np.random.default_rng(seed))
+    imp.prime(heard)              # reset, then feed each row of a notes array
+    for _ in range(n):
+        note = imp.predict()      # decode the next note; it is NOT fed
+        imp.feed(note)            # feed what was actually played (the caller decides)
+
+Context: each `feed` is one model step (O(1)). When the notes fed since the last priming exceed the model's
+context (`improvd.context`, C), the state is rebuilt from zero over the last C notes fed, so the state always
+summarises between C and 2C notes (fewer right after `reset`). Exactly: with k notes fed since the last priming
+(or since `reset`), the feed that makes k = C + 1 is followed by `reset` of the state and a feed of the last C
+notes, and k becomes 0. A third party reproduces the greedy output (DESIGN.md §3) by doing the same.
+
+Greedy decoding (temperature 0) of a prediction is: pitch = argmax of the logits within `pitch_range`,
+step = clip(step, step_range), duration = clip(duration, duration_range) (see `daemon.sampling.decode`).
+
+Threads: one thread at a time (the engine thread in the daemon).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from daemon import notes as nt
+from daemon.model import Prediction, StepModel
+from daemon.sampling import Decoding, decode
+
+__all__ = ["Decoding", "Improviser", "Snapshot"]
+
+log = logging.getLogger("improvd.improviser")
+
+FOLLOW_NOTES = 8  # velocity "follow" without a hint: mean of the last this many notes fed
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything `feed` changes, to undo feeds (e.g. a note handed to the scheduler but never played)."""
+
+    state: np.ndarray
+    prediction: Prediction | None
+    since_priming: int
+    history: tuple
+    fed: int
+
+
+class Improviser:
+    """Feeds notes to a `StepModel` with the state carried, and decodes the next note.
+
+    Args:
+        model: the step-format model.
+        decoding: how predictions become notes (`Decoding.from_config(config.improvise)`).
+        rng: the generator used for sampling (temperature > 0); a fresh unseeded one when None.
+    """
+
+    def __init__(self, model: StepModel, decoding: Decoding, *, rng: np.random.Generator | None = None):
+        self.model = model
+        self.decoding = decoding
+        self.rng = rng if rng is not None else np.random.default_rng()
+        if decoding.velocity == "model" and not model.has_velocity:
+            log.warning("improvise.velocity = 'model' but %s predicts no velocity: following the player's "
+                        "velocity instead", model.path)
+        self._history: deque = deque(maxlen=model.context)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: zero state, no prediction, empty history."""
+        self._state = self.model.zero_state(1)
+        self._prediction: Prediction | None = None
+        self._since_priming = 0
+        self._history.clear()
+        self._fed = 0
+
+    @property
+    def fed(self) -> int:
+        """Notes fed since the last `reset`."""
+        return self._fed
+
+    @property
+    def since_priming(self) -> int:
+        """Notes fed since the state was last started from zero (0..context)."""
+        return self._since_priming
+
+    @property
+    def prediction(self) -> Prediction | None:
+        """The model's raw outputs for the next note (None before the first feed)."""
+        return self._prediction
+
+    @property
+    def history(self) -> np.ndarray:
+        """The last (up to `model.context`) notes fed, float64 [K, 4]."""
+        return np.array(self._history, dtype=np.float64).reshape(-1, 4)
+
+    def _step(self, row: np.ndarray) -> None:
+        self._prediction = self.model.run(row[None, :self.model.num_features], self._state)
+        self._state = self._prediction.state
+
+    def feed(self, note) -> None:
+        """Feed one note (a row: pitch, step_s, duration_s[, velocity]); only the model's F features are used.
+
+        Re-primes from zero over the last `context` notes when the notes since the last priming exceed it.
+        """
+        row = np.zeros(4, dtype=np.float64)
+        values = np.asarray(note, dtype=np.float64).reshape(-1)[:4]
+        row[:len(values)] = values
+        self._history.append(row)
+        self._fed += 1
+        self._since_priming += 1
+        if self._since_priming > self.model.context:
+            self._state = self.model.zero_state(1)
+            for past in self._history:
+                self._step(past)
+            self._since_priming = 0
+        else:
+            self._step(row)
+
+    def prime(self, notes: np.ndarray) -> None:
+        """`reset`, then feed each row of `notes` (float [K, 3 or 4]) in order."""
+        self.reset()
+        for row in np.asarray(notes, dtype=np.float64).reshape(len(notes), -1):
+            self.feed(row)
+
+    def predict(self, *, velocity_hint: float | None = None) -> np.ndarray:
+        """Decode the next note from the current outputs; it is not fed.
+
+        Args:
+            velocity_hint: the player's recent mean velocity for the "follow" policy; when None, the mean of
+                the last notes fed is followed.
+
+        Returns:
+            float64 [4]: pitch, step_s, duration_s, velocity.
+
+        Raises:
+            ValueError: nothing has been fed since `reset`.
+        """
+        if self._prediction is None:
+            raise ValueError("nothing to predict from: feed at least one note first")
+        pred = self._prediction
+        if velocity_hint is None and self._history:
+            recent = [row[nt.VELOCITY] for row in list(self._history)[-FOLLOW_NOTES:] if row[nt.VELOCITY] > 0]
+            velocity_hint = float(np.mean(recent)) if recent else None
+        model_velocity = float(pred.velocity[0]) if pred.velocity is not None else None
+        return decode(pred.pitch_logits[0], float(pred.step[0]), float(pred.duration[0]), model_velocity,
+                      self.decoding, self.rng, player_velocity=velocity_hint)
+
+    def snapshot(self) -> Snapshot:
+        """What `restore` needs to undo the feeds made after this call (O(context) copy)."""
+        return Snapshot(self._state.copy(), self._prediction, self._since_priming, tuple(self._history), self._fed)
+
+    def restore(self, snap: Snapshot) -> None:
+        """Go back to a `snapshot` (of this Improviser, with the same model)."""
+        self._state = snap.state.copy()
+        self._prediction = snap.prediction
+        self._since_priming = snap.since_priming
+        self._history.clear()
+        self._history.extend(snap.history)
+        self._fed = snap.fed

@@ -1,0 +1,401 @@
+"""MIDI ports: choose the API, list ports, open an input or an output by name, notice ports that come and go.
+
+The layer over python-rtmidi is thin on purpose; name matching (`match_port`) is pure and tested without a device.
+
+A port is named in the config as:
+
+- an exact port name as `improvd ports` lists it (on ALSA also without the trailing `client:port` numbers);
+- a unique part of one (`fluid` for `FLUID Synth (1234):Synth input port (1234:0)`); when several ports contain it,
+  the error lists them;
+- `virtual:NAME`: improvd creates a port called NAME that other programs connect to. A virtual input accepts any
+  number of connections (several keyboards, a DAW and a sequencer at once): their messages are merged in order of
+  arrival. Windows' MIDI API (WinMM) has no virtual ports; use a loopback driver such as loopMIDI there.
+
+Threads: the input callback (rtmidi's thread) only stamps the arrival time and enqueues; `OutputPort.send` is
+called by the scheduler thread alone; `check()` (the watchdog) and open/close run on the main thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import queue
+import re
+import sys
+import threading
+import time
+from typing import Callable
+
+import mido
+import rtmidi
+
+from daemon.errors import PortError
+
+log = logging.getLogger("improvd.ports")
+
+VIRTUAL_PREFIX = "virtual:"
+
+# config name -> rtmidi API constant
+API_BY_NAME = {
+    "alsa": rtmidi.API_LINUX_ALSA,
+    "jack": rtmidi.API_UNIX_JACK,
+    "coremidi": rtmidi.API_MACOSX_CORE,
+    "winmm": rtmidi.API_WINDOWS_MM,
+}
+NAME_BY_API = {v: k for k, v in API_BY_NAME.items()}
+DISPLAY_NAME = {"alsa": "ALSA", "jack": "JACK", "coremidi": "CoreMIDI", "winmm": "WinMM"}
+LOOPBACK_HINT = ("Windows' MIDI API (WinMM) cannot create virtual ports; install a loopback driver such as loopMIDI "
+                 "(https://www.tobias-erichsen.de/software/loopmidi.html), create a port there and give its name")
+_ALSA_NUMBERS = re.compile(r"\s+\d+:\d+$")
+
+# ----------------------------------------------------------------------------------------------------------------
+# JACK server probing and monitoring, through libjack directly (rtmidi does not expose the server's state).
+
+_JACK_NO_START_SERVER = 0x01
+_SHUTDOWN_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_ERROR_CB = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+
+
+def _libjack():
+    """libjack as a ctypes library, or None when it is not installed."""
+    name = ctypes.util.find_library("jack") or ("libjack.so.0" if sys.platform.startswith("linux") else None)
+    if name is None:
+        return None
+    try:
+        lib = ctypes.CDLL(name)
+    except OSError:
+        return None
+    lib.jack_client_open.restype = ctypes.c_void_p
+    lib.jack_client_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+    lib.jack_client_close.argtypes = [ctypes.c_void_p]
+    lib.jack_on_shutdown.argtypes = [ctypes.c_void_p, _SHUTDOWN_CB, ctypes.c_void_p]
+    lib.jack_set_error_function.argtypes = [_ERROR_CB]
+    lib.jack_set_info_function.argtypes = [_ERROR_CB]
+    return lib
+
+
+@_ERROR_CB
+def _quiet_jack_message(_msg: bytes) -> None:
+    """libjack's complaints while probing for a server that is not there are expected: drop them."""
+
+
+def _open_jack_client(lib, name: str) -> int | None:
+    """A JACK client that is never activated (it costs no cycles), or None when no server is reachable."""
+    status = ctypes.c_int(0)
+    default = getattr(lib, "default_jack_error_callback", None)
+    lib.jack_set_error_function(_quiet_jack_message)
+    lib.jack_set_info_function(_quiet_jack_message)
+    try:
+        client = lib.jack_client_open(name.encode(), _JACK_NO_START_SERVER, ctypes.byref(status))
+    finally:
+        if default is not None:
+            lib.jack_set_error_function(ctypes.cast(default, _ERROR_CB))
+        info = getattr(lib, "default_jack_info_callback", None)
+        if info is not None:
+            lib.jack_set_info_function(ctypes.cast(info, _ERROR_CB))
+    return client or None
+
+
+def jack_server_running() -> bool:
+    """True when a JACK server is reachable (never starts one)."""
+    lib = _libjack()
+    if lib is None:
+        return False
+    client = _open_jack_client(lib, "improvd-probe")
+    if client is None:
+        return False
+    lib.jack_client_close(client)
+    return True
+
+
+class JackMonitor:
+    """Watches the JACK server: `gone` is set when it shuts down (from libjack's notification thread).
+
+    The monitor is a JACK client that is never activated, so it adds nothing to the server's cycle.
+    """
+
+    def __init__(self, client_name: str = "improvd-monitor") -> None:
+        self.gone = threading.Event()
+        self._lib = _libjack()
+        if self._lib is None:
+            raise PortError("libjack is not installed, so the JACK API cannot be used")
+        self._client = _open_jack_client(self._lib, client_name)
+        if self._client is None:
+            raise PortError("no JACK server is running (start one, e.g. with qjackctl or "
+                            "'jackd -d alsa', or choose another API with midi.api)")
+        self._cb = _SHUTDOWN_CB(self._on_shutdown)  # kept alive as long as the client
+        self._lib.jack_on_shutdown(self._client, self._cb, None)
+
+    def _on_shutdown(self, _arg) -> None:
+        self.gone.set()
+
+    def close(self) -> None:
+        """Close the monitor's client, unless the server is gone (libjack crashes closing clients then)."""
+        if self._client is not None and not self.gone.is_set():
+            self._lib.jack_client_close(self._client)
+        self._client = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# API choice and port names (pure where possible).
+
+def compiled_apis() -> list[str]:
+    """Config names of the MIDI APIs this python-rtmidi was built with."""
+    return [NAME_BY_API[a] for a in rtmidi.get_compiled_api() if a in NAME_BY_API]
+
+
+def choose_api(name: str, *, compiled: list[str] | None = None, jack_running: Callable[[], bool] | None = None,
+               platform: str | None = None) -> str:
+    """The API to use for `midi.api = name`.
+
+    `auto` picks JACK when a JACK server is reachable, else ALSA on Linux, CoreMIDI on macOS, WinMM on Windows.
+
+    Raises:
+        PortError: the API is not compiled into python-rtmidi, or `auto` finds none for this platform.
+    """
+    compiled = compiled_apis() if compiled is None else compiled
+    platform = sys.platform if platform is None else platform
+    if name != "auto":
+        if name not in compiled:
+            raise PortError(f"midi.api = {name!r} is not available: python-rtmidi here supports "
+                            f"{', '.join(compiled) or 'no API'}")
+        return name
+    probe = jack_server_running if jack_running is None else jack_running
+    if "jack" in compiled and probe():
+        return "jack"
+    native = ("alsa" if platform.startswith("linux") else "coremidi" if platform == "darwin"
+              else "winmm" if platform.startswith(("win", "cygwin")) else None)
+    if native in compiled:
+        return native
+    raise PortError(f"midi.api = 'auto' found no usable MIDI API on {platform}: no JACK server is running and "
+                    f"python-rtmidi here supports {', '.join(compiled) or 'no API'}")
+
+
+def strip_alsa_numbers(name: str) -> str:
+    """'Midi Through:Midi Through Port-0 14:0' -> 'Midi Through:Midi Through Port-0'."""
+    return _ALSA_NUMBERS.sub("", name)
+
+
+def match_port(spec: str, names: list[str], *, kind: str = "input") -> str:
+    """The one port in `names` that `spec` names: an exact name, then the name without ALSA's numbers, then a
+    unique substring (case-sensitive first, then not).
+
+    Args:
+        spec: what the config says (not `virtual:`).
+        names: the ports there are.
+        kind: 'input' or 'output', for the error message.
+
+    Raises:
+        PortError: no port matches (the message lists the ports there are), or several do (it lists those).
+    """
+    if spec in names:
+        return spec
+    for candidates in ([n for n in names if strip_alsa_numbers(n) == spec],
+                       [n for n in names if spec in n],
+                       [n for n in names if spec.lower() in n.lower()]):
+        if len(candidates) == 1:
+            return candidates[0]
+        if len(candidates) > 1:
+            listing = "\n  ".join(candidates)
+            raise PortError(f"MIDI {kind} {spec!r} is ambiguous: it matches {len(candidates)} ports:\n  {listing}\n"
+                            f"give more of the name")
+    listing = "\n  ".join(names) if names else "(none)"
+    raise PortError(f"no MIDI {kind} port matches {spec!r}; the {kind} ports there are:\n  {listing}\n"
+                    f"(or use 'virtual:NAME' to create a port)")
+
+
+def parse_spec(spec: str) -> tuple[bool, str]:
+    """('virtual:improvd in') -> (True, 'improvd in'); ('fluid') -> (False, 'fluid')."""
+    if spec.startswith(VIRTUAL_PREFIX):
+        name = spec[len(VIRTUAL_PREFIX):].strip()
+        if not name:
+            raise PortError(f"{spec!r} is not valid: 'virtual:' needs a port name after it, e.g. 'virtual:improvd in'")
+        return True, name
+    if not spec.strip():
+        raise PortError("an empty port name is not valid: give a port name, a part of one, or 'virtual:NAME'")
+    return False, spec
+
+
+def _new_rt(cls, api: str, client_name: str):
+    try:
+        return cls(API_BY_NAME[api], client_name)
+    except (rtmidi.SystemError, RuntimeError) as err:
+        raise PortError(f"cannot use the {DISPLAY_NAME[api]} MIDI API: {err}") from err
+
+
+def list_ports(api: str, client_name: str = "improvd-list") -> tuple[list[str], list[str]]:
+    """(inputs improvd can listen to, outputs it can play to) of an API."""
+    mi = _new_rt(rtmidi.MidiIn, api, client_name)
+    mo = _new_rt(rtmidi.MidiOut, api, client_name)
+    try:
+        return list(mi.get_ports()), list(mo.get_ports())
+    finally:
+        mi.delete()
+        mo.delete()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Open ports.
+
+class _Port:
+    """What an input and an output share: opening by spec, and the watchdog's `check`."""
+
+    kind = "port"
+
+    def __init__(self, rt, api: str, spec: str, port_name: str) -> None:
+        self._rt = rt
+        self.api = api
+        self.spec = spec
+        self.virtual, self._target = parse_spec(spec)
+        if self.virtual and api == "winmm":
+            rt.delete()
+            raise PortError(f"cannot create virtual MIDI {self.kind} {spec!r}: {LOOPBACK_HINT}")
+        self._port_name = port_name
+        self._lock = threading.Lock()  # open/close (main thread) against send (scheduler thread)
+        self.connected_to: str | None = None
+        self.lost = False
+        self.closed = False
+        try:
+            if self.virtual:
+                rt.open_virtual_port(self._target)
+            else:
+                self._open(match_port(self._target, self._names(), kind=self.kind))
+        except BaseException:
+            rt.delete()
+            raise
+
+    def _names(self) -> list[str]:
+        return list(self._rt.get_ports())
+
+    def _open(self, name: str) -> None:
+        names = self._names()
+        try:
+            self._rt.open_port(names.index(name), self._port_name)
+        except (ValueError, rtmidi.InvalidPortError, rtmidi.SystemError, RuntimeError) as err:
+            raise PortError(f"cannot open MIDI {self.kind} {name!r}: {err}") from err
+        self.connected_to = name
+
+    def describe(self) -> str:
+        where = f"virtual port {self._target!r}" if self.virtual else repr(self.connected_to or self._target)
+        return f"{DISPLAY_NAME[self.api]} {self.kind} {where}"
+
+    def check(self) -> str | None:
+        """Watchdog (main thread, every ~0.5 s): notice the port this one is connected to going away or coming
+        back. Virtual ports have nothing to watch. Returns 'lost', 'back' or None."""
+        if self.virtual or self.closed:
+            return None
+        names = self._names()
+        if not self.lost:
+            if self.connected_to in names:
+                return None
+            log.warning("MIDI %s %r went away; improvd keeps running and reconnects when it returns",
+                        self.kind, self.connected_to)
+            with self._lock:
+                self.lost = True
+                self._rt.close_port()
+            return "lost"
+        try:
+            name = match_port(self._target, names, kind=self.kind)
+        except PortError:
+            return None
+        with self._lock:
+            self._open(name)
+            self.lost = False
+        log.warning("MIDI %s %r is back; reconnected", self.kind, name)
+        return "back"
+
+    def close(self, *, server_gone: bool = False) -> None:
+        """Close the port (main thread). With `server_gone`, leave rtmidi alone: libjack crashes closing then."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            if not server_gone:
+                self._rt.close_port()
+                self._rt.delete()
+
+
+class InputPort(_Port):
+    """An input whose messages are stamped on arrival and handed to a queue as `(t_s, mido.Message)`.
+
+    Args:
+        api: config name of the API ('jack', 'alsa', ...).
+        spec: port name, unique part of one, or `virtual:NAME`.
+        sink: a queue (`put_nowait`) that receives `(time.perf_counter() at arrival, message)`; when it is full
+            the message is dropped and counted in `dropped`.
+        client_name: the MIDI client name other programs see.
+        now: the clock (tests inject one).
+    """
+
+    kind = "input"
+
+    def __init__(self, api: str, spec: str, sink: "queue.Queue", *, client_name: str = "improvd",
+                 now: Callable[[], float] = time.perf_counter) -> None:
+        self._sink = sink
+        self._now = now
+        self.dropped = 0
+        rt = _new_rt(rtmidi.MidiIn, api, client_name)
+        rt.ignore_types(sysex=True, timing=True, active_sense=True)
+        super().__init__(rt, api, spec, "improvd in")
+        rt.set_callback(self._on_message)
+
+    def _on_message(self, event, _data=None) -> None:
+        """rtmidi's thread: stamp, parse, enqueue; nothing else. Invalid bytes are dropped."""
+        t_s = self._now()
+        try:
+            msg = mido.Message.from_bytes(event[0])
+        except (ValueError, TypeError, IndexError):
+            return
+        try:
+            self._sink.put_nowait((t_s, msg))
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self, *, server_gone: bool = False) -> None:
+        if not server_gone and not self.closed:
+            self._rt.cancel_callback()
+        super().close(server_gone=server_gone)
+
+
+class OutputPort(_Port):
+    """An output; `send` is called by the scheduler thread alone. While the port it is connected to is gone,
+    messages are dropped."""
+
+    kind = "output"
+
+    def __init__(self, api: str, spec: str, *, client_name: str = "improvd") -> None:
+        super().__init__(_new_rt(rtmidi.MidiOut, api, client_name), api, spec, "improvd out")
+        self.sent = 0
+
+    def send(self, msg: mido.Message) -> None:
+        """Write one message now (scheduler thread)."""
+        with self._lock:
+            if self.lost or self.closed:
+                return
+            self._rt.send_message(msg.bytes())
+            self.sent += 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def cmd_ports(args, config) -> int:
+    """`improvd ports`: print the inputs and outputs of the chosen MIDI API."""
+    api = choose_api(config.midi.api)
+    inputs, outputs = list_ports(api)
+    print(f"MIDI API: {DISPLAY_NAME[api]}" + (" (chosen by midi.api = 'auto')" if config.midi.api == "auto" else ""))
+    print("inputs (what improvd can listen to, for midi.input):")
+    for name in inputs:
+        print(f"  {name}")
+    if not inputs:
+        print("  (none)")
+    print("outputs (what improvd can play to, for midi.output):")
+    for name in outputs:
+        print(f"  {name}")
+    if not outputs:
+        print("  (none)")
+    if api == "winmm":
+        print(f"note: {LOOPBACK_HINT}")
+    else:
+        print("or 'virtual:NAME' to create a port that other programs connect to")
+    return 0
