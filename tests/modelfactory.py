@@ -88,7 +88,8 @@ class FactoryModel:
         """The greedy continuation of `prime` (float [K, 4] notes) by DESIGN.md §3, without re-priming.
 
         Each generated note is [argmax pitch within pitch_range, clamped step, clamped duration, velocity]
-        (velocity is the model's, rounded to 1..127, when F = 4, else 0) and is fed back before the next one is predicted.
+        (velocity is the model's, rounded to 1..127, when F = 4, else 0) and is fed back before the next one is
+        predicted.
         """
         state = self.zero_state()
         out = None

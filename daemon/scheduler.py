@@ -1,0 +1,307 @@
+"""The scheduler: the only writer to the MIDI output, sending each event at its absolute deadline.
+
+Events wait in a heap of (due_s, sequence, event); a `threading.Condition` wakes the scheduler thread when an earlier
+event is scheduled, on a cancel and on stop. The thread waits on the condition until about `spin_s` (1 ms) before
+the next deadline, then spins (yielding with `sleep(0)`) for the last stretch, so events leave within tens of
+microseconds of their deadlines without burning a core while idle. Deadlines are absolute times on the injected
+clock (`now`, `time.perf_counter` by default), so errors never add up.
+
+Every note-on gets its note-off, on every path. The scheduler knows which (channel, pitch) sound and which note
+instance each belongs to: a re-trigger of a sounding pitch sends that note's note-off first (and the old note's own
+note-off, when due, is then skipped so it cannot cut the new one short); `cancel` drops pending events and releases
+sounding notes at once; `stop` releases everything in a `finally`.
+
+Lateness (send time - due time) of every sent event is kept in a bounded buffer for `stats()`; events later than
+`late_s` (2 ms) are logged at debug level. `on_sent(sent_time_s, message)` is called after each successful send (in
+the thread that sent it, with the scheduler's lock held: keep it quick, e.g. append to a recorder's queue).
+
+Threads: `schedule_note`, `cancel`, `release_all`, `stats` may be called from any thread (the engine's, the main
+one); the scheduler thread sends; `stop` is called by the main thread. `run_pending` is the thread's body for one
+deadline and lets tests drive the scheduler with a fake clock and no thread.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import mido
+import numpy as np
+
+log = logging.getLogger("improvd.scheduler")
+
+_ON, _OFF, _MSG = "on", "off", "msg"
+
+
+@dataclass
+class _Event:
+    kind: str
+    channel: int = 0
+    pitch: int = 0
+    velocity: int = 0
+    note_id: int = -1
+    owner: object = None
+    message: mido.Message | None = None
+
+
+def _default_wait(cond: threading.Condition, timeout_s: float | None) -> None:
+    cond.wait(timeout_s)
+
+
+class Scheduler:
+    """Sends MIDI messages at absolute deadlines from its own thread.
+
+    Args:
+        send: writes one message to the output port (e.g. `port.send`); called only by the scheduler.
+        now: the clock, seconds (monotonic); every deadline is on it.
+        sleep: sleep(seconds) used while spinning (`time.sleep`; `sleep(0)` yields).
+        wait: wait(condition, timeout_s or None) with the condition's lock held; `Condition.wait` by default.
+        spin_s: how long before a deadline the thread stops waiting and spins.
+        late_s: events later than this are counted as late and logged at debug level.
+        on_sent: called as on_sent(sent_time_s, message) after each message is sent.
+        history: how many lateness values `stats()` keeps.
+    """
+
+    def __init__(self, send: Callable[[mido.Message], None], *, now: Callable[[], float] = time.perf_counter,
+                 sleep: Callable[[float], None] = time.sleep,
+                 wait: Callable[[threading.Condition, float | None], None] = _default_wait,
+                 spin_s: float = 0.001, late_s: float = 0.002,
+                 on_sent: Callable[[float, mido.Message], None] | None = None, history: int = 10000):
+        self._send = send
+        self._now = now
+        self._sleep = sleep
+        self._wait = wait
+        self.spin_s = float(spin_s)
+        self.late_s = float(late_s)
+        self.on_sent = on_sent
+        self._cond = threading.Condition(threading.RLock())
+        self._heap: list[tuple[float, int, _Event]] = []
+        self._seq = itertools.count()
+        self._note_ids = itertools.count()
+        self._sounding: dict[tuple[int, int], tuple[int, object]] = {}  # (channel, pitch) -> (note_id, owner)
+        self._generation = 0  # bumped by every change that may move the next deadline
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lateness_ms: deque = deque(maxlen=history)
+        self._max_ms = 0.0
+        self._last_ms = 0.0
+        self._sent = 0
+        self._late = 0
+        self._failed = 0
+        self._send_failing = False
+
+    # ---- scheduling (any thread) -------------------------------------------------------------------------
+    def schedule_note(self, onset_s: float, off_s: float, pitch: int, velocity: int, channel: int = 0,
+                      owner: object = None) -> int:
+        """Schedule a note: note-on at `onset_s`, note-off at `off_s` (absolute seconds on the clock).
+
+        Args:
+            onset_s: when the note-on is due.
+            off_s: when the note-off is due; at least `onset_s`.
+            pitch: MIDI pitch 0..127.
+            velocity: note-on velocity 1..127.
+            channel: 0-based MIDI channel.
+            owner: a tag for `cancel(owner)`.
+
+        Returns:
+            The note's id.
+        """
+        if not 0 <= pitch <= 127 or not 1 <= velocity <= 127 or not 0 <= channel <= 15:
+            raise ValueError(f"note out of range: pitch {pitch} (0..127), velocity {velocity} (1..127), "
+                             f"channel {channel} (0..15)")
+        note_id = next(self._note_ids)
+        with self._cond:
+            self._push(onset_s, _Event(_ON, channel, int(pitch), int(velocity), note_id, owner))
+            self._push(max(off_s, onset_s), _Event(_OFF, channel, int(pitch), 0, note_id, owner))
+            self._changed()
+        return note_id
+
+    def schedule_message(self, due_s: float, message: mido.Message, owner: object = None) -> None:
+        """Schedule any other message (not a note) at `due_s`."""
+        with self._cond:
+            self._push(due_s, _Event(_MSG, owner=owner, message=message))
+            self._changed()
+
+    def cancel(self, owner: object = None) -> int:
+        """Drop pending events of `owner` (None: everyone's) and release its sounding notes at once.
+
+        The note-offs are sent by the scheduler thread right away (or here, when the thread is not running).
+
+        Returns:
+            The number of sounding notes released.
+        """
+        with self._cond:
+            keep = [item for item in self._heap if owner is not None and item[2].owner is not owner]
+            self._heap = keep
+            heapq.heapify(self._heap)
+            now = self._now()
+            releasing = [(key, nid, own) for key, (nid, own) in self._sounding.items()
+                         if owner is None or own is owner]
+            for (channel, pitch), note_id, own in releasing:
+                self._push(now, _Event(_OFF, channel, pitch, 0, note_id, own))
+            self._changed()
+            if not self.running:
+                self.run_pending()
+        return len(releasing)
+
+    def release_all(self) -> None:
+        """Drop every pending event and send a note-off for every sounding note now, from the calling thread."""
+        with self._cond:
+            self._heap.clear()
+            self._changed()
+            now = self._now()
+            for (channel, pitch), (note_id, owner) in list(self._sounding.items()):
+                self._process(now, _Event(_OFF, channel, pitch, 0, note_id, owner))
+            self._sounding.clear()
+
+    # ---- thread ------------------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """Whether the scheduler thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Start the scheduler thread."""
+        if self._thread is not None:
+            raise RuntimeError("the scheduler was already started")
+        self._thread = threading.Thread(target=self._run, name="improvd-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop the thread (Event + wake, join with `timeout` seconds), then release every sounding note."""
+        try:
+            self._stopping.set()
+            with self._cond:
+                self._changed()
+            if self._thread is not None and self._thread is not threading.current_thread():
+                self._thread.join(timeout)
+                if self._thread.is_alive():
+                    log.warning("the scheduler thread did not stop within %.1f s", timeout)
+        finally:
+            self.release_all()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                with self._cond:
+                    if self._stopping.is_set():
+                        break
+                    if not self._heap:
+                        self._wait(self._cond, None)
+                        continue
+                    due = self._heap[0][0]
+                    remaining = due - self._now()
+                    if remaining > self.spin_s:
+                        self._wait(self._cond, remaining - self.spin_s)
+                        continue
+                    generation = self._generation
+                # The last stretch: spin without the lock, so schedule/cancel can still get in and stop the spin.
+                while self._now() < due and self._generation == generation and not self._stopping.is_set():
+                    self._sleep(0)
+                if not self._stopping.is_set():
+                    self.run_pending()
+        except Exception:
+            log.exception("the scheduler thread failed; releasing every sounding note")
+            self.release_all()
+
+    def run_pending(self) -> float | None:
+        """Send every event due by now, in (due, sequence) order; returns the next deadline or None.
+
+        The thread's body for one deadline; tests call it directly with a fake clock.
+        """
+        with self._cond:
+            while self._heap and self._heap[0][0] <= self._now():
+                due, _, event = heapq.heappop(self._heap)
+                self._process(due, event)
+            return self._heap[0][0] if self._heap else None
+
+    # ---- internals (lock held) ---------------------------------------------------------------------------
+    def _push(self, due_s: float, event: _Event) -> None:
+        heapq.heappush(self._heap, (float(due_s), next(self._seq), event))
+
+    def _changed(self) -> None:
+        self._generation += 1
+        self._cond.notify_all()
+
+    def _process(self, due_s: float, event: _Event) -> None:
+        key = (event.channel, event.pitch)
+        if event.kind == _MSG:
+            self._emit(due_s, event.message)
+        elif event.kind == _ON:
+            sounding = self._sounding.get(key)
+            if sounding is not None:  # re-trigger: end the sounding note first
+                self._emit(due_s, mido.Message("note_off", channel=event.channel, note=event.pitch, velocity=0))
+                del self._sounding[key]
+            if self._emit(due_s, mido.Message("note_on", channel=event.channel, note=event.pitch,
+                                              velocity=event.velocity)):
+                self._sounding[key] = (event.note_id, event.owner)
+        else:
+            sounding = self._sounding.get(key)
+            if sounding is None or sounding[0] != event.note_id:
+                return  # released already (re-trigger or cancel), or never sounded
+            del self._sounding[key]
+            self._emit(due_s, mido.Message("note_off", channel=event.channel, note=event.pitch, velocity=0))
+
+    def _emit(self, due_s: float, message: mido.Message) -> bool:
+        try:
+            self._send(message)
+        except Exception as err:  # a port gone away must not stop the music thread; say it once per outage
+            self._failed += 1
+            if not self._send_failing:
+                self._send_failing = True
+                log.warning("sending to the MIDI output failed (%s: %s); further failures are not logged until "
+                            "a send succeeds", type(err).__name__, err)
+            return False
+        sent_s = self._now()
+        if self._send_failing:
+            self._send_failing = False
+            log.info("sending to the MIDI output works again (%d messages were lost)", self._failed)
+        lateness_ms = (sent_s - due_s) * 1000.0
+        self._lateness_ms.append(lateness_ms)
+        self._last_ms = lateness_ms
+        self._max_ms = max(self._max_ms, lateness_ms)
+        self._sent += 1
+        if lateness_ms > self.late_s * 1000.0:
+            self._late += 1
+            log.debug("late by %.2f ms: %s", lateness_ms, message)
+        if self.on_sent is not None:
+            try:
+                self.on_sent(sent_s, message)
+            except Exception:
+                log.exception("the on_sent callback failed")
+        return True
+
+    # ---- introspection -----------------------------------------------------------------------------------
+    def pending(self) -> int:
+        """Events waiting to be sent."""
+        with self._cond:
+            return len(self._heap)
+
+    def sounding(self) -> frozenset[tuple[int, int]]:
+        """(channel, pitch) of the notes sounding now."""
+        with self._cond:
+            return frozenset(self._sounding)
+
+    def next_due_s(self) -> float | None:
+        """The next deadline, or None when nothing is pending."""
+        with self._cond:
+            return self._heap[0][0] if self._heap else None
+
+    def stats(self) -> dict:
+        """Lateness of sent events: median, p99 and max in ms (over the last `history` events; max over all),
+        the latest event's (last_ms), and counts: sent, late (> late_s), failed sends, pending, sounding."""
+        with self._cond:
+            values = np.array(self._lateness_ms, dtype=np.float64)
+            return {
+                "sent": self._sent, "late": self._late, "failed": self._failed,
+                "median_ms": float(np.median(values)) if len(values) else 0.0,
+                "p99_ms": float(np.percentile(values, 99)) if len(values) else 0.0,
+                "max_ms": self._max_ms, "last_ms": self._last_ms,
+                "pending": len(self._heap), "sounding": len(self._sounding),
+            }
