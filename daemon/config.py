@@ -52,6 +52,9 @@ class TrainConfig:
     batch_size: int = _opt(0, lo=0, hi=65536)
     seed: int = _opt(1234, lo=0)
     runs_dir: str = _opt("runs", path=True)
+    units: tuple[int, ...] = _opt((), lo=1, hi=4096)
+    learning_rate: float = _opt(0.0, lo=0.0, hi=1.0)
+    seq_length: int = _opt(0, lo=0, hi=100000)
 
 
 @dataclass(frozen=True)
@@ -214,7 +217,7 @@ def _build_section(name: str, cls: type, raw: dict[str, Any], base_dir: Path | N
     values = {}
     for key, value in raw.items():
         if key not in fields:
-            raise ConfigError(f"unknown key {name}.{key}; valid keys in [{name}]: {', '.join(fields)}")
+            raise ConfigError(f"unknown key {name}.{key} = {value!r}; valid keys in [{name}]: {', '.join(fields)}")
         where = f"{name}.{key}"
         value = _coerce(where, hints[key], value)
         _check_range(where, value, fields[key].metadata)

@@ -39,10 +39,14 @@ def read_notes(path: str | os.PathLike) -> np.ndarray:
             says which).
     """
     try:
+        if os.path.getsize(path) == 0:
+            raise MidiFileError(f"{path}: empty file (0 bytes)")
         midi = mido.MidiFile(path, clip=True)
     except FileNotFoundError as err:
         raise MidiFileError(f"{path}: no such file") from err
-    except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError) as err:
+    except EOFError as err:
+        raise MidiFileError(f"{path}: truncated (the file ends before the data its header announces)") from err
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
         raise MidiFileError(f"{path}: not a readable MIDI file ({type(err).__name__}: {err})") from err
     try:
         return notes_from_midi(midi)
@@ -50,8 +54,24 @@ def read_notes(path: str | os.PathLike) -> np.ndarray:
         raise MidiFileError(f"{path}: {err}") from err
 
 
+def _smpte_tick_seconds(division: int) -> float | None:
+    """Seconds per tick of an SMPTE-timed file (a negative division: -frames/s high, ticks/frame low), else None.
+
+    Raises:
+        MidiFileError: the division is 0 or names no SMPTE frame rate (24, 25, 29.97, 30) with ticks per frame.
+    """
+    if division > 0:
+        return None
+    fps, per_frame = -(division >> 8), division & 0xFF
+    if division == 0 or fps not in (24, 25, 29, 30) or per_frame == 0:
+        raise MidiFileError(f"time division {division} in the header is not valid: expected ticks per beat >= 1 "
+                            f"or SMPTE frames (24, 25, 29, 30) and ticks per frame >= 1")
+    return 1.0 / ((30000 / 1001 if fps == 29 else fps) * per_frame)
+
+
 def notes_from_midi(midi: mido.MidiFile) -> np.ndarray:
     """Notes of a parsed `mido.MidiFile` (see `read_notes`)."""
+    tick_s = _smpte_tick_seconds(midi.ticks_per_beat)
     tracks = [mido.merge_tracks(midi.tracks)] if midi.type != 2 else list(midi.tracks)
     pitch, onset, duration, velocity = [], [], [], []
     drum_notes = 0
@@ -61,7 +81,7 @@ def notes_from_midi(midi: mido.MidiFile) -> np.ndarray:
         sounding: dict[tuple[int, int], deque] = defaultdict(deque)
         for msg in track:
             if msg.time:
-                now_s += mido.tick2second(msg.time, midi.ticks_per_beat, tempo)
+                now_s += msg.time * tick_s if tick_s else mido.tick2second(msg.time, midi.ticks_per_beat, tempo)
             if msg.type == "set_tempo":
                 tempo = msg.tempo
             elif msg.type == "note_on" and msg.velocity > 0:

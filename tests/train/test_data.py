@@ -1,0 +1,274 @@
+"""Tests for training data (train/data.py) and batches (train/batches.py). No TensorFlow: fixtures built in code."""
+
+import struct
+from pathlib import Path
+
+import mido
+import numpy as np
+import pytest
+
+from daemon import notes as nt
+from daemon.midifile import Track, write_notes
+from train import batches as tb
+from train import data as td
+
+
+def tune(seed, n=40):
+    """A random melody: pitches 55..80 and steps of 0.25 or 0.5 s."""
+    rng = np.random.default_rng(seed)
+    pitch = 60 + np.cumsum(rng.integers(-4, 5, n)).clip(-5, 20)
+    onset = np.concatenate([[0.0], np.cumsum(rng.choice([0.25, 0.5], n - 1))])
+    return pitch, onset
+
+
+def harmonised(seed, transpose=0, voices_seed=None, n=40):
+    """A melody on top and a bass line below it (the bass differs per `voices_seed`): a chorale-like file."""
+    pitch, onset = tune(seed, n)
+    rng = np.random.default_rng(voices_seed if voices_seed is not None else seed + 1000)
+    bass = pitch - rng.integers(12, 20, n)
+    all_pitch = np.concatenate([pitch, bass]) + transpose
+    all_onset = np.concatenate([onset, onset])
+    return nt.from_onsets(all_pitch, all_onset, np.full(2 * n, 0.2), np.full(2 * n, 80))
+
+
+def write(path: Path, notes: np.ndarray) -> Path:
+    write_notes(path, [Track("t", notes)])
+    return path
+
+
+def make_bad_files(folder: Path) -> dict[str, str]:
+    """Bad files in `folder`; returns {file name: a word its skip reason must contain}."""
+    good = write(folder / "good_for_cutting.tmp", harmonised(99))
+    data = good.read_bytes()
+    good.unlink()
+    (folder / "truncated.mid").write_bytes(data[:len(data) // 2])
+    (folder / "empty.mid").write_bytes(b"")
+    (folder / "text.mid").write_text("These are my notes for Tuesday's rehearsal.\n" * 20)
+    # A header and a track chunk whose first event is a data byte with no status before it.
+    body = bytes([0x00, 0x40, 0x40, 0x00, 0xFF, 0x2F, 0x00])
+    (folder / "corrupt.mid").write_bytes(b"MThd" + struct.pack(">IHHH", 6, 1, 1, 480) + b"MTrk"
+                                         + struct.pack(">I", len(body)) + body)
+    drums = mido.MidiFile()
+    drums.tracks.append(mido.MidiTrack([mido.Message("note_on", channel=9, note=36, velocity=100),
+                                        mido.Message("note_off", channel=9, note=36, time=120)]))
+    drums.save(str(folder / "drums.mid"))
+    return {"truncated.mid": "truncated", "empty.mid": "empty", "text.mid": "not a readable MIDI file",
+            "corrupt.mid": "running status", "drums.mid": "drums only"}
+
+
+# --- finding files -------------------------------------------------------------------------------------------
+
+def test_find_midi_files_recurses_and_ignores_case(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("x.mid", "a/y.MIDI", "a/b/z.Mid", "a/b/w.midi", "a/notes.txt", "a/b/song.mp3"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "a" / "folder.mid").mkdir()  # a folder is not a file
+    found = td.find_midi_files(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/b/w.midi", "a/b/z.Mid", "a/y.MIDI", "x.mid"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        td.find_midi_files(tmp_path / "missing")
+
+
+# --- loading, bad files and the cache ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_load_collection_skips_bad_files_with_reasons_and_caches(tmp_path, workers):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    good = {f"good{i}.mid": harmonised(i) for i in range(5)}
+    for name, notes in good.items():
+        write(folder / name, notes)
+    bad = make_bad_files(folder)
+    paths = td.find_midi_files(folder)
+    assert len(paths) == 10
+
+    first = td.load_collection(paths, tmp_path / "cache", workers=workers, progress=False)
+    assert sorted(Path(f.path).name for f in first.files) == sorted(good)
+    for f in first.files:
+        np.testing.assert_allclose(f.notes, good[Path(f.path).name], atol=1e-3)
+    reasons = {Path(s.path).name: s.reason for s in first.skipped}
+    assert set(reasons) == set(bad)
+    for name, word in bad.items():
+        assert word in reasons[name], f"{name}: {reasons[name]!r} does not say {word!r}"
+    assert first.cached == 0
+    summary = first.summary()
+    assert summary["files"] == 5 and summary["skipped"] == 5
+    assert summary["notes"] == sum(len(n) for n in good.values())
+    assert {item["path"] for item in summary["skipped_files"]} == {str(folder / n) for n in bad}
+    assert sum(summary["skipped_by_reason"].values()) == 5
+
+    second = td.load_collection(paths, tmp_path / "cache", workers=workers, progress=False)
+    assert second.cached == len(paths)
+    assert [f.path for f in second.files] == [f.path for f in first.files]
+    assert [(s.path, s.reason) for s in second.skipped] == [(s.path, s.reason) for s in first.skipped]
+    for a, b in zip(first.files, second.files):
+        np.testing.assert_array_equal(a.notes, b.notes)
+
+
+def test_cache_is_by_content(tmp_path):
+    notes = harmonised(1)
+    a = write(tmp_path / "a.mid", notes)
+    td.load_collection([a], tmp_path / "cache", workers=1, progress=False)
+    copy = tmp_path / "copy.mid"
+    copy.write_bytes(a.read_bytes())
+    again = td.load_collection([copy], tmp_path / "cache", workers=1, progress=False)
+    assert again.cached == 1 and again.files[0].path == str(copy)
+    write(a, harmonised(2))  # the same name with new content is parsed again
+    changed = td.load_collection([a], tmp_path / "cache", workers=1, progress=False)
+    assert changed.cached == 0
+    np.testing.assert_allclose(changed.files[0].notes, harmonised(2), atol=1e-3)
+
+
+# --- the split -------------------------------------------------------------------------------------------------
+
+def files_of(notes_list):
+    return [td.FileNotes(f"f{i}.mid", f"{i:064x}", n) for i, n in enumerate(notes_list)]
+
+
+def corpus():
+    """6 tunes harmonised 3 times each (transposed, other bass lines) and 12 tunes harmonised once."""
+    notes, tunes = [], []
+    for t in range(6):
+        for k, shift in enumerate((0, 5, -3)):
+            notes.append(harmonised(t, transpose=shift, voices_seed=100 * t + k))
+            tunes.append(t)
+    for t in range(6, 18):
+        notes.append(harmonised(t))
+        tunes.append(t)
+    return files_of(notes), tunes
+
+
+def test_melody_intervals_are_transposition_invariant():
+    a, b = harmonised(3), harmonised(3, transpose=7, voices_seed=55)
+    np.testing.assert_array_equal(td.melody_intervals(a), td.melody_intervals(b))
+    assert len(td.melody_intervals(a)) == 39
+
+
+def test_split_is_deterministic_by_file_and_keeps_melodies_together():
+    files, tunes = corpus()
+    split = td.split_files(files, 0.2, seed=7)
+    assert split == td.split_files(files, 0.2, seed=7)
+    assert sorted(split.train + split.val) == list(range(len(files)))
+    assert not set(split.train) & set(split.val)
+    assert split.groups == 6 + 12 and split.grouped_files == 18
+    for seed in range(12):
+        split = td.split_files(files, 0.2, seed=seed)
+        val_tunes = {tunes[i] for i in split.val}
+        train_tunes = {tunes[i] for i in split.train}
+        assert not val_tunes & train_tunes, f"seed {seed}: a tune is on both sides"
+        assert 0.1 <= len(split.val) / len(files) <= 0.35
+    assert len({tuple(td.split_files(files, 0.2, seed=s).val) for s in range(12)}) > 3  # the seed matters
+
+
+def test_split_without_grouping_can_separate_harmonisations():
+    files, tunes = corpus()
+    separated = 0
+    for seed in range(12):
+        split = td.split_files(files, 0.2, seed=seed, group_melodies=False)
+        assert split.groups == len(files) and split.grouped_files == 0
+        separated += bool({tunes[i] for i in split.val} & {tunes[i] for i in split.train})
+    assert separated > 0
+
+
+def test_split_json_lists_paths():
+    files, _ = corpus()
+    split = td.split_files(files, 0.2, seed=1)
+    js = split.to_json(files)
+    assert js["val"] == [files[i].path for i in split.val]
+    assert js["melody_groups"] == split.groups
+
+
+def test_leakage_counts_shared_16_note_runs():
+    rng = np.random.default_rng(0)
+    train = [np.column_stack([rng.integers(40, 90, 50), np.zeros((50, 3))]) for _ in range(3)]
+    val = np.column_stack([rng.integers(100, 120, 20), np.zeros((20, 3))])  # pitches no training file has
+    assert td.leakage(train, [val]) == 0.0
+    val[2:18, nt.PITCH] = train[1][10:26, nt.PITCH]  # one 16-note run of 5 is shared
+    assert td.leakage(train, [val]) == pytest.approx(1 / 5)
+    assert td.leakage(train, [train[0]]) == 1.0
+    assert td.leakage(train, [val[:10]]) == 0.0  # too short to hold a run
+
+
+# --- batches -------------------------------------------------------------------------------------------------
+
+def ramp_files(lengths):
+    """Files whose note i of file f has pitch (f*7 + i) % 100 + 10 and step i / 1000: easy to trace."""
+    out = []
+    for f, n in enumerate(lengths):
+        i = np.arange(n)
+        out.append(np.column_stack([(f * 7 + i) % 100 + 10, i / 1000, 0.1 + i / 1e4, 1 + i % 127]).astype(float))
+    return out
+
+
+@pytest.mark.parametrize("seed", [None, 0, 1, 2])
+def test_chunk_plan_covers_each_note_about_once(seed):
+    lengths = np.array([1, 2, 17, 50, 64, 65, 200])
+    length = 16
+    rng = np.random.default_rng(seed) if seed is not None else None
+    plan = tb.chunk_plan(lengths, length, rng)
+    covered = [np.zeros(n, dtype=int) for n in lengths]
+    for f, start in plan:
+        covered[f][start + 1:start + length + 1] += 1
+    for f, n in enumerate(lengths):
+        assert covered[f][0] == 0  # the first note is never a target
+        if n >= 2:
+            assert (covered[f][1:] >= 1).all(), f"file {f}: a note is never a target"
+            assert covered[f][1:].sum() <= (n - 1) + length  # at most one chunk's worth is seen twice
+            if seed is None:
+                assert (covered[f][1:] == 1).all()
+    assert 0 not in plan[:, 0]  # a one-note file has no target
+
+
+def test_make_batch_targets_are_inputs_shifted_by_one_and_padding_has_no_weight():
+    files = ramp_files([40, 10])
+    plan = np.array([[0, 0], [0, 30], [1, 0]])
+    x, y, w = tb.make_batch(files, plan, "sequence", 16, 4)
+    assert x.shape == (3, 16, 4) and y["pitch"].shape == (3, 16) and y["step"].shape == (3, 16, 1)
+    for row, (f, start) in enumerate(plan):
+        n = min(16, len(files[f]) - start - 1)
+        np.testing.assert_allclose(x[row, :n], files[f][start:start + n], rtol=1e-6)
+        np.testing.assert_array_equal(y["pitch"][row, :n], files[f][start + 1:start + n + 1, nt.PITCH])
+        np.testing.assert_allclose(y["step"][row, :n, 0], files[f][start + 1:start + n + 1, nt.STEP], rtol=1e-6)
+        np.testing.assert_allclose(y["duration"][row, :n, 0], files[f][start + 1:start + n + 1, nt.DURATION],
+                                   rtol=1e-6)
+        np.testing.assert_allclose(y["velocity"][row, :n, 0], files[f][start + 1:start + n + 1, nt.VELOCITY] / 127,
+                                   rtol=1e-6)
+        # Inside the chunk, target t is input t + 1.
+        np.testing.assert_array_equal(y["pitch"][row, :n - 1], x[row, 1:n, nt.PITCH])
+        assert (w[row, :n] == 1).all() and (w[row, n:] == 0).all()
+        assert (x[row, n:] == 0).all()
+    assert w[0].sum() == 16 and w[1].sum() == 9 and w[2].sum() == 9
+
+
+def test_make_batch_window_kind_is_the_tutorials():
+    files = ramp_files([40])
+    x, y, w = tb.make_batch(files, np.array([[0, 3]]), "window", 25, 3)
+    assert x.shape == (1, 25, 3) and y["pitch"].shape == (1,) and "velocity" not in y
+    np.testing.assert_allclose(x[0, :, nt.PITCH], files[0][3:28, nt.PITCH] / 128.0, rtol=1e-6)
+    assert y["pitch"][0] == files[0][28, nt.PITCH]
+    assert y["step"][0, 0] == pytest.approx(files[0][28, nt.STEP])
+    assert w[0] == 1.0
+    plan = tb.window_plan(np.array([40, 25, 26]), 25)
+    assert len(plan) == 15 + 0 + 1
+
+
+def test_transposition_keeps_pitches_in_range():
+    rng = np.random.default_rng(0)
+    low = np.column_stack([rng.integers(0, 5, 30), np.full(30, 0.1), np.full(30, 0.1), np.full(30, 64.0)])
+    high = low.copy()
+    high[:, nt.PITCH] = 127 - low[:, nt.PITCH]
+    files = [low, high]
+    plan = np.array([[0, 0], [1, 0], [0, 5], [1, 5]] * 25)
+    shifts = set()
+    for _ in range(5):
+        x, y, w = tb.make_batch(files, plan, "sequence", 16, 4, transpose=12, rng=rng)
+        assert x[..., nt.PITCH].min() >= 0 and x[..., nt.PITCH].max() <= 127
+        assert y["pitch"].min() >= 0 and y["pitch"].max() <= 127
+        for row, (f, start) in enumerate(plan):
+            shift = x[row, 0, nt.PITCH] - files[f][start, nt.PITCH]
+            shifts.add(shift)
+            # Inputs and targets move together.
+            np.testing.assert_array_equal(x[row, :, nt.PITCH] - files[f][start:start + 16, nt.PITCH], shift)
+            np.testing.assert_array_equal(y["pitch"][row] - files[f][start + 1:start + 17, nt.PITCH], shift)
+    assert len(shifts) > 5 and min(shifts) < 0 < max(shifts)
+    assert tb.transpose_shift(np.array([[0, 0, 0, 0], [127, 0, 0, 0]], float), 12, rng) == 0
