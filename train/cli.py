@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shlex
@@ -17,7 +18,7 @@ from daemon.errors import ImprovdError
 from train import data as td
 from train.evaluate import evaluate, format_table, keras_predictor, onnx_predictor
 from train.markov import evaluate_orders, transpose_sequences
-from train.model import get_preset
+from train.model import Preset, get_preset
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,18 @@ def new_run_dir(config: Config, preset_name: str) -> Path:
     return run
 
 
+def apply_overrides(preset, config: Config):
+    """The preset with the `[train]` recipe overrides that are set (units, learning_rate, seq_length)."""
+    changes = {}
+    if config.train.units:
+        changes["units"] = tuple(config.train.units)
+    if config.train.learning_rate:
+        changes["learning_rate"] = config.train.learning_rate
+    if config.train.seq_length:
+        changes["seq_length"] = config.train.seq_length
+    return dataclasses.replace(preset, **changes) if changes else preset
+
+
 def cmd_train(args, config: Config) -> int:
     """`improvd train`: parse, split, fit, evaluate, write the run directory."""
     from train.fit import fit, plot_curves, write_json
@@ -112,7 +125,7 @@ def cmd_train(args, config: Config) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         saved = json.loads((run_dir / "config.json").read_text())
-        preset = get_preset(saved["preset"]["name"])
+        preset = Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["preset"].items()})
         source = saved["data_source"]
         split_info = json.loads((run_dir / "split.json").read_text())
     else:
@@ -123,6 +136,7 @@ def cmd_train(args, config: Config) -> int:
         run_dir = Path(args.out) if args.out else new_run_dir(config, preset.name)
         source = data_source(args, config)
         split_info = None
+    preset = apply_overrides(preset, config)
     epochs = args.epochs or config.train.epochs or preset.epochs
     max_minutes = args.max_minutes if args.max_minutes is not None else config.train.max_minutes
     batch_size = config.train.batch_size or preset.batch_size

@@ -26,7 +26,7 @@ from daemon.midifile import read_notes
 log = logging.getLogger(__name__)
 
 MIDI_SUFFIXES = (".mid", ".midi")
-CACHE_VERSION = "notes-v1"
+CACHE_VERSION = "notes-v2"  # bump when parsing or skip reasons change
 MELODY_GRAM = 8            # intervals per melody n-gram used to find shared tunes
 MELODY_SHARE = 0.3         # share of the smaller file's n-grams two files must share to be grouped
 LEAK_RUN = 16              # length of the pitch runs counted by `leakage`
@@ -119,7 +119,7 @@ def load_collection(paths: list[Path], cache_dir: str | os.PathLike, workers: in
 
     Args:
         paths: MIDI files.
-        cache_dir: improvd's cache folder; notes go to `cache_dir/notes-v1/`.
+        cache_dir: improvd's cache folder; notes go to `cache_dir/notes-v2/`.
         workers: worker processes; 0 = one per core; 1 = in this process.
         progress: show a progress bar.
     """

@@ -33,7 +33,8 @@ class FitResult:
     history: list[dict]
 
 
-def _callbacks(run_dir: Path, preset: Preset, max_minutes: float, resume: bool, started: float):
+def _callbacks(run_dir: Path, preset: Preset, max_minutes: float, resume: bool, started: float,
+               best_so_far: float | None = None):
     import keras
 
     class TimeLimit(keras.callbacks.Callback):
@@ -54,19 +55,30 @@ def _callbacks(run_dir: Path, preset: Preset, max_minutes: float, resume: bool, 
         def on_epoch_end(self, epoch, logs=None):
             self._check()
 
+    class Elapsed(keras.callbacks.Callback):
+        """Adds `elapsed_s` (seconds since the fit started) to each epoch's logs, so history.csv has it."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None:
+                logs["elapsed_s"] = time.monotonic() - started
+
     monitor = preset.monitor
     limit = TimeLimit()
     cbs = [
-        keras.callbacks.ModelCheckpoint(str(run_dir / "model.keras"), monitor=monitor, save_best_only=True),
+        Elapsed(),
+        # on --resume, the best value so far carries over: a worse first epoch must not replace model.keras
+        keras.callbacks.ModelCheckpoint(str(run_dir / "model.keras"), monitor=monitor, save_best_only=True,
+                                        initial_value_threshold=best_so_far),
         keras.callbacks.ModelCheckpoint(str(run_dir / "last.keras")),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume),
-        keras.callbacks.EarlyStopping(monitor=monitor, patience=preset.patience, restore_best_weights=True),
+        keras.callbacks.EarlyStopping(monitor=monitor, patience=preset.patience, restore_best_weights=True,
+                                      baseline=best_so_far),
         limit,
     ]
     if preset.lr_schedule:
         cbs.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5,
                                                      patience=max(2, preset.patience // 3), min_lr=1e-5))
-    return cbs, limit, cbs[3]
+    return cbs, limit, cbs[4]
 
 
 def read_history(run_dir: Path) -> list[dict]:
@@ -79,7 +91,7 @@ def read_history(run_dir: Path) -> list[dict]:
 
 def fit(run_dir: Path, preset: Preset, train_files: list[np.ndarray], val_files: list[np.ndarray], *,
         epochs: int, max_minutes: float, batch_size: int, seed: int, resume: bool = False,
-        progress: bool = True) -> FitResult:
+        progress: bool = True, extra_callbacks: list | None = None) -> FitResult:
     """Train (or continue training) the preset's model on the files' notes.
 
     Args:
@@ -91,6 +103,7 @@ def fit(run_dir: Path, preset: Preset, train_files: list[np.ndarray], val_files:
         batch_size: sequences per batch.
         seed: weights, order and augmentation.
         resume: continue from `run_dir/last.keras`.
+        extra_callbacks: Keras callbacks run before improvd's own (e.g. a benchmark's probe).
     """
     import keras
 
@@ -108,7 +121,10 @@ def fit(run_dir: Path, preset: Preset, train_files: list[np.ndarray], val_files:
     else:
         model = build_model(preset, seed)
     started = time.monotonic()
-    cbs, limit, early = _callbacks(run_dir, preset, max_minutes, resume, started)
+    previous = [h[preset.monitor] for h in read_history(run_dir) if preset.monitor in h] if resume else []
+    cbs, limit, early = _callbacks(run_dir, preset, max_minutes, resume, started,
+                                   min(previous) if previous else None)
+    cbs = (extra_callbacks or []) + cbs  # before the CSV logger, so what they add to the logs is written
     stopped_by = "epochs"
     try:
         model.fit(train_data, validation_data=val_data, epochs=epochs, initial_epoch=initial_epoch,

@@ -53,7 +53,7 @@ class Preset:
 PRESETS = {
     "tutorial": Preset(name="tutorial", kind="window", features=FEATURES_3),
     "default": Preset(
-        name="default", kind="sequence", features=FEATURES_4, seq_length=64, units=(256, 256), embedding=48,
+        name="default", kind="sequence", features=FEATURES_4, seq_length=64, units=(256,), embedding=48,
         dropout=0.3, loss_weights={"pitch": 1.0, "step": 1.0, "duration": 0.5, "velocity": 0.05},
         time_loss="mae", learning_rate=0.002, lr_schedule=True, batch_size=32, epochs=400, patience=12,
         monitor="val_loss", transpose=6, clipnorm=1.0),

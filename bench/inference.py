@@ -1,0 +1,105 @@
+"""Per-note inference latency through onnxruntime with one intra-op thread; prints JSON.
+
+(a) the step model with its state carried (one call per note), and (b) the window model re-run over the last
+`context` notes for every new note (what a model without carried state costs), measured in the same run.
+
+    .venv/bin/python bench/inference.py [--model models/bach.onnx] [--window models/bach.window.onnx]
+
+Without --window, the window model is exported next to a temporary copy from --keras (a run directory's
+model.keras); with neither, only the step model is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from daemon.model import StepModel  # noqa: E402
+
+
+def _session(path: str):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def _stats(samples_s: list[float]) -> dict:
+    us = np.asarray(samples_s) * 1e6
+    return {"median_us": float(np.median(us)), "p99_us": float(np.percentile(us, 99)),
+            "max_us": float(us.max()), "n": len(us)}
+
+
+def bench_step(path: str, notes: int, warmup: int = 200) -> dict:
+    model = StepModel(path, threads=1)
+    rng = np.random.default_rng(0)
+    feats = model.num_features
+    state = model.zero_state(1)
+    times = []
+    for i in range(warmup + notes):
+        note = np.array([[rng.integers(40, 80), 0.25, 0.4, 80][:feats]], dtype=np.float32)
+        t0 = time.perf_counter()
+        pred = model.run(note, state)
+        dt = time.perf_counter() - t0
+        state = pred.state
+        if i >= warmup:
+            times.append(dt)
+    return _stats(times) | {"state_size": model.state_size, "features": ",".join(model.features)}
+
+
+def bench_window(path: str, notes: int, warmup: int = 50) -> dict:
+    sess = _session(path)
+    inp = sess.get_inputs()[0]
+    context, feats = inp.shape[1], inp.shape[2]
+    rng = np.random.default_rng(0)
+    window = np.zeros((1, context, feats), dtype=np.float32)
+    window[..., 0] = rng.integers(40, 80, (1, context))
+    window[..., 1:3] = 0.3
+    times = []
+    for i in range(warmup + notes):
+        t0 = time.perf_counter()
+        sess.run(None, {inp.name: window})
+        dt = time.perf_counter() - t0
+        window = np.roll(window, -1, axis=1)
+        if i >= warmup:
+            times.append(dt)
+    return _stats(times) | {"context": int(context)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="models/bach.onnx", help="step-format ONNX model")
+    parser.add_argument("--window", help="window-format ONNX model of the same network")
+    parser.add_argument("--notes", type=int, default=3000, help="notes timed per model")
+    args = parser.parse_args()
+    # Interleave the two measurements in rounds so that machine noise hits both alike.
+    step_rounds, window_rounds = [], []
+    rounds = 3
+    for _ in range(rounds):
+        step_rounds.append(bench_step(args.model, args.notes // rounds))
+        if args.window:
+            window_rounds.append(bench_window(args.window, max(100, args.notes // (rounds * 5))))
+    pick = lambda rs: min(rs, key=lambda r: r["median_us"])  # noqa: E731  the quietest round
+    result = {"benchmark": "inference", "model": args.model, "threads": 1, "step": pick(step_rounds),
+              "step_rounds": step_rounds}
+    if window_rounds:
+        result["window"] = pick(window_rounds)
+        result["window_rounds"] = window_rounds
+        result["speedup_median"] = result["window"]["median_us"] / result["step"]["median_us"]
+        # per round, measured back to back, so a noisy moment affects both
+        result["speedup_per_round"] = [w["median_us"] / s["median_us"] for s, w in zip(step_rounds, window_rounds)]
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
