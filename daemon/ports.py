@@ -302,8 +302,12 @@ class _Port:
         with self._lock:
             self._open(name)
             self.lost = False
+        self._reopened()
         log.warning("MIDI %s %r is back; reconnected", self.kind, name)
         return "back"
+
+    def _reopened(self) -> None:
+        """Hook after a reconnection (main thread)."""
 
     def close(self, *, server_gone: bool = False) -> None:
         """Close the port (main thread). With `server_gone`, leave rtmidi alone: libjack crashes closing then."""
@@ -351,6 +355,11 @@ class InputPort(_Port):
             self._sink.put_nowait((t_s, msg))
         except queue.Full:
             self.dropped += 1
+
+    def _reopened(self) -> None:
+        # python-rtmidi drops the callback when a port is closed: set it again.
+        self._rt.cancel_callback()
+        self._rt.set_callback(self._on_message)
 
     def close(self, *, server_gone: bool = False) -> None:
         if not server_gone and not self.closed:

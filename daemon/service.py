@@ -1,0 +1,320 @@
+"""`improvd run`: the daemon. Wires the model, the ports, the scheduler and the engine; owns signals and reload.
+
+Start-up fails fast (config, model, ports) with an error that names the problem. Then the main thread only
+watches: it waits on an event with a short timeout, and on each tick
+
+- stops on SIGINT or SIGTERM: the engine stops, every sounding note is released, the ports close, the recording is
+  written, exit status 0, all within a second;
+- reloads on SIGHUP: the config file is read again (with the same `--set` overrides) and the model built beside the
+  running one, then handed to the engine, which swaps them between phrases; a reload that fails keeps the old ones
+  and logs why. MIDI ports and `record.dir` are not reopened by a reload;
+- polls the port lists every 0.5 s: a port improvd is connected to that goes away is logged once and reconnected
+  when a port of that name returns; if the JACK server itself goes away, improvd says so and exits with status 3
+  so that a service manager restarts it;
+- writes the session recording (`record.dir`) at least every 10 s;
+- with `--verbose`, logs every event heard and sent (from queues filled by the MIDI threads, so logging never
+  delays a note).
+
+Threads (DESIGN.md §5): the MIDI input callback stamps and enqueues, the engine thread decides what to play, the
+scheduler thread alone writes to the output port, and this main thread does everything else.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from daemon import ports
+from daemon.config import Config, load_config
+from daemon.errors import ImprovdError
+from daemon.recorder import FLUSH_INTERVAL_S, SessionRecorder
+
+log = logging.getLogger("improvd")
+
+TICK_S = 0.1
+PORT_CHECK_S = 0.5
+STOP_TIMEOUT_S = 0.5
+EXIT_SERVER_GONE = 3
+# How long a Python thread may hold the GIL while another waits for it (CPython's default is 5 ms). The engine, the
+# scheduler and the MIDI callback share one interpreter; a short interval lets the scheduler send a release or a
+# due note within a fraction of a millisecond of being woken, instead of up to several milliseconds later.
+GIL_SWITCH_INTERVAL_S = 0.0002
+
+
+class _InputSink:
+    """What the input callback hands each `(t_s, message)` to: the engine's queue, and the recorder and the
+    verbose log when they are on. Appends only (MIDI input thread)."""
+
+    def __init__(self, engine_queue, recorder: SessionRecorder | None, events: collections.deque | None) -> None:
+        self._queue = engine_queue
+        self._recorder = recorder
+        self._events = events
+
+    def put_nowait(self, item) -> None:
+        self._queue.put_nowait(item)
+        if self._recorder is not None:
+            self._recorder.add_player(*item)
+        if self._events is not None:
+            self._events.append(("heard", *item))
+
+
+def _describe_message(msg) -> str:
+    if msg.type in ("note_on", "note_off"):
+        kind = "note-on " if msg.type == "note_on" and msg.velocity > 0 else "note-off"
+        return f"{kind} ch {msg.channel + 1:2d} pitch {msg.note:3d} vel {msg.velocity:3d}"
+    return str(msg)
+
+
+def _format_answer(summary: dict) -> str:
+    """One log line per answer, from the engine's summary dict."""
+    parts = [f"heard {summary.get('notes_heard', '?')} notes", f"played {summary.get('notes_played', '?')}"]
+    if summary.get("inference_ms") is not None:
+        parts.append(f"inference {summary['inference_ms']:.2f} ms")
+    if summary.get("lateness_ms") is not None:
+        parts.append(f"lateness {summary['lateness_ms']:.3f} ms")
+    if summary.get("interrupted"):
+        parts.append("interrupted")
+    return "answer: " + ", ".join(parts)
+
+
+def _format_stats(stats: dict) -> str:
+    """The scheduler's `stats()` as one log line (bench/live_timing.py parses it)."""
+    return (f"stats: sent {stats.get('sent', 0)} events (late {stats.get('late', 0)}, failed "
+            f"{stats.get('failed', 0)}), lateness median {stats.get('median_ms', 0.0):.3f} ms, "
+            f"p99 {stats.get('p99_ms', 0.0):.3f} ms, max {stats.get('max_ms', 0.0):.3f} ms")
+
+
+def _load_model(config: Config):
+    """Load and warm up the model: the first inference of a session and the first decode pay for allocations
+    and lazy imports (tens of ms), which must not fall on the first note of the first answer."""
+    import numpy as np
+
+    from daemon.improviser import Decoding, Improviser
+    from daemon.model import StepModel  # onnxruntime is imported with it
+
+    model = StepModel(config.model.path, threads=config.model.threads)
+    improviser = Improviser(model, Decoding.from_config(config.improvise), rng=np.random.default_rng(0))
+    for _ in range(2):
+        improviser.feed(np.array([60.0, 0.25, 0.25, 90.0]))
+        improviser.predict()
+    return model
+
+
+def _warm_up_numpy() -> None:
+    """numpy imports parts of itself on first use (np.median pulls in numpy.ma: ~20-90 ms). The scheduler's
+    stats use them, at the end of an answer, possibly right after an interruption: import them at start-up."""
+    import numpy as np
+    values = np.arange(3.0)
+    np.median(values)
+    np.percentile(values, 99)
+
+
+class Service:
+    """The running daemon: built by `start()`, watched by `run()`, taken apart by `shutdown()`.
+
+    Args:
+        config: the checked config.
+        overrides: the `--set` overrides, re-applied on reload.
+        verbose: log every event.
+        now: the clock shared by every part (`time.perf_counter`).
+    """
+
+    def __init__(self, config: Config, *, overrides: list[str] | None = None, verbose: bool = False,
+                 now=time.perf_counter) -> None:
+        self.config = config
+        self.overrides = list(overrides or [])
+        self.verbose = verbose
+        self.now = now
+        self.wake = threading.Event()
+        self.stop_requested = False
+        self.reload_requested = False
+        self.exit_status = 0
+        self.monitor: ports.JackMonitor | None = None
+        self.input: ports.InputPort | None = None
+        self.output: ports.OutputPort | None = None
+        self.scheduler = None
+        self.engine = None
+        self.recorder: SessionRecorder | None = None
+        self.events: collections.deque | None = collections.deque(maxlen=10000) if verbose else None
+        self.answers = 0
+        self.start_s = now()
+        self._server_gone = False
+
+    # ---- start-up ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load the model, open the ports, start the scheduler and the engine. Raises ImprovdError on failure."""
+        from daemon.engine import Engine
+        from daemon.scheduler import Scheduler
+
+        config = self.config
+        model = _load_model(config)
+        _warm_up_numpy()
+        api = ports.choose_api(config.midi.api)
+        if api == "jack":
+            self.monitor = ports.JackMonitor(f"{config.midi.client_name}-monitor")
+        if config.record.dir:
+            self.recorder = SessionRecorder(
+                config.record.dir, start_s=self.start_s, now=self.now,
+                player_channels=tuple(c - 1 for c in config.midi.input_channels),
+                output_channel=config.midi.output_channel - 1)
+        self.output = ports.OutputPort(api, config.midi.output, client_name=config.midi.client_name)
+        hook = self._on_sent if self.recorder is not None or self.events is not None else None
+        self.scheduler = Scheduler(self.output.send, now=self.now, on_sent=hook)
+        self.engine = Engine(config, model, self.scheduler, now=self.now, on_answer=self._on_answer)
+        sink = _InputSink(self.engine.input_queue, self.recorder, self.events)
+        self.input = ports.InputPort(api, config.midi.input, sink, client_name=config.midi.client_name,
+                                     now=self.now)
+        self.scheduler.start()
+        self.engine.start()
+        log.info("ready: input %s, output %s, model %s (context %s), mode %s%s", self.input.describe(),
+                 self.output.describe(), config.model.path, getattr(model, "context", "?"), config.improvise.mode,
+                 f", recording to {self.recorder.path}" if self.recorder else "")
+
+    # ---- hooks called from other threads (append or log only) ---------------------------------------------
+    def _on_sent(self, t_s: float, msg) -> None:
+        """Scheduler thread, after each message is written."""
+        if self.recorder is not None:
+            self.recorder.add_improvd(t_s, msg)
+        if self.events is not None:
+            self.events.append(("sent", t_s, msg))
+
+    def _on_answer(self, summary: dict) -> None:
+        """Engine thread, once per answer."""
+        self.answers += 1
+        log.info(_format_answer(summary))
+
+    # ---- signals (main thread, between bytecodes) --------------------------------------------------------
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop_signal(self, signum, _frame) -> None:
+        self.stop_requested = True
+        self.wake.set()
+
+    def _on_hup(self, _signum, _frame) -> None:
+        self.reload_requested = True
+        self.wake.set()
+
+    # ---- the main loop -------------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Watch until a stop signal or the loss of the JACK server; returns the exit status."""
+        next_check = self.now() + PORT_CHECK_S
+        while True:
+            self.wake.wait(TICK_S)
+            self.wake.clear()
+            if self.stop_requested:
+                log.info("stopping")
+                return 0
+            if self.reload_requested:
+                self.reload_requested = False
+                self.reload()
+            if self.stop_requested:
+                log.info("stopping")
+                return 0
+            if self.monitor is not None and self.monitor.gone.is_set():
+                self._server_gone = True
+                log.error("the JACK server went away; improvd exits (status %d) so that it can be restarted "
+                          "once the server is back", EXIT_SERVER_GONE)
+                return EXIT_SERVER_GONE
+            self._log_events()
+            if self.now() >= next_check:
+                next_check = self.now() + PORT_CHECK_S
+                self._check_ports()
+            if self.recorder is not None and self.recorder.due(FLUSH_INTERVAL_S):
+                self.recorder.flush()
+
+    def _check_ports(self) -> None:
+        for port in (self.input, self.output):
+            try:
+                change = port.check()
+            except ImprovdError as err:
+                log.warning("%s", err)
+                continue
+            if change == "lost" and port is self.output:
+                self.scheduler.release_all()  # nothing can reach the synth; forget what was sounding
+
+    def _log_events(self) -> None:
+        if self.events is None:
+            return
+        while self.events:
+            what, t_s, msg = self.events.popleft()
+            log.debug("%-5s t=%.6f s %s", what, t_s - self.start_s, _describe_message(msg))
+
+    def reload(self) -> bool:
+        """SIGHUP: the config file again (with the same overrides) and its model, swapped in between phrases."""
+        log.info("reloading %s", self.config.source or "(built-in defaults)")
+        try:
+            new_config = load_config(self.config.source, self.overrides)
+            new_model = _load_model(new_config)
+        except ImprovdError as err:
+            log.error("reload failed, improvd keeps the running config and model: %s", err)
+            return False
+        except Exception as err:  # a reload must never take the running daemon down
+            log.error("reload failed, improvd keeps the running config and model: %s: %s", type(err).__name__, err)
+            return False
+        if new_config.midi != self.config.midi or new_config.record != self.config.record:
+            log.warning("changes to [midi] and [record] take effect when improvd restarts")
+        self.engine.request_swap(new_config, new_model)
+        self.config = new_config
+        log.info("reloaded: model %s, mode %s, temperature %s (in effect from the next phrase)",
+                 new_config.model.path, new_config.improvise.mode, new_config.improvise.temperature)
+        return True
+
+    # ---- shutdown ----------------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop the engine, release every sounding note, stop the scheduler, close the ports, write the recording.
+
+        Safe to call after a partial start."""
+        if self.engine is not None:
+            try:
+                self.engine.stop(timeout=STOP_TIMEOUT_S)
+            except Exception:
+                log.exception("the engine did not stop cleanly")
+        if self.scheduler is not None:
+            try:
+                self.scheduler.cancel()
+                self.scheduler.release_all()
+                self.scheduler.stop(STOP_TIMEOUT_S)
+            except Exception:
+                log.exception("the scheduler did not stop cleanly")
+            try:
+                log.info(_format_stats(self.scheduler.stats()))
+            except Exception:
+                log.exception("no scheduler stats")
+        for port in (self.input, self.output):
+            if port is not None:
+                port.close(server_gone=self._server_gone)
+        if self.monitor is not None:
+            self.monitor.close()
+        self._log_events()
+        if self.recorder is not None:
+            if self.recorder.flush():
+                log.info("recording written to %s (%s)", self.recorder.path,
+                         ", ".join(f"{k} {v} notes" for k, v in self.recorder.note_counts.items()))
+
+
+def cmd_run(args, config: Config) -> int:
+    """`improvd run`: start, watch, stop; returns the exit status (0 after SIGINT/SIGTERM)."""
+    service = Service(config, overrides=getattr(args, "overrides", None), verbose=getattr(args, "verbose", False))
+    service.install_signals()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    status = 0
+    try:
+        service.start()
+        status = service.run()
+    finally:
+        service.shutdown()
+    if service._server_gone:
+        # libjack crashes while freeing clients of a server that is gone: leave without running destructors.
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
