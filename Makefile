@@ -42,7 +42,7 @@ test: sysdeps venv
 # Rebuild the shipped model from a clean checkout: the default preset on the Bach chorales, seeded, 15 minutes.
 model: venv
 	$(VENV)/bin/improvd train --corpus bach --preset default --max-minutes 15 --out runs/bach-default --no-progress
-	$(VENV)/bin/improvd export runs/bach-default --out models/bach.onnx
+	$(VENV)/bin/improvd export runs/bach-default --out models/bach.onnx --format window
 	$(PY) -c "import json,onnx; m=onnx.load('models/bach.onnx'); \
 		card=json.loads({p.key:p.value for p in m.metadata_props}['improvd.card']); \
 		open('models/bach.card.json','w').write(json.dumps(card, indent=2, sort_keys=True)+'\n')"

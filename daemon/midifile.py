@@ -8,7 +8,6 @@ track, honouring tempo changes, and sorts them by (onset, pitch). Writing uses 9
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import mido
 import numpy as np
 
 from daemon import notes as nt
+from daemon.atomic import atomic_writer
 from daemon.errors import MidiFileError
 
 DRUM_CHANNEL = 9
@@ -171,15 +171,5 @@ def write_notes(path: str | os.PathLike, tracks: list[Track]) -> None:
             mtrack.append(mido.Message(msg_type, channel=track.channel, note=pitch, velocity=vel, time=tick - now))
             now = tick
         midi.tracks.append(mtrack)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            midi.save(file=fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as fh:
+        midi.save(file=fh)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,8 @@ class StepModel:
             raise self._fail(f"output 'pitch_logits' has shape {logits_dims}, expected [N, {NUM_PITCHES}]")
         self._has_velocity = "velocity" in outputs
         self._output_names = list(REQUIRED_OUTPUTS) + (["velocity"] if self._has_velocity else [])
+        self._output_index = [self._output_names.index(n) for n in ("pitch_logits", "step", "duration", "state_out")]
+        self._velocity_index = self._output_names.index("velocity") if self._has_velocity else None
         # One trial step catches shape errors the declared types do not show (e.g. a state of the wrong size).
         try:
             trial = self._session.run(self._output_names, {"note": np.zeros((1, self.num_features), np.float32),
@@ -223,14 +226,22 @@ class StepModel:
             The `Prediction`; non-finite values are replaced (uniform logits, step and duration 0 so the
             decoder clamps them to their lower bounds, velocity 64, state zeros) and logged once per model.
         """
-        note = np.ascontiguousarray(np.asarray(note, dtype=np.float32)[:, :self.num_features])
-        state = np.ascontiguousarray(state, dtype=np.float32)
+        if type(note) is not np.ndarray or note.dtype != np.float32 or note.shape[1:] != (self.num_features,):
+            note = np.ascontiguousarray(np.asarray(note, dtype=np.float32)[:, :self.num_features])
+        if type(state) is not np.ndarray or state.dtype != np.float32:
+            state = np.ascontiguousarray(state, dtype=np.float32)
         if note.ndim != 2 or state.shape != (note.shape[0], self._state_size):
             raise ValueError(f"note must be [N, {self.num_features}] and state [N, {self._state_size}], "
                              f"got {note.shape} and {state.shape}")
-        out = dict(zip(self._output_names, self._session.run(self._output_names, {"note": note, "state": state})))
-        logits, step, duration, new_state = out["pitch_logits"], out["step"], out["duration"], out["state_out"]
-        velocity = out.get("velocity")
+        outs = self._session.run(self._output_names, {"note": note, "state": state})
+        logits, step, duration, new_state = (outs[i] for i in self._output_index)
+        velocity = outs[self._velocity_index] if self._velocity_index is not None else None
+        # Fast path, once per note on the engine thread: a sum is finite only if every term is.
+        total = float(logits.sum()) + float(step.sum()) + float(duration.sum()) + float(new_state.sum())
+        if velocity is not None:
+            total += float(velocity.sum())
+        if math.isfinite(total):
+            return Prediction(logits, step, duration, velocity, new_state)
         finite = (np.isfinite(step).all() and np.isfinite(duration).all() and np.isfinite(new_state).all()
                   and (velocity is None or np.isfinite(velocity).all()))
         # -inf logits are a legitimate mask; NaN, +inf, or a row with nothing finite are not.
@@ -256,6 +267,24 @@ class StepModel:
             state = state.copy()
             state[bad_state] = 0.0
         return logits, step, duration, velocity, state
+
+    def nonfinite_outputs(self) -> list[str]:
+        """The outputs that are not finite (NaN or ±infinity; for `pitch_logits`, NaN, +inf, or no finite logit)
+        after one step from the zero state, for a silent note and for a typical one (middle C, 0.5 s step and
+        duration, velocity 90); [] for a sound model. The daemon refuses a model for which this is not empty."""
+        probes = np.array([[0.0, 0.0, 0.0, 0.0], [60.0, 0.5, 0.5, 90.0]], np.float32)[:, :self.num_features]
+        bad: list[str] = []
+        for probe in probes:
+            raw = self._session.run(self._output_names, {"note": probe[None, :], "state": self.zero_state(1)})
+            for name, value in zip(self._output_names, raw):
+                value = np.asarray(value)
+                if name == "pitch_logits":
+                    broken = bool(np.isnan(value).any() or np.isposinf(value).any() or np.isneginf(value).all())
+                else:
+                    broken = not bool(np.isfinite(value).all())
+                if broken and name not in bad:
+                    bad.append(name)
+        return bad
 
     def __repr__(self) -> str:
         return (f"StepModel({str(self._path)!r}, features={','.join(self._features)}, state_size={self._state_size}, "

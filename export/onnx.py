@@ -10,12 +10,12 @@ export the same way.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from daemon.atomic import atomic_writer
 
 FORMAT = "step-1"
 OPSET = 17
@@ -64,41 +64,76 @@ def spec_of(model, context: int | None = None) -> StepSpec:
     return StepSpec(kind, model_features(model), tuple(layer.units for layer in _lstm_layers(model)), context)
 
 
+def _folded_layers(model, spec: StepSpec) -> tuple[np.ndarray | None, list[tuple[np.ndarray, np.ndarray, int]]]:
+    """Weights rearranged so one step costs few graph nodes (exact algebra; float64 products, then float32).
+
+    Returns (pitch_table, layers): `pitch_table` [128, 4u0] is the first layer's input contribution of each pitch
+    (improvd's embedding times the first kernel rows, plus the bias), or None for the tutorial's kind; each layer
+    is (W, b, units) with W the input kernel stacked over the recurrent one, so z = concat(x, h) @ W + b.
+    """
+    layers = [[np.asarray(w, dtype=np.float64) for w in layer.get_weights()] + [layer.units]
+              for layer in _lstm_layers(model)]
+    table = None
+    kernel0, recurrent0, bias0, units0 = layers[0]
+    if spec.kind == "sequence":
+        encoder = model.get_layer("note_encoder")
+        emb = np.asarray(encoder.table.get_weights()[0], dtype=np.float64)
+        e = emb.shape[1]
+        table = emb @ kernel0[:e] + bias0
+        layers[0] = [kernel0[e:], recurrent0, np.zeros_like(bias0), units0]
+    else:  # the tutorial's pitch / 128 folded into the kernel's first row
+        kernel0 = kernel0.copy()
+        kernel0[0] /= 128.0
+        layers[0] = [kernel0, recurrent0, bias0, units0]
+    folded = [(np.vstack([k, r]).astype(np.float32), b.astype(np.float32), u) for k, r, b, u in layers]
+    return (None if table is None else table.astype(np.float32)), folded
+
+
 def step_function(model, spec: StepSpec):
     """A `tf.function(note [N, F], state [N, S]) -> dict` computing one step with the model's weights."""
     import tensorflow as tf
 
+    from train.model import TIME_SCALE_S
+
     # numpy weights, made constants inside the function: tf2onnx turns constants captured from outside into inputs
-    lstms = [(k, r, b, layer.units)
-             for layer in _lstm_layers(model) for k, r, b in [[np.asarray(w) for w in layer.get_weights()]]]
-    heads = {name: [np.asarray(w) for w in _head(model, name).get_weights()]
-             for name in ("pitch", "step", "duration") + (("velocity",) if "velocity" in spec.features else ())}
-    encoder = model.get_layer("note_encoder") if spec.kind == "sequence" else None
+    table, layers = _folded_layers(model, spec)
+    names = ("pitch", "step", "duration") + (("velocity",) if "velocity" in spec.features else ())
+    kernels = [np.asarray(_head(model, n).get_weights()[0], dtype=np.float32) for n in names]
+    biases = [np.asarray(_head(model, n).get_weights()[1], dtype=np.float32) for n in names]
+    head_w, head_b = np.concatenate(kernels, axis=1), np.concatenate(biases)  # one MatMul for every head
+    if "velocity" in names:
+        head_w[:, -1] *= 127.0  # velocity in MIDI units
+        head_b[-1] *= 127.0
     f, s = len(spec.features), spec.state_size
+    sizes = [size for _, _, u in layers for size in (u, u)]
 
     @tf.function(input_signature=[tf.TensorSpec([None, f], tf.float32, name="note"),
                                   tf.TensorSpec([None, s], tf.float32, name="state")])
     def step(note, state):
-        if encoder is None:
-            x = note * tf.constant([1.0 / 128.0] + [1.0] * (f - 1), dtype=tf.float32)
-        else:
-            x = encoder(note[:, None, :])[:, 0, :]
-        new_state, offset = [], 0
-        for kernel, recurrent, bias, units in lstms:
-            h = state[:, offset:offset + units]
-            c = state[:, offset + units:offset + 2 * units]
-            z = tf.matmul(x, tf.constant(kernel)) + tf.matmul(h, tf.constant(recurrent)) + tf.constant(bias)
+        parts = tf.split(state, sizes, axis=1)
+        if table is None:
+            x = note
+            base = None
+        else:  # improvd's NoteEncoder: embedding (folded into the table), log-scaled times, velocity / 127
+            pitch = tf.cast(tf.clip_by_value(tf.round(note[:, 0]), 0.0, 127.0), tf.int32)
+            base = tf.gather(tf.constant(table), pitch)
+            times = tf.math.log(tf.maximum(note[:, 1:3], 0.0) + TIME_SCALE_S) - float(np.log(TIME_SCALE_S))
+            x = tf.concat([times, note[:, 3:4] / 127.0], axis=1) if f > 3 else times
+        new_state = []
+        for n, (w, b, units) in enumerate(layers):
+            h, c = parts[2 * n], parts[2 * n + 1]
+            z = tf.matmul(tf.concat([x, h], axis=1), tf.constant(w)) + tf.constant(b)
+            if n == 0 and base is not None:
+                z = z + base
             i, fg, g, o = tf.split(z, 4, axis=1)
             c = tf.sigmoid(fg) * c + tf.sigmoid(i) * tf.tanh(g)
             h = tf.sigmoid(o) * tf.tanh(c)
             new_state += [h, c]
-            offset += 2 * units
             x = h
-        out = {"pitch_logits": tf.matmul(x, tf.constant(heads["pitch"][0])) + tf.constant(heads["pitch"][1])}
-        for name in ("step", "duration", "velocity"):
-            if name in heads:
-                value = (tf.matmul(x, tf.constant(heads[name][0])) + tf.constant(heads[name][1]))[:, 0]
-                out[name] = value * 127.0 if name == "velocity" else value
+        y = tf.matmul(x, tf.constant(head_w)) + tf.constant(head_b)
+        out = {"pitch_logits": y[:, :128], "step": y[:, 128], "duration": y[:, 129]}
+        if "velocity" in names:
+            out["velocity"] = y[:, 130]
         out["state_out"] = tf.concat(new_state, axis=1)
         return out
 
@@ -139,15 +174,8 @@ def _convert(fn, metadata: dict[str, str]):
 
 
 def save_atomic(onnx_model, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(onnx_model.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as fh:
+        fh.write(onnx_model.SerializeToString())
 
 
 def metadata(spec: StepSpec, card: dict) -> dict[str, str]:
