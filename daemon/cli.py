@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="at most this many epochs")
     p.add_argument("--max-minutes", type=float, help="stop after this many minutes, keeping the best model")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--distributed", action="store_true",
+                   help="train with tf.distribute: MultiWorkerMirroredStrategy when TF_CONFIG names several "
+                        "workers (run the same command on each), else MirroredStrategy over the local GPUs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("eval", help="score a model or a baseline on the shared protocol (needs the train extra)")

@@ -9,6 +9,7 @@ parts; there are no module-level globals.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -55,6 +56,7 @@ class TrainConfig:
     units: tuple[int, ...] = _opt((), lo=1, hi=4096)
     learning_rate: float = _opt(0.0, lo=0.0, hi=1.0)
     seq_length: int = _opt(0, lo=0, hi=100000)
+    mixed_precision: bool = _opt(False)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,9 @@ class MidiConfig:
     output: str = _opt("virtual:improvd out")
     input_channels: tuple[int, ...] = _opt((), lo=1, hi=16)
     output_channel: int = _opt(1, lo=1, hi=16)
+    clock: str = _opt("")
+    thru: bool = _opt(False)
+    program: int = _opt(-1, lo=-1, hi=127)
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,47 @@ class ImproviseConfig:
     window: int = _opt(64, lo=1, hi=100000)
     seed: int = _opt(-1, lo=-1)
     max_hold: float = _opt(8.0, lo=0.1, hi=3600.0)
+    key: str = _opt("none")
+    key_strength: float = _opt(1.0, lo=0.0, hi=1.0)
+
+
+QUANTIZE_CHOICES = ("off", "1/1", "1/2", "1/4", "1/8", "1/16", "1/32", "1/2t", "1/4t", "1/8t", "1/16t", "1/32t",
+                    "1/2d", "1/4d", "1/8d", "1/16d")
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """Tempo: MIDI clock, the grid answers are quantized to, and following the player's pulse."""
+
+    follow_clock: bool = _opt(True)
+    bpm: float = _opt(120.0, lo=0.0, hi=400.0)
+    quantize: str = _opt("off", choices=QUANTIZE_CHOICES)
+    follow_tempo: bool = _opt(False)
+    reference_ioi: float = _opt(0.0, lo=0.0, hi=10.0)
+    time_scale_range: tuple[float, ...] = _opt((0.25, 4.0), lo=0.05, hi=20.0)
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """Live control by MIDI control change (CC numbers 0..127; -1 = not mapped) and the state-out CC."""
+
+    channel: int = _opt(0, lo=0, hi=16)
+    temperature: int = _opt(-1, lo=-1, hi=127)
+    temperature_range: tuple[float, ...] = _opt((0.0, 2.0), lo=0.0, hi=10.0)
+    top_p: int = _opt(-1, lo=-1, hi=127)
+    top_p_range: tuple[float, ...] = _opt((0.5, 1.0), lo=0.01, hi=1.0)
+    max_notes: int = _opt(-1, lo=-1, hi=127)
+    max_notes_range: tuple[int, ...] = _opt((1, 64), lo=1, hi=10000)
+    key_strength: int = _opt(-1, lo=-1, hi=127)
+    mode: int = _opt(-1, lo=-1, hi=127)
+    mute: int = _opt(-1, lo=-1, hi=127)
+    panic: int = _opt(-1, lo=-1, hi=127)
+    reload: int = _opt(-1, lo=-1, hi=127)
+    state_cc: int = _opt(-1, lo=-1, hi=127)
+    state_values: tuple[int, ...] = _opt((0, 64, 127), lo=0, hi=127)
+
+
+CONTROL_FUNCTIONS = ("temperature", "top_p", "max_notes", "key_strength", "mode", "mute", "panic", "reload")
 
 
 @dataclass(frozen=True)
@@ -110,6 +156,7 @@ class RecordConfig:
     """Session recordings."""
 
     dir: str = _opt("", path=True)
+    flush_seconds: float = _opt(10.0, lo=0.2, hi=10.0)
 
 
 @dataclass(frozen=True)
@@ -129,6 +176,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     midi: MidiConfig = field(default_factory=MidiConfig)
     improvise: ImproviseConfig = field(default_factory=ImproviseConfig)
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     record: RecordConfig = field(default_factory=RecordConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str | None = None
@@ -180,7 +229,14 @@ def _coerce(where: str, tp: Any, value: Any) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        if ok:
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):  # nan passes every range check, inf means nothing here
+                raise ConfigError(f"{where} = {value!r} is not valid: expected a finite number")
+            value = number
     else:
         ok = isinstance(value, str)
     if not ok:
@@ -201,12 +257,39 @@ def _check_range(where: str, value: Any, meta: dict) -> None:
 
 
 def _check_pairs(name: str, section: Any) -> None:
-    """Keys that are [low, high] ranges need exactly two ordered values."""
-    for key in ("pitch_range", "step_range", "duration_range"):
-        if hasattr(section, key):
-            value = getattr(section, key)
+    """Keys that are [low, high] ranges (`*_range`) need exactly two ordered values."""
+    for f in dataclasses.fields(section):
+        if f.name.endswith("_range"):
+            value = getattr(section, f.name)
             if len(value) != 2 or value[0] > value[1]:
-                raise ConfigError(f"{name}.{key} = {list(value)!r} is not valid: expected [low, high] with low <= high")
+                raise ConfigError(f"{name}.{f.name} = {list(value)!r} is not valid: expected [low, high] with "
+                                  f"low <= high")
+
+
+def _check_special(name: str, section: Any) -> None:
+    """Checks that need more than a range: keys, tempo, CC assignments."""
+    if name == "improvise":
+        from daemon.keys import VALID_FORMS, check_key_setting  # here: numpy stays out of a bare config load
+        try:
+            check_key_setting(section.key)
+        except ValueError:
+            raise ConfigError(f"improvise.key = {section.key!r} is not valid: expected {VALID_FORMS}") from None
+    elif name == "timing":
+        if 0 < section.bpm < 20:
+            raise ConfigError(f"timing.bpm = {section.bpm!r} is out of range: allowed 0 (follow the player's pulse) "
+                              f"or 20..400")
+    elif name == "control":
+        if len(section.state_values) != 3:
+            raise ConfigError(f"control.state_values = {list(section.state_values)!r} is not valid: expected three "
+                              f"CC values [idle, listening, answering], each 0..127")
+        used: dict[int, str] = {}
+        for function in CONTROL_FUNCTIONS:
+            cc = getattr(section, function)
+            if cc >= 0 and cc in used:
+                raise ConfigError(f"control.{function} = {cc} is not valid: CC {cc} is already mapped to "
+                                  f"control.{used[cc]}; give each function its own CC number")
+            if cc >= 0:
+                used[cc] = function
 
 
 def _build_section(name: str, cls: type, raw: dict[str, Any], base_dir: Path | None) -> Any:
@@ -228,6 +311,7 @@ def _build_section(name: str, cls: type, raw: dict[str, Any], base_dir: Path | N
         values[key] = value
     section = cls(**values)
     _check_pairs(name, section)
+    _check_special(name, section)
     return section
 
 

@@ -79,15 +79,15 @@ def split_json(collection: td.Collection, split: td.Split, config: Config) -> di
         "seed": config.data.seed, "val_fraction": config.data.val_fraction,
         "group_melodies": config.data.group_melodies,
         "train_sha256": [files[i].sha256 for i in split.train], "val_sha256": [files[i].sha256 for i in split.val],
-        "leakage_16_note_runs": td.leakage([files[i].notes for i in split.train],
-                                           [files[i].notes for i in split.val]),
+        "leakage_16_note_runs": td.leakage(collection.note_set().subset(split.train),
+                                           collection.note_set().subset(split.val)),
     })
     return out
 
 
 def make_split(collection: td.Collection, config: Config) -> td.Split:
     split = td.split_files(collection.files, config.data.val_fraction, config.data.seed,
-                           config.data.group_melodies)
+                           config.data.group_melodies, collection.note_set())
     if not split.val or not split.train:
         raise ImprovdError(f"{len(collection.files)} usable file(s) cannot be split into training and validation; "
                            f"give at least 2")
@@ -118,12 +118,28 @@ def apply_overrides(preset, config: Config):
 
 
 def cmd_train(args, config: Config) -> int:
-    """`improvd train`: parse, split, fit, evaluate, write the run directory."""
+    """`improvd train`: parse, split, fit, evaluate, write the run directory.
+
+    With `--distributed`, every worker runs this same command: each parses the data itself (the split is
+    deterministic, so they agree), they train in lockstep under `tf.distribute`, and only the chief writes the
+    run directory and evaluates.
+    """
     from train.fit import fit, plot_curves, write_json
 
     progress = not args.no_progress
+    cluster = None
+    if getattr(args, "distributed", False):
+        from train.distribute import read_tf_config
+        try:
+            cluster = read_tf_config()
+        except ValueError as err:
+            raise ImprovdError(str(err)) from err
+    chief = cluster is None or cluster.is_chief
     if args.resume:
         run_dir = Path(args.resume)
+        if not (run_dir / "config.json").is_file():
+            raise ImprovdError(f"--resume {str(run_dir)!r}: no config.json there (on a multi-worker run, every "
+                               f"worker needs the chief's run directory at the same path)")
         saved = json.loads((run_dir / "config.json").read_text())
         preset = Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["preset"].items()})
         source = saved["data_source"]
@@ -140,47 +156,79 @@ def cmd_train(args, config: Config) -> int:
     epochs = args.epochs or config.train.epochs or preset.epochs
     max_minutes = args.max_minutes if args.max_minutes is not None else config.train.max_minutes
     batch_size = config.train.batch_size or preset.batch_size
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if chief:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
-    collection = load_data(source, config, progress)
+    collection = load_data(source, config, progress and chief)
     split = split_by_hashes(collection, split_info) if split_info else None
     if split is None:
         split = make_split(collection, config)
         split_info = split_json(collection, split, config)
-    files = collection.files
-    train_notes = [files[i].notes for i in split.train]
-    val_notes = [files[i].notes for i in split.val]
-    print(f"training {preset.name} on {len(train_notes)} files ({sum(map(len, train_notes))} notes), validating "
-          f"on {len(val_notes)} ({sum(map(len, val_notes))} notes); run directory {run_dir}", file=sys.stderr)
-    write_json(run_dir / "split.json", split_info)
-    write_json(run_dir / "config.json", {
-        "preset": preset.to_dict(), "data_source": source, "config": config.to_dict(),
-        "epochs": epochs, "max_minutes": max_minutes, "batch_size": batch_size, "command": command_line()})
+    notes = collection.note_set()
+    train_notes, val_notes = notes.subset(split.train), notes.subset(split.val)
+
+    strategy = None
+    if cluster is not None:
+        from train.distribute import make_strategy
+        strategy = make_strategy(cluster)  # after parsing: its worker processes fork before TensorFlow starts
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    print(f"training {preset.name} on {len(train_notes)} files ({train_notes.num_notes} notes), validating "
+          f"on {len(val_notes)} ({val_notes.num_notes} notes); batch {batch_size} × {replicas} replica(s); "
+          + (f"run directory {run_dir}" if chief else f"worker {cluster.task_index}: the chief writes the run "
+             f"directory"), file=sys.stderr)
+    if chief:
+        write_json(run_dir / "split.json", split_info)
+        write_json(run_dir / "config.json", {
+            "preset": preset.to_dict(), "data_source": source, "config": config.to_dict(),
+            "epochs": epochs, "max_minutes": max_minutes, "batch_size": batch_size, "command": command_line(),
+            "distributed": None if cluster is None else {"workers": cluster.workers, "replicas": replicas}})
 
     result = fit(run_dir, preset, train_notes, val_notes, epochs=epochs, max_minutes=max_minutes,
-                 batch_size=batch_size, seed=config.train.seed, resume=bool(args.resume), progress=progress)
-    started = time.monotonic()
-    val_metrics = evaluate(keras_predictor(result.model), val_notes, config.eval.context, config.eval.batch_size,
-                           progress)
-    eval_seconds = time.monotonic() - started
-    metrics = {
-        "preset": preset.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command_line(), "data_source": source, "data": collection.summary(),
-        "split": {k: split_info[k] for k in ("seed", "val_fraction", "melody_groups", "files_sharing_a_melody",
-                                             "leakage_16_note_runs")}
-        | {"train_files": len(split.train), "val_files": len(split.val)},
-        "training": {"epochs": result.epochs, "best_epoch": result.best_epoch, "seconds": result.seconds,
-                     "stopped_by": result.stopped_by, "monitor": preset.monitor},
-        "val": val_metrics, "eval_seconds": eval_seconds,
-        "parameters": int(result.model.count_params()),
-    }
-    write_json(run_dir / "metrics.json", metrics)
-    if result.history:
-        plot_curves(result.history, run_dir / "curves.png", f"improvd {preset.name}: {run_dir.name}")
+                 batch_size=batch_size, seed=config.train.seed, resume=bool(args.resume), progress=progress,
+                 strategy=strategy, is_chief=chief, mixed_precision=config.train.mixed_precision)
+    if cluster is not None:
+        print(f"{cluster.task_type or 'worker'} {cluster.task_index}: trained weights sha256 "
+              f"{result.weights_sha256}", file=sys.stderr)
+    if not chief:
+        _leave_together(strategy)
+        print(f"worker {cluster.task_index}: {result.epochs} epochs, stopped by {result.stopped_by}",
+              file=sys.stderr)
+        return 130 if result.stopped_by == "interrupted" else 0
+    try:
+        started = time.monotonic()
+        val_metrics = evaluate(keras_predictor(result.model), val_notes, config.eval.context,
+                               config.eval.batch_size, progress)
+        eval_seconds = time.monotonic() - started
+        metrics = {
+            "preset": preset.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": command_line(), "data_source": source, "data": collection.summary(),
+            "split": {k: split_info[k] for k in ("seed", "val_fraction", "melody_groups",
+                                                 "files_sharing_a_melody", "leakage_16_note_runs")}
+            | {"train_files": len(split.train), "val_files": len(split.val)},
+            "training": {"epochs": result.epochs, "best_epoch": result.best_epoch, "seconds": result.seconds,
+                         "stopped_by": result.stopped_by, "monitor": preset.monitor,
+                         "replicas": result.replicas, "global_batch": result.global_batch,
+                         "mixed_precision": config.train.mixed_precision},
+            "val": val_metrics, "eval_seconds": eval_seconds,
+            "parameters": int(result.model.count_params()),
+        }
+        write_json(run_dir / "metrics.json", metrics)
+        if result.history:
+            plot_curves(result.history, run_dir / "curves.png", f"improvd {preset.name}: {run_dir.name}")
+    finally:
+        if cluster is not None:
+            _leave_together(strategy)
     print(format_table([(f"{preset.name} (val)", val_metrics)]))
     print(f"run directory: {run_dir} ({result.epochs} epochs, best {result.best_epoch}, "
           f"{result.seconds / 60:.1f} min, stopped by {result.stopped_by})")
     return 130 if result.stopped_by == "interrupted" else 0
+
+
+def _leave_together(strategy) -> None:
+    """A last all-reduce: the workers wait for the chief to finish writing before they exit, so none of them
+    sees a peer vanish while it still works."""
+    from train.distribute import agree_any
+    agree_any(strategy, False)
 
 
 # --- eval -----------------------------------------------------------------------------------------------------
@@ -239,7 +287,7 @@ def cmd_eval(args, config: Config) -> int:
                 log.warning("the model's validation files are not in this data: splitting it afresh")
         split = split or make_split(collection, config)
         eval_idx, train_idx = split.val, split.train
-    eval_notes = [files[i].notes for i in eval_idx]
+    eval_notes = collection.note_set().subset(eval_idx)
     context = config.eval.context
     report: dict = {"data_source": source, "split": args.split, "files": len(eval_notes), "context": context}
     rows = []

@@ -1,9 +1,17 @@
-"""Training data: find MIDI files, parse them in parallel with a per-file cache, split by file and melody.
+"""Training data: find MIDI files, parse them in parallel with a per-file cache, pack them, split by file and melody.
 
 Parsing uses the daemon's own reader (`daemon.midifile`), so the model learns from exactly the notes the daemon
-will hear. Each file's notes are cached under `cache_dir/notes/` by the SHA-256 of its bytes (as `.npy`, loaded
-with `allow_pickle=False`); files that cannot be used are cached too, with the reason, so a second run over the
-same files parses nothing. Bad files never stop a run: they are counted and named with their reason.
+will hear. Three layers of cache live under `cache_dir/notes-v2/`:
+
+- per file, by the SHA-256 of its bytes: `<sha>.npy` (float32 [N, 4], loaded with `allow_pickle=False`) or
+  `<sha>.skip.json` (why the file cannot be used), so a file is parsed once whatever its name;
+- `index.sqlite`: path → (size, mtime, ctime, inode) → SHA-256, so an unchanged file is not even read again
+  (a file changed less than two seconds before it was indexed is re-hashed next time, as git does);
+- `packs/<key>.f32`: the notes of one ordered set of files in ONE contiguous float32 array, memory-mapped, with
+  per-file lengths beside it. Training reads windows straight from the map: resident memory does not grow with
+  the number of files (the kernel pages notes in and out), only a few bytes of bookkeeping per file do.
+
+Bad files never stop a run: they are counted and named with their reason, one line each.
 """
 
 from __future__ import annotations
@@ -11,11 +19,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import mmap
 import os
 import random
+import sqlite3
+import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -27,14 +41,88 @@ log = logging.getLogger(__name__)
 
 MIDI_SUFFIXES = (".mid", ".midi")
 CACHE_VERSION = "notes-v2"  # bump when parsing or skip reasons change
+INDEX_NAME = "index.sqlite"
+PACKS_KEPT = 4              # packs (one per distinct set of files) kept in the cache, most recently used first
+RACY_S = 2.0                # files modified this recently are not trusted to the index (mtime granularity)
 MELODY_GRAM = 8            # intervals per melody n-gram used to find shared tunes
 MELODY_SHARE = 0.3         # share of the smaller file's n-grams two files must share to be grouped
+MELODY_COMMON = 50         # an n-gram found in more files than this is a stock figure, not a tune: ignored
+GRAM_BLOCK = 4_000_000     # n-grams held in memory at once when grouping melodies or measuring leakage
 LEAK_RUN = 16              # length of the pitch runs counted by `leakage`
+
+
+class NoteSet(Sequence):
+    """The notes of many files in one contiguous float32 array [N, 4] (often memory-mapped) plus per-file spans.
+
+    `notes_set[i]` is file i's notes (a view, no copy); `len()` is the number of files; `lengths` the notes per
+    file; `subset(indices)` a new `NoteSet` over the same array. Iterating yields each file's view, so code that
+    takes a list of per-file arrays takes a `NoteSet` too.
+    """
+
+    def __init__(self, notes: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
+        self.notes = notes
+        self.starts = np.asarray(starts, dtype=np.int64)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+
+    @classmethod
+    def from_arrays(cls, arrays: list[np.ndarray]) -> "NoteSet":
+        """A `NoteSet` holding a copy of `arrays` (per-file notes [n_i, 4]) in one float32 array."""
+        lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+        notes = np.concatenate([np.asarray(a, np.float32).reshape(-1, 4) for a in arrays]) if arrays else \
+            np.zeros((0, 4), np.float32)
+        return cls(notes, np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(arrays) else lengths, lengths)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.subset(np.arange(len(self))[i])
+        s = self.starts[i]
+        return self.notes[s:s + self.lengths[i]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(len(self)):
+            yield self[i]
+
+    @property
+    def num_notes(self) -> int:
+        return int(self.lengths.sum())
+
+    def subset(self, indices) -> "NoteSet":
+        idx = np.asarray(indices, dtype=np.int64)
+        return NoteSet(self.notes, self.starts[idx], self.lengths[idx])
+
+    def release(self) -> None:
+        """Drop the mapped pages this process has touched from its resident set (they stay in the page cache).
+
+        Reading a memory-mapped pack touches pages that count towards this process's RSS until the kernel
+        reclaims them; calling this now and then keeps RSS flat however large the pack is. No-op in memory.
+        """
+        mm = getattr(self.notes, "_mmap", None) or getattr(getattr(self.notes, "base", None), "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
+
+
+def stream(files, every: int = 4096) -> Iterator[np.ndarray]:
+    """Each file's notes in turn; for a `NoteSet`, its touched pages are released every `every` files, so a
+    pass over a memory-mapped pack keeps resident memory flat."""
+    for i, notes in enumerate(files):
+        yield notes
+        if isinstance(files, NoteSet) and i % every == every - 1:
+            files.release()
+    if isinstance(files, NoteSet):
+        files.release()
+
+
+def as_note_set(files) -> NoteSet:
+    """`files` as a `NoteSet` (a `NoteSet` is returned as it is; a list of arrays is copied into one)."""
+    return files if isinstance(files, NoteSet) else NoteSet.from_arrays(list(files))
 
 
 @dataclass
 class FileNotes:
-    """One usable file: its path (as given), content hash and notes (float64 [N, 4])."""
+    """One usable file: its path (as given), content hash and notes (float [N, 4]; a view into the pack)."""
 
     path: str
     sha256: str
@@ -51,18 +139,31 @@ class Skipped:
 
 @dataclass
 class Collection:
-    """The result of parsing a folder: usable files, skipped files and how many came from the cache."""
+    """The result of parsing a folder: usable files, skipped files and how many came from the cache.
+
+    `notes` holds the usable files' notes in `files` order as one `NoteSet` (memory-mapped from the pack);
+    each `FileNotes.notes` is a view into it.
+    """
 
     files: list[FileNotes] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     cached: int = 0
+    notes: NoteSet | None = None
+    parsed: int = 0       # files parsed in this call (neither in the index nor in the per-file cache)
+    hashed: int = 0       # files read and hashed in this call (not in the index, or changed)
+
+    def note_set(self) -> NoteSet:
+        if self.notes is None:
+            self.notes = NoteSet.from_arrays([f.notes for f in self.files])
+        return self.notes
 
     def summary(self) -> dict:
         reasons: dict[str, int] = {}
         for s in self.skipped:
             key = s.reason.split(" (")[0].split(": ", 1)[-1]
             reasons[key] = reasons.get(key, 0) + 1
-        return {"files": len(self.files), "notes": int(sum(len(f.notes) for f in self.files)),
+        notes = self.notes.num_notes if self.notes is not None else int(sum(len(f.notes) for f in self.files))
+        return {"files": len(self.files), "notes": notes,
                 "skipped": len(self.skipped), "skipped_by_reason": reasons,
                 "skipped_files": [{"path": s.path, "reason": s.reason} for s in self.skipped],
                 "from_cache": self.cached}
@@ -71,86 +172,232 @@ class Collection:
 def find_midi_files(root: str | os.PathLike) -> list[Path]:
     """Every `.mid`/`.midi` file below `root`, sorted (case-insensitive suffixes).
 
+    Walks with `os.scandir` (one `stat` per directory entry at most), fast on folders of 100,000 files.
+
     Raises:
         FileNotFoundError: `root` is not a folder.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {str(root)!r} does not exist or is not a folder")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in MIDI_SUFFIXES)
+    found: list[str] = []
+    stack = [str(root)]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif entry.name.lower().endswith(MIDI_SUFFIXES) and entry.is_file():
+                    found.append(entry.path)
+    return [Path(p) for p in sorted(found)]
 
 
 def _hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _parse_one(args: tuple[str, str]) -> tuple[str, str, str | None, bool]:
-    """Worker: parse one file into the cache. Returns (path, sha256, skip reason or None, from cache)."""
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def _parse_one(args: tuple[str, str]) -> tuple[str, str, str | None, bool, tuple | None]:
+    """Worker: hash and parse one file into the cache.
+
+    Returns (path, sha256, skip reason or None, from cache, stat key of the bytes read or None).
+    """
     path, cache = args
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as fh:
+            key = _stat_key(os.fstat(fh.fileno()))
+            data = fh.read()
     except OSError as err:
-        return path, "", f"unreadable ({err.strerror or err})", False
+        return path, "", f"unreadable ({err.strerror or err})", False, None
     digest = _hash(data)
-    npy = Path(cache) / f"{digest}.npy"
-    bad = Path(cache) / f"{digest}.skip.json"
-    if npy.exists():
-        return path, digest, None, True
-    if bad.exists():
-        return path, digest, json.loads(bad.read_text())["reason"], True
+    known = _cached_outcome(Path(cache), digest)
+    if known is not False:
+        return path, digest, known, True, key
+    npy, bad = Path(cache) / f"{digest}.npy", Path(cache) / f"{digest}.skip.json"
     try:
         notes = read_notes(path)
         tmp = npy.with_suffix(f".{os.getpid()}.tmp")
         with open(tmp, "wb") as fh:
             np.save(fh, notes.astype(np.float32), allow_pickle=False)
         os.replace(tmp, npy)
-        return path, digest, None, False
+        return path, digest, None, False, key
     except MidiFileError as err:
         reason = str(err).split(": ", 1)[-1]
     except Exception as err:  # any other failure of a third-party parser on odd bytes: skip, never crash
         reason = f"unreadable ({type(err).__name__}: {err})"
-    bad.write_text(json.dumps({"reason": reason}))
-    return path, digest, reason, False
+    tmp = bad.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"reason": reason}))
+    os.replace(tmp, bad)
+    return path, digest, reason, False, key
+
+
+def _cached_outcome(cache: Path, digest: str) -> str | None | bool:
+    """None if the file's notes are cached, its skip reason if it is cached as bad, False if not cached."""
+    if (cache / f"{digest}.npy").exists():
+        return None
+    bad = cache / f"{digest}.skip.json"
+    if bad.exists():
+        return json.loads(bad.read_text())["reason"]
+    return False
+
+
+class FileIndex:
+    """path → (size, mtime_ns, ctime_ns, inode) → SHA-256, in SQLite (safe for several processes at once)."""
+
+    def __init__(self, path: Path):
+        self.db = sqlite3.connect(str(path), timeout=60)
+        self.db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
+                        " ctime_ns INTEGER, inode INTEGER, sha256 TEXT)")
+
+    def lookup(self, paths: list[str]) -> dict[str, tuple]:
+        """{path: (size, mtime_ns, ctime_ns, inode, sha256)} for the indexed ones among `paths`."""
+        wanted = set(paths)
+        out = {}
+        for row in self.db.execute("SELECT path, size, mtime_ns, ctime_ns, inode, sha256 FROM files"):
+            if row[0] in wanted:
+                out[row[0]] = row[1:]
+        return out
+
+    def store(self, rows: list[tuple]) -> None:
+        """Rows (path, size, mtime_ns, ctime_ns, inode, sha256); racy ones (modified just now) are left out."""
+        limit = time.time_ns() - int(RACY_S * 1e9)
+        rows = [r for r in rows if r[2] < limit and r[3] < limit]
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def close(self) -> None:
+        self.db.close()
 
 
 def load_collection(paths: list[Path], cache_dir: str | os.PathLike, workers: int = 0,
                     progress: bool = True) -> Collection:
-    """Parse `paths` (in worker processes, cached by content) into a `Collection`.
+    """Parse `paths` (in worker processes, cached by content, indexed by stat) into a `Collection`.
+
+    Only new or changed files are read: an indexed file whose size, mtime, ctime and inode are unchanged is
+    taken from the cache without opening it. The usable files' notes are then packed into one memory-mapped
+    array (`Collection.notes`), built once per distinct set of files.
 
     Args:
         paths: MIDI files.
         cache_dir: improvd's cache folder; notes go to `cache_dir/notes-v2/`.
         workers: worker processes; 0 = one per core; 1 = in this process.
-        progress: show a progress bar.
+        progress: show progress bars (with rate and ETA).
     """
     from tqdm import tqdm
 
     cache = Path(cache_dir).expanduser() / CACHE_VERSION
     cache.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(p), str(cache)) for p in paths]
-    workers = workers or os.cpu_count() or 1
+    index = FileIndex(cache / INDEX_NAME)
     out = Collection()
+    names = [str(p) for p in paths]
+    known = index.lookup(names)
+    results: dict[str, tuple[str, str | None]] = {}   # path -> (sha256, reason)
+    todo: list[str] = []
+    for path in tqdm(names, desc="indexing", unit="file", disable=not progress or len(names) < 1000):
+        entry = known.get(path)
+        if entry is not None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                entry = None
+            else:
+                if _stat_key(st) == tuple(entry[:4]):
+                    outcome = _cached_outcome(cache, entry[4])
+                    if outcome is not False:
+                        results[path] = (entry[4], outcome)
+                        continue
+        todo.append(path)
+    del known
+    out.cached = len(results)
+    jobs = [(p, str(cache)) for p in todo]
+    workers = workers or os.cpu_count() or 1
     if workers == 1 or len(jobs) < 8:
-        results = map(_parse_one, jobs)
+        parsed = map(_parse_one, jobs)
         pool = None
     else:
         pool = ProcessPoolExecutor(max_workers=workers)
-        results = pool.map(_parse_one, jobs, chunksize=max(1, min(64, len(jobs) // (workers * 8))))
+        parsed = pool.map(_parse_one, jobs, chunksize=max(1, min(64, len(jobs) // (workers * 8))))
+    rows = []
     try:
-        for path, digest, reason, cached in tqdm(results, total=len(jobs), desc="parsing MIDI", unit="file",
-                                                 disable=not progress):
+        for path, digest, reason, cached, key in tqdm(parsed, total=len(jobs), desc="parsing MIDI", unit="file",
+                                                      disable=not progress or not jobs):
             out.cached += cached
-            if reason is not None:
-                out.skipped.append(Skipped(path, reason))
-                continue
-            notes = np.load(cache / f"{digest}.npy", allow_pickle=False).astype(np.float64)
-            out.files.append(FileNotes(path, digest, notes))
+            out.hashed += key is not None
+            out.parsed += not cached and key is not None
+            results[path] = (digest, reason)
+            if key is not None:
+                rows.append((path, *key, digest))
+            if len(rows) >= 5000:
+                index.store(rows)
+                rows = []
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        index.store(rows)
+        index.close()
+    digests = []
+    for path in names:
+        digest, reason = results[path]
+        if reason is not None:
+            out.skipped.append(Skipped(path, reason))
+        else:
+            out.files.append(FileNotes(path, digest, None))
+            digests.append(digest)
+    out.notes = load_pack(cache, digests, progress)
+    for i, f in enumerate(out.files):
+        f.notes = out.notes[i]
     for s in out.skipped:
         log.warning("skipped %s: %s", s.path, s.reason)
     return out
+
+
+def load_pack(cache: Path, digests: list[str], progress: bool = False) -> NoteSet:
+    """The notes of the cached files `digests` (in order) as one memory-mapped `NoteSet`.
+
+    The pack is keyed by the ordered list of hashes and built once, streaming: one file's notes in memory at a
+    time. Only the `PACKS_KEPT` most recently used packs are kept.
+    """
+    from tqdm import tqdm
+
+    packs = cache / "packs"
+    packs.mkdir(exist_ok=True)
+    key = hashlib.sha256("\n".join(digests).encode()).hexdigest()[:32]
+    data, meta = packs / f"{key}.f32", packs / f"{key}.lengths.npy"
+    if not (data.exists() and meta.exists()):
+        lengths = np.zeros(len(digests), dtype=np.int64)
+        tmp = data.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            for i, digest in enumerate(tqdm(digests, desc="packing notes", unit="file",
+                                            disable=not progress or len(digests) < 1000)):
+                notes = np.load(cache / f"{digest}.npy", allow_pickle=False).astype(np.float32, copy=False)
+                lengths[i] = len(notes)
+                fh.write(np.ascontiguousarray(notes.reshape(-1, 4)).tobytes())
+        tmp_meta = meta.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp_meta, "wb") as fh:
+            np.save(fh, lengths, allow_pickle=False)
+        os.replace(tmp, data)
+        os.replace(tmp_meta, meta)
+    else:
+        os.utime(data)  # most recently used
+        lengths = np.load(meta, allow_pickle=False)
+    rows = int(lengths.sum())
+    notes = np.memmap(data, dtype=np.float32, mode="r", shape=(rows, 4)) if rows else np.zeros((0, 4), np.float32)
+    _prune_packs(packs)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
+    return NoteSet(notes, starts, lengths)
+
+
+def _prune_packs(packs: Path) -> None:
+    found = sorted(packs.glob("*.f32"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in found[PACKS_KEPT:]:
+        for path in (old, old.with_suffix(".lengths.npy")):
+            try:
+                path.unlink()
+            except OSError:  # another process pruned it first, or still maps it (fine on POSIX)
+                pass
 
 
 # --- the split ---------------------------------------------------------------------------------------------
@@ -159,6 +406,7 @@ def melody_intervals(notes: np.ndarray) -> np.ndarray:
     """The top line (highest pitch at each onset) as intervals in semitones: transposition-invariant."""
     if len(notes) == 0:
         return np.zeros(0, dtype=np.int64)
+    notes = np.asarray(notes, dtype=np.float64)
     onset = np.round(nt.onsets(notes), 3)
     pitch = notes[:, nt.PITCH].astype(np.int64)
     _, first = np.unique(onset, return_index=True)
@@ -173,15 +421,52 @@ def _grams(seq: np.ndarray, n: int) -> set[bytes]:
     return {row.tobytes() for row in view}
 
 
-def melody_groups(files: list[FileNotes]) -> list[int]:
+def _gram_codes(seq: np.ndarray, n: int) -> np.ndarray:
+    """The distinct n-grams (n ≤ 8) of `seq` (as int8) packed exactly into uint64 codes, sorted."""
+    if len(seq) < n:
+        return np.zeros(0, dtype=np.uint64)
+    rows = np.zeros((len(seq) - n + 1, 8), dtype=np.int8)
+    rows[:, :n] = np.lib.stride_tricks.sliding_window_view(seq.astype(np.int8), n)
+    return np.unique(rows.view(np.uint64).ravel())
+
+
+def _run_codes(pitches: np.ndarray, n: int) -> np.ndarray:
+    """The distinct runs of n pitches (0..127) as 64-bit hashes (polynomial, wrapping), sorted."""
+    if len(pitches) < n:
+        return np.zeros(0, dtype=np.uint64)
+    view = np.lib.stride_tricks.sliding_window_view(pitches.astype(np.uint64), n)
+    powers = np.uint64(0x100000001B3) ** np.arange(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        codes = (view * powers).sum(axis=1, dtype=np.uint64) + np.uint64(n)
+    return np.unique(codes)
+
+
+def _mix(codes: np.ndarray) -> np.ndarray:
+    """A well-spread 64-bit hash of codes (to draw partitions and samples from)."""
+    with np.errstate(over="ignore"):
+        x = codes * np.uint64(0x9E3779B97F4A7C15)
+        return x ^ (x >> np.uint64(29))
+
+
+def melody_groups(files) -> list[int]:
     """A group id per file: files whose top lines share a tune (in any key) get the same id.
 
-    Two files are linked when at least `MELODY_SHARE` of the smaller one's `MELODY_GRAM`-interval n-grams occur
-    in the other (several harmonisations of one chorale melody, for example); groups are the connected
-    components of those links.
+    Two files are linked when at least `MELODY_SHARE` of the smaller one's distinct `MELODY_GRAM`-interval
+    n-grams occur in the other (several harmonisations of one chorale melody, for example); groups are the
+    connected components of those links. N-grams found in more than `MELODY_COMMON` files are stock figures
+    (scales, repeated notes) and link nothing.
+
+    Memory stays bounded however many files there are: the n-grams are spilled to a temporary file and counted
+    in partitions of at most `GRAM_BLOCK` n-grams.
+
+    Args:
+        files: `FileNotes` objects, or per-file note arrays (a list or a `NoteSet`).
     """
-    grams = [_grams(melody_intervals(f.notes), MELODY_GRAM) for f in files]
-    parent = list(range(len(files)))
+    notes_of = [f.notes if isinstance(f, FileNotes) else f for f in files] if not isinstance(files, NoteSet) \
+        else files
+    n_files = len(notes_of)
+    counts = np.zeros(n_files, dtype=np.int64)
+    parent = list(range(n_files))
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -189,20 +474,56 @@ def melody_groups(files: list[FileNotes]) -> list[int]:
             i = parent[i]
         return i
 
-    index: dict[bytes, list[int]] = {}
-    for i, g in enumerate(grams):
-        for gram in g:
-            index.setdefault(gram, []).append(i)
-    for i, g in enumerate(grams):
-        shared: dict[int, int] = {}
-        for gram in g:
-            for j in index[gram]:
-                if j > i:
-                    shared[j] = shared.get(j, 0) + 1
-        for j, count in shared.items():
-            if count >= MELODY_SHARE * max(1, min(len(g), len(grams[j]))):
-                parent[find(i)] = find(j)
-    return [find(i) for i in range(len(files))]
+    with tempfile.TemporaryFile(prefix="improvd-grams-") as spill:
+        for i, notes in enumerate(stream(notes_of)):
+            codes = _gram_codes(melody_intervals(notes), MELODY_GRAM)
+            counts[i] = len(codes)
+            spill.write(codes.tobytes())
+        total = int(counts.sum())
+        parts = max(1, math.ceil(total / GRAM_BLOCK))
+        ends = np.cumsum(counts)
+        pairs = np.zeros(0, dtype=np.int64)    # distinct linked-candidate pairs (i * n_files + j) ...
+        shared = np.zeros(0, dtype=np.int64)   # ... and the n-grams they share, merged partition by partition
+        for part in range(parts):
+            spill.seek(0)
+            codes_in, owners_in = [], []
+            first = 0
+            while first < n_files:  # read the spill in blocks of whole files
+                last = int(np.searchsorted(ends, ends[first - 1] + GRAM_BLOCK if first else GRAM_BLOCK, "right"))
+                last = max(last, first + 1)
+                block_len = int(ends[last - 1] - (ends[first - 1] if first else 0))
+                block = np.frombuffer(spill.read(block_len * 8), dtype=np.uint64)
+                owner = np.repeat(np.arange(first, last, dtype=np.int64), counts[first:last])
+                keep = (_mix(block) % np.uint64(parts)) == np.uint64(part) if parts > 1 else slice(None)
+                codes_in.append(block[keep])
+                owners_in.append(owner[keep])
+                first = last
+            codes = np.concatenate(codes_in) if codes_in else np.zeros(0, np.uint64)
+            owners = np.concatenate(owners_in) if owners_in else np.zeros(0, np.int64)
+            del codes_in, owners_in
+            order = np.lexsort((owners, codes))
+            codes, owners = codes[order], owners[order]
+            starts = np.flatnonzero(np.concatenate([[True], codes[1:] != codes[:-1]])) if len(codes) else \
+                np.zeros(0, np.int64)
+            sizes = np.diff(np.concatenate([starts, [len(codes)]]))
+            found = [pairs]
+            for size in np.unique(sizes):
+                if size < 2 or size > MELODY_COMMON:
+                    continue
+                members = owners[starts[sizes == size][:, None] + np.arange(size)]  # [runs, size], ascending
+                a, b = np.triu_indices(size, 1)
+                found.append(members[:, a].ravel() * n_files + members[:, b].ravel())
+            del codes, owners, order
+            merged, where = np.unique(np.concatenate(found), return_inverse=True)
+            shared = np.bincount(where[len(pairs):], minlength=len(merged)) + \
+                np.bincount(where[:len(pairs)], weights=shared, minlength=len(merged)).astype(np.int64)
+            pairs = merged
+        if len(pairs):
+            i, j = pairs // n_files, pairs % n_files
+            linked = shared >= MELODY_SHARE * np.maximum(1, np.minimum(counts[i], counts[j]))
+            for a, b in zip(i[linked].tolist(), j[linked].tolist()):
+                parent[find(a)] = find(b)
+    return [find(i) for i in range(n_files)]
 
 
 @dataclass
@@ -219,7 +540,8 @@ class Split:
                 "melody_groups": self.groups, "files_sharing_a_melody": self.grouped_files}
 
 
-def split_files(files: list[FileNotes], val_fraction: float, seed: int, group_melodies: bool = True) -> Split:
+def split_files(files: list[FileNotes], val_fraction: float, seed: int, group_melodies: bool = True,
+                notes: NoteSet | None = None) -> Split:
     """A deterministic split by file: groups of files that share a melody stay on one side.
 
     Args:
@@ -227,8 +549,10 @@ def split_files(files: list[FileNotes], val_fraction: float, seed: int, group_me
         val_fraction: target share of files in validation.
         seed: the order in which groups are drawn for validation.
         group_melodies: group files sharing a melody (else each file is its own group).
+        notes: the files' notes as a `NoteSet` (a memory-mapped pack), if there is one: read in order and
+            released as it goes, so the split does not make the whole pack resident.
     """
-    ids = melody_groups(files) if group_melodies else list(range(len(files)))
+    ids = melody_groups(notes if notes is not None else files) if group_melodies else list(range(len(files)))
     members: dict[int, list[int]] = {}
     for i, g in enumerate(ids):
         members.setdefault(g, []).append(i)
@@ -247,14 +571,25 @@ def split_files(files: list[FileNotes], val_fraction: float, seed: int, group_me
     return Split(train=sorted(train), val=sorted(val), groups=len(members), grouped_files=grouped)
 
 
-def leakage(train: list[np.ndarray], val: list[np.ndarray], run: int = LEAK_RUN) -> float:
-    """Share of the validation files' `run`-note pitch runs that also occur in a training file."""
-    seen: set[bytes] = set()
-    for notes in train:
-        seen |= _grams(notes[:, nt.PITCH].astype(np.int64), run)
+def leakage(train, val, run: int = LEAK_RUN) -> float:
+    """Share of the validation files' distinct `run`-note pitch runs that also occur in a training file.
+
+    Exact up to `GRAM_BLOCK` training notes; above that, estimated on the runs whose hash falls in a
+    deterministic 1-in-k sample (the same runs on both sides, so the estimate is unbiased) to bound memory.
+    """
+    train_notes = train.num_notes if isinstance(train, NoteSet) else sum(len(n) for n in train)
+    k = np.uint64(max(1, math.ceil(train_notes / GRAM_BLOCK)))
+
+    def sampled(notes: np.ndarray) -> np.ndarray:
+        codes = _run_codes(np.asarray(notes[:, nt.PITCH]).astype(np.int64), run)
+        return codes[_mix(codes) % k == 0] if k > 1 else codes
+
+    seen = np.unique(np.concatenate([sampled(n) for n in stream(train)] or [np.zeros(0, np.uint64)]))
     total = hits = 0
-    for notes in val:
-        g = _grams(notes[:, nt.PITCH].astype(np.int64), run)
+    for notes in stream(val):
+        g = sampled(notes)
         total += len(g)
-        hits += len(g & seen)
+        if len(g) and len(seen):
+            pos = np.minimum(np.searchsorted(seen, g), len(seen) - 1)
+            hits += int((seen[pos] == g).sum())
     return hits / total if total else 0.0

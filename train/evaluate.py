@@ -18,13 +18,24 @@ Predictor = Callable[[np.ndarray], dict[str, np.ndarray]]  # raw windows [N, T, 
 
 def protocol_batches(files: list[np.ndarray], context: int, batch_size: int) -> Iterator[tuple[np.ndarray,
                                                                                                 np.ndarray]]:
-    """(windows [B, context, 4], targets [B, 4]) over every note with `context` predecessors, in order."""
-    rows = [(f, i) for f, notes in enumerate(files) for i in range(context, len(notes))]
-    for b in range(0, len(rows), batch_size):
-        part = rows[b:b + batch_size]
-        windows = np.stack([files[f][i - context:i] for f, i in part])
-        targets = np.stack([files[f][i] for f, i in part])
-        yield windows, targets
+    """(windows [B, context, 4], targets [B, 4]) over every note with `context` predecessors, in order.
+
+    `files` is a `train.data.NoteSet` or a list of per-file arrays; only one batch of windows is in memory.
+    """
+    from train.data import as_note_set
+
+    notes = as_note_set(files)
+    counts = (notes.lengths - context).clip(0)
+    total = int(counts.sum())
+    ends = np.cumsum(counts)
+    for b in range(0, total, batch_size):
+        k = np.arange(b, min(b + batch_size, total))
+        owner = np.searchsorted(ends, k, side="right")
+        target = notes.starts[owner] + context + (k - (ends[owner] - counts[owner]))
+        windows = np.asarray(notes.notes[target[:, None] - context + np.arange(context)], dtype=np.float64)
+        yield windows, np.asarray(notes.notes[target], dtype=np.float64)
+        if b // batch_size % 64 == 63:
+            notes.release()  # keep a memory-mapped pack's resident pages few
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

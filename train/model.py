@@ -107,7 +107,7 @@ def _register():
             super().__init__(**kwargs)
             self.embedding = embedding
             self.num_features = num_features
-            self.table = keras.layers.Embedding(128, embedding, name="pitch_embedding")
+            self.table = keras.layers.Embedding(128, embedding, name="pitch_embedding", dtype=self.dtype_policy)
 
         def build(self, input_shape):
             self.table.build((None,))
@@ -121,7 +121,8 @@ def _register():
             parts = [self.table(pitch), times]
             if self.num_features > 3:
                 parts.append(x[..., 3:4] / 127.0)
-            return ops.concatenate(parts, axis=-1)
+            # under mixed precision every part is computed in float16 (a no-op in float32)
+            return ops.concatenate([ops.cast(p, self.compute_dtype) for p in parts], axis=-1)
 
         def get_config(self):
             return {**super().get_config(), "embedding": self.embedding, "num_features": self.num_features}
@@ -140,34 +141,56 @@ def note_encoder_class():
     return _NOTE_ENCODER
 
 
-def build_model(preset: Preset, seed: int = 0):
-    """A compiled Keras model for `preset`."""
+MIXED = "mixed_float16"
+
+
+def build_model(preset: Preset, seed: int = 0, mixed_precision: bool = False):
+    """A compiled Keras model for `preset`.
+
+    With `mixed_precision`, the encoder and LSTMs compute in float16 (weights stay float32: the
+    `mixed_float16` policy, for GPUs with tensor cores) while the heads, so the pitch logits and every loss,
+    stay float32, and the optimizer scales the loss against float16 underflow. Without it, all float32.
+    """
     keras = _keras()
     keras.utils.set_random_seed(seed)
     f = len(preset.features)
+    body = MIXED if mixed_precision else "float32"
     if preset.kind == "window":
         inputs = keras.Input((preset.context, f), name="notes")
         x = inputs
         for i, units in enumerate(preset.units):
-            x = keras.layers.LSTM(units, return_sequences=i < len(preset.units) - 1, name=f"lstm_{i}")(x)
+            x = keras.layers.LSTM(units, return_sequences=i < len(preset.units) - 1, name=f"lstm_{i}",
+                                  dtype=body)(x)
     else:
         inputs = keras.Input((None, f), name="notes")
-        x = note_encoder_class()(preset.embedding, f, name="note_encoder")(inputs)
+        x = note_encoder_class()(preset.embedding, f, name="note_encoder", dtype=body)(inputs)
         for i, units in enumerate(preset.units):
-            x = keras.layers.LSTM(units, return_sequences=True, name=f"lstm_{i}")(x)
+            x = keras.layers.LSTM(units, return_sequences=True, name=f"lstm_{i}", dtype=body)(x)
             if preset.dropout:
-                x = keras.layers.Dropout(preset.dropout, name=f"dropout_{i}")(x)
-    outputs = {"pitch": keras.layers.Dense(128, name="pitch")(x),
-               "step": keras.layers.Dense(1, name="step")(x),
-               "duration": keras.layers.Dense(1, name="duration")(x)}
+                x = keras.layers.Dropout(preset.dropout, name=f"dropout_{i}", dtype=body)(x)
+    outputs = {"pitch": keras.layers.Dense(128, name="pitch", dtype="float32")(x),
+               "step": keras.layers.Dense(1, name="step", dtype="float32")(x),
+               "duration": keras.layers.Dense(1, name="duration", dtype="float32")(x)}
     if "velocity" in preset.features:
-        outputs["velocity"] = keras.layers.Dense(1, name="velocity")(x)
+        outputs["velocity"] = keras.layers.Dense(1, name="velocity", dtype="float32")(x)
     model = keras.Model(inputs, outputs, name=f"improvd_{preset.name}")
-    compile_model(model, preset)
+    compile_model(model, preset, mixed_precision)
     return model
 
 
-def compile_model(model, preset: Preset) -> None:
+def is_mixed(model) -> bool:
+    """True if any layer of `model` computes in float16 (trained with `train.mixed_precision`)."""
+    return any(getattr(layer, "compute_dtype", "float32") == "float16" for layer in model.layers)
+
+
+def float32_copy(model, preset: Preset):
+    """The same weights in an all-float32 model (what is evaluated and exported after mixed-precision training)."""
+    copy = build_model(preset, mixed_precision=False)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def compile_model(model, preset: Preset, mixed_precision: bool = False) -> None:
     keras = _keras()
     time_loss = mae_with_positive_pressure if preset.time_loss == "mae" else mse_with_positive_pressure
     losses = {"pitch": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -176,6 +199,8 @@ def compile_model(model, preset: Preset) -> None:
         losses["velocity"] = keras.losses.MeanSquaredError()
     weights = {k: preset.loss_weights.get(k, 1.0) for k in losses}
     optimizer = keras.optimizers.Adam(learning_rate=preset.learning_rate, clipnorm=preset.clipnorm)
+    if mixed_precision:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer, loss=losses, loss_weights=weights,
                   metrics={"pitch": [keras.metrics.SparseCategoricalAccuracy(name="acc")]})
 

@@ -272,3 +272,78 @@ def test_transposition_keeps_pitches_in_range():
             np.testing.assert_array_equal(y["pitch"][row] - files[f][start + 1:start + 17, nt.PITCH], shift)
     assert len(shifts) > 5 and min(shifts) < 0 < max(shifts)
     assert tb.transpose_shift(np.array([[0, 0, 0, 0], [127, 0, 0, 0]], float), 12, rng) == 0
+
+
+# --- scale: the stat index, the pack, the streaming batch source ------------------------------------------------
+
+def test_index_skips_unchanged_files_without_reading_them(tmp_path, monkeypatch):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    paths = [write(folder / f"f{i}.mid", harmonised(i)) for i in range(4)]
+    monkeypatch.setattr(td, "RACY_S", 0.0)  # files written just now may be trusted to the index
+    first = td.load_collection(paths, tmp_path / "cache", workers=1, progress=False)
+    assert (first.parsed, first.hashed, first.cached) == (4, 4, 0)
+    second = td.load_collection(paths, tmp_path / "cache", workers=1, progress=False)
+    assert (second.parsed, second.hashed, second.cached) == (0, 0, 4)  # not even opened
+    write(paths[2], harmonised(20))  # changed: read, hashed and parsed again; the others untouched
+    third = td.load_collection(paths, tmp_path / "cache", workers=1, progress=False)
+    assert (third.parsed, third.hashed, third.cached) == (1, 1, 3)
+    np.testing.assert_allclose(third.files[2].notes, harmonised(20), atol=1e-3)
+
+
+def test_recently_modified_files_are_hashed_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(td, "RACY_S", 3600.0)  # "recently" = within the hour, however slow this machine is
+    path = write(tmp_path / "a.mid", harmonised(1))
+    td.load_collection([path], tmp_path / "cache", workers=1, progress=False)
+    again = td.load_collection([path], tmp_path / "cache", workers=1, progress=False)
+    assert again.hashed == 1 and again.parsed == 0 and again.cached == 1  # racy: re-hashed, not re-parsed
+
+
+def test_collection_notes_are_one_memory_mapped_pack(tmp_path):
+    paths = [write(tmp_path / f"f{i}.mid", harmonised(i, n=20 + i)) for i in range(3)]
+    col = td.load_collection(paths, tmp_path / "cache", workers=1, progress=False)
+    pack = col.notes
+    assert isinstance(pack.notes, np.memmap) and pack.notes.dtype == np.float32
+    assert list(pack.lengths) == [40, 42, 44] and pack.num_notes == 126
+    for i, f in enumerate(col.files):
+        assert np.shares_memory(f.notes, pack.notes)
+        np.testing.assert_array_equal(pack[i], f.notes)
+    sub = pack.subset([2, 0])
+    np.testing.assert_array_equal(sub[0], pack[2])
+    assert len(list((tmp_path / "cache" / td.CACHE_VERSION / "packs").glob("*.f32"))) == 1
+    pack.release()  # drops resident pages; the data is still there
+    np.testing.assert_array_equal(sub[1], col.files[0].notes)
+
+
+def test_melody_groups_in_partitions_match_one_pass(monkeypatch):
+    files, tunes = corpus()
+    whole = td.melody_groups(files)
+    monkeypatch.setattr(td, "GRAM_BLOCK", 50)  # many partitions and spill blocks
+    parts = td.melody_groups(td.NoteSet.from_arrays([f.notes for f in files]))
+    canon = lambda ids: sorted(sorted(i for i, g in enumerate(ids) if g == x) for x in set(ids))  # noqa: E731
+    assert canon(whole) == canon(parts)
+    assert canon(whole) == canon(tunes)
+
+
+def test_batch_source_is_reproducible_and_splits_global_batches_by_replica():
+    files = td.NoteSet.from_arrays(ramp_files([40, 70, 5, 33]))
+    src = tb.BatchSource(files, "sequence", 16, 4, transpose=2, seed=3)
+    assert src.rows == len(tb.chunk_plan(files.lengths, 16, None))
+    other = tb.BatchSource(files, "sequence", 16, 4, transpose=2, seed=3)
+    plan = src.plan(1)
+    assert len(plan) == src.rows and not np.array_equal(plan, src.plan(0))
+    np.testing.assert_array_equal(plan, other.plan(1))
+    # Replica r of R takes rows [r*b, (r+1)*b) of each global batch; the same on every worker.
+    x0, _, _ = src.batch(plan, 1, 0, 0, 2, 2)
+    x1, _, _ = other.batch(plan, 1, 0, 1, 2, 2)
+    x_all, _, _ = tb.BatchSource(files, "sequence", 16, 4, seed=3).batch(plan, 1, 0, 0, 4, 1)
+    np.testing.assert_array_equal(x0[:, :, 1:], x_all[:2, :, 1:])  # transposition aside, the same rows
+    np.testing.assert_array_equal(x1[:, :, 1:], x_all[2:, :, 1:])
+    # A short last batch is padded with weight 0 and its real rows weighed up to keep the mean.
+    steps = src.steps(4)
+    x, y, w = src.batch(plan, 1, steps - 1, 0, 4, 1)
+    real = src.rows - 4 * (steps - 1)
+    assert x.shape[0] == 4 and (w["pitch"][real:] == 0).all()
+    assert w["pitch"][:real].max() == pytest.approx(4 / real)
+    generated = list(src.generate([0], 4, 1))
+    assert len(generated) == steps
