@@ -157,6 +157,7 @@ class RecordConfig:
 
     dir: str = _opt("", path=True)
     flush_seconds: float = _opt(10.0, lo=0.2, hi=10.0)
+    rotate_minutes: float = _opt(60.0, lo=1.0, hi=10080.0)
 
 
 @dataclass(frozen=True)

@@ -256,6 +256,7 @@ class _Port:
         self.connected_to: str | None = None
         self.lost = False
         self.closed = False
+        self._reopen_failing = False
         try:
             if self.virtual:
                 rt.open_virtual_port(self._target)
@@ -291,6 +292,7 @@ class _Port:
                 return None
             log.warning("MIDI %s %r went away; improvd keeps running and reconnects when it returns",
                         self.kind, self.connected_to)
+            self._losing()
             with self._lock:
                 self.lost = True
                 self._rt.close_port()
@@ -299,12 +301,23 @@ class _Port:
             name = match_port(self._target, names, kind=self.kind)
         except PortError:
             return None
-        with self._lock:
-            self._open(name)
-            self.lost = False
+        try:
+            with self._lock:
+                self._open(name)
+                self.lost = False
+        except PortError as err:  # it is there but cannot be opened (yet): say so once, try again next time
+            if not self._reopen_failing:
+                self._reopen_failing = True
+                log.warning("%s; improvd tries again every check", err)
+            return None
+        self._reopen_failing = False
         self._reopened()
         log.warning("MIDI %s %r is back; reconnected", self.kind, name)
         return "back"
+
+    def _losing(self) -> None:
+        """Hook when the port this one is connected to went away, before improvd's own port is closed (main
+        thread)."""
 
     def _reopened(self) -> None:
         """Hook after a reconnection (main thread)."""
@@ -330,18 +343,23 @@ class InputPort(_Port):
             the message is dropped and counted in `dropped`.
         client_name: the MIDI client name other programs see.
         now: the clock (tests inject one).
+        clock: also take MIDI clock and transport messages (0xF8 ticks, Start, Continue, Stop, Song Position);
+            otherwise rtmidi drops them.
+        port_name: the name of improvd's own port (JACK shows it).
     """
 
     kind = "input"
+    invalid = 0  # messages whose bytes mido could not parse (dropped)
 
     def __init__(self, api: str, spec: str, sink: "queue.Queue", *, client_name: str = "improvd",
-                 now: Callable[[], float] = time.perf_counter) -> None:
+                 now: Callable[[], float] = time.perf_counter, clock: bool = False,
+                 port_name: str = "improvd in") -> None:
         self._sink = sink
         self._now = now
         self.dropped = 0
         rt = _new_rt(rtmidi.MidiIn, api, client_name)
-        rt.ignore_types(sysex=True, timing=True, active_sense=True)
-        super().__init__(rt, api, spec, "improvd in")
+        rt.ignore_types(sysex=True, timing=not clock, active_sense=True)
+        super().__init__(rt, api, spec, port_name)
         rt.set_callback(self._on_message)
 
     def _on_message(self, event, _data=None) -> None:
@@ -350,6 +368,7 @@ class InputPort(_Port):
         try:
             msg = mido.Message.from_bytes(event[0])
         except (ValueError, TypeError, IndexError):
+            self.invalid += 1
             return
         try:
             self._sink.put_nowait((t_s, msg))
@@ -369,13 +388,27 @@ class InputPort(_Port):
 
 class OutputPort(_Port):
     """An output; `send` is called by the scheduler thread alone. While the port it is connected to is gone,
-    messages are dropped."""
+    messages are dropped.
+
+    `on_lost`, when set, is called (main thread) when the port it is connected to goes away, before improvd's own
+    port is closed: the service releases the sounding notes there, so that whatever else is connected to
+    improvd's port (a DAW recording it) gets their note-offs.
+    """
 
     kind = "output"
 
     def __init__(self, api: str, spec: str, *, client_name: str = "improvd") -> None:
         super().__init__(_new_rt(rtmidi.MidiOut, api, client_name), api, spec, "improvd out")
         self.sent = 0
+        self.on_lost: Callable[[], None] | None = None
+
+    def _losing(self) -> None:
+        if self.on_lost is None:
+            return
+        try:
+            self.on_lost()
+        except Exception:
+            log.exception("releasing the notes of a lost output failed")
 
     def send(self, msg: mido.Message) -> None:
         """Write one message now (scheduler thread)."""

@@ -2,9 +2,15 @@
 
 `SessionRecorder` collects note-on/note-off messages with their times (seconds on the daemon's clock,
 `time.perf_counter`), pairs them into notes, and writes them with `daemon.midifile.write_notes` (atomically: a
-temporary file, then a rename) on two tracks, "player" and "improvd". `flush()` rewrites the whole file; the
-service calls it at least every `flush_interval_s` (10 s) while running and once at exit, so even `kill -9` loses
-at most the last interval. A note still sounding at a flush is written as ending at that moment.
+temporary file, fsynced, then a rename, and the directory fsynced) on two tracks, "player" and "improvd".
+`flush()` rewrites the whole file; the service calls it at least every `record.flush_seconds` (10 s) while running
+and once at exit, so even `kill -9` or a power cut loses at most the last interval. A note still sounding at a
+flush is written as ending at that moment. A write that fails (a full disk) is logged once and retried at the next
+flush; the temporary file is removed, so a full disk does not fill up further.
+
+Long runs: the whole file is rewritten at each flush, so memory and the cost of a flush grow with the file. With
+`rotate_s` (`record.rotate_minutes`), once a file covers that long and has been written, the recorder goes on in a
+new file (the finished notes are let go; notes still sounding continue in the new file from its start).
 
 Threads: `add_player` (the MIDI input callback) and `add_improvd` (the scheduler's `on_sent` hook) only append to a
 deque; everything else runs on the main thread. Apart from the file write, the class is pure (the clock and the
@@ -30,6 +36,21 @@ log = logging.getLogger("improvd.record")
 
 PLAYER, IMPROVD = "player", "improvd"
 FLUSH_INTERVAL_S = 10.0
+_NOTE_TYPES = ("note_on", "note_off")
+
+
+def _sync_directory(directory: Path) -> None:
+    """fsync a directory, so that a rename in it survives a power cut (POSIX; a no-op where unsupported)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class _NotePairer:
@@ -71,13 +92,14 @@ class SessionRecorder:
         now: the daemon's clock.
         write: the writer, `midifile.write_notes` (tests inject one).
         name: the file name (default `improvd-YYYYmmdd-HHMMSS.mid`, made unique in `directory`).
+        rotate_s: start a new file once the current one covers this many seconds (None: never).
     """
 
     def __init__(self, directory: str | os.PathLike, *, start_s: float | None = None,
                  player_channels: tuple[int, ...] = (), output_channel: int = 0,
                  now: Callable[[], float] = time.perf_counter,
                  write: Callable[[Path, list[midifile.Track]], None] = midifile.write_notes,
-                 name: str | None = None) -> None:
+                 name: str | None = None, rotate_s: float | None = None) -> None:
         self.directory = Path(directory).expanduser()
         self._now = now
         self.start_s = now() if start_s is None else start_s
@@ -90,7 +112,9 @@ class SessionRecorder:
         self._changed = False
         self._failing = False
         self.last_flush_s = self.start_s
+        self.rotate_s = rotate_s
         self.path = self.directory / (name or self._unique_name())
+        self.files: list[Path] = []  # files completed by rotation
 
     def _unique_name(self) -> str:
         stem = "improvd-" + time.strftime("%Y%m%d-%H%M%S")
@@ -102,8 +126,9 @@ class SessionRecorder:
 
     # ---- called from other threads: append only --------------------------------------------------------
     def add_player(self, t_s: float, msg: mido.Message) -> None:
-        """A message the player sent (MIDI input callback thread)."""
-        self._incoming[PLAYER].append((t_s, msg))
+        """A message the player sent (MIDI input callback thread); only notes are kept."""
+        if msg.type in _NOTE_TYPES:
+            self._incoming[PLAYER].append((t_s, msg))
 
     def add_improvd(self, t_s: float, msg: mido.Message) -> None:
         """A message improvd sent (scheduler thread, via its `on_sent` hook)."""
@@ -160,6 +185,7 @@ class SessionRecorder:
             return False
         try:
             self._write(self.path, self.tracks(now_s))
+            _sync_directory(self.path.parent)
         except OSError as err:
             if not self._failing:
                 log.error("cannot write the recording %s: %s (improvd keeps playing and tries again)", self.path, err)
@@ -169,7 +195,22 @@ class SessionRecorder:
             log.warning("the recording %s is written again", self.path)
         self._failing = False
         self._changed = False
+        if self.rotate_s is not None and now_s - self.start_s >= self.rotate_s:
+            self._rotate(now_s)
         return True
+
+    def _rotate(self, now_s: float) -> None:
+        """Go on in a new file from `now_s`: the finished notes are in the file just written."""
+        self.files.append(self.path)
+        for pairer in self._pairers.values():
+            pairer.finished.clear()
+            for key, held in pairer.sounding.items():
+                pairer.sounding[key] = [(max(onset, now_s), velocity) for onset, velocity in held]
+        self.start_s = now_s
+        self.path = self.directory / self._unique_name()
+        self._changed = False
+        log.info("recording %s complete (%.0f min); improvd goes on recording in %s", self.files[-1],
+                 self.rotate_s / 60, self.path)
 
     def due(self, interval_s: float = FLUSH_INTERVAL_S) -> bool:
         """True when the last flush is `interval_s` or more ago."""

@@ -11,9 +11,19 @@ instance each belongs to: a re-trigger of a sounding pitch sends that note's not
 note-off, when due, is then skipped so it cannot cut the new one short); `cancel` drops pending events and releases
 sounding notes at once; `stop` releases everything in a `finally`.
 
-Lateness (send time - due time) of every sent event is kept in a bounded buffer for `stats()`; events later than
-`late_s` (2 ms) are logged at debug level. `on_sent(sent_time_s, message)` is called after each successful send (in
-the thread that sent it, with the scheduler's lock held: keep it quick, e.g. append to a recorder's queue).
+Lateness (send time - due time) of every sent event is kept in a bounded ring buffer for `stats()`; events later
+than `late_s` (2 ms) are logged at debug level. `stats()` copies the buffer under the lock and computes its
+percentiles outside it, so asking for statistics (e.g. right after a `cancel`) never delays a note-off; `last_ms`
+is the cheap path for the latest event's lateness. `stats(since=n)` covers only the events sent after the n-th (a
+window: the service logs one on SIGUSR1, benchmarks read lateness over time with it). `on_sent(sent_time_s, message)`
+is called after each successful send (in the thread that sent it, with the scheduler's lock held: keep it quick,
+e.g. append to a recorder's queue).
+
+Real-time priority: with `realtime_priority` set, the scheduler thread asks the OS for SCHED_FIFO at that priority
+(as JACK's own threads do; allowed for root, for users with an `rtprio` limit, e.g. the `audio` group, or through
+rtkit). A thread of normal priority that wakes for a deadline can wait milliseconds for a core when other programs
+keep the CPUs busy; a real-time one runs at once. When the OS refuses, the scheduler says so once and runs at normal
+priority. It spins at most `spin_s` per deadline and sleeps otherwise, so it cannot starve the machine.
 
 Threads: `schedule_note`, `cancel`, `release_all`, `stats` may be called from any thread (the engine's, the main
 one); the scheduler thread sends; `stop` is called by the main thread. `run_pending` is the thread's body for one
@@ -25,9 +35,9 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -66,13 +76,15 @@ class Scheduler:
         late_s: events later than this are counted as late and logged at debug level.
         on_sent: called as on_sent(sent_time_s, message) after each message is sent.
         history: how many lateness values `stats()` keeps.
+        realtime_priority: SCHED_FIFO priority (1..99) for the scheduler thread, or None for normal priority.
     """
 
     def __init__(self, send: Callable[[mido.Message], None], *, now: Callable[[], float] = time.perf_counter,
                  sleep: Callable[[float], None] = time.sleep,
                  wait: Callable[[threading.Condition, float | None], None] = _default_wait,
                  spin_s: float = 0.001, late_s: float = 0.002,
-                 on_sent: Callable[[float, mido.Message], None] | None = None, history: int = 10000):
+                 on_sent: Callable[[float, mido.Message], None] | None = None, history: int = 10000,
+                 realtime_priority: int | None = None):
         self._send = send
         self._now = now
         self._sleep = sleep
@@ -88,7 +100,9 @@ class Scheduler:
         self._generation = 0  # bumped by every change that may move the next deadline
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._lateness_ms: deque = deque(maxlen=history)
+        self._lateness_ms = np.zeros(max(int(history), 1), dtype=np.float64)  # ring buffer, by sent count
+        self.realtime_priority = realtime_priority
+        self.realtime = False  # whether the thread got its real-time priority
         self._max_ms = 0.0
         self._last_ms = 0.0
         self._sent = 0
@@ -186,7 +200,25 @@ class Scheduler:
         finally:
             self.release_all()
 
+    def _set_realtime(self) -> None:
+        """Scheduler thread: ask for SCHED_FIFO at `realtime_priority` (Linux and other POSIX systems)."""
+        if self.realtime_priority is None:
+            return
+        if not hasattr(os, "sched_setscheduler"):
+            log.info("real-time priority is not available on this platform; the scheduler runs at normal priority")
+            return
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(int(self.realtime_priority)))
+        except (OSError, ValueError) as err:
+            log.info("the scheduler runs at normal priority: real-time priority %d was refused (%s); on Linux, "
+                     "allow it with an rtprio limit (e.g. the audio group) for steadier timing on a busy machine",
+                     self.realtime_priority, err.strerror if isinstance(err, OSError) else err)
+            return
+        self.realtime = True
+        log.debug("the scheduler thread runs with real-time priority %d", self.realtime_priority)
+
     def _run(self) -> None:
+        self._set_realtime()
         try:
             while not self._stopping.is_set():
                 with self._cond:
@@ -263,7 +295,7 @@ class Scheduler:
             self._send_failing = False
             log.info("sending to the MIDI output works again (%d messages were lost)", self._failed)
         lateness_ms = (sent_s - due_s) * 1000.0
-        self._lateness_ms.append(lateness_ms)
+        self._lateness_ms[self._sent % len(self._lateness_ms)] = lateness_ms
         self._last_ms = lateness_ms
         self._max_ms = max(self._max_ms, lateness_ms)
         self._sent += 1
@@ -293,15 +325,36 @@ class Scheduler:
         with self._cond:
             return self._heap[0][0] if self._heap else None
 
-    def stats(self) -> dict:
-        """Lateness of sent events: median, p99 and max in ms (over the last `history` events; max over all),
-        the latest event's (last_ms), and counts: sent, late (> late_s), failed sends, pending, sounding."""
+    @property
+    def last_ms(self) -> float:
+        """Lateness of the latest sent event, ms (0 before the first); a cheap read, no lock, for any thread."""
+        return self._last_ms
+
+    def stats(self, since: int = 0) -> dict:
+        """Lateness of sent events: median, p99 and max in ms, the latest event's (last_ms), and counts: sent,
+        late (> late_s), failed sends, pending, sounding.
+
+        Args:
+            since: only the events sent after the first `since` (a window; pass an earlier `stats()["sent"]`).
+                The percentiles cover at most the last `history` events of the window; `max_ms` is over the whole
+                window when it starts within the buffer, and over the whole run when `since` is 0.
+
+        The buffer is copied under the lock and the percentiles are computed outside it.
+        """
         with self._cond:
-            values = np.array(self._lateness_ms, dtype=np.float64)
-            return {
-                "sent": self._sent, "late": self._late, "failed": self._failed,
-                "median_ms": float(np.median(values)) if len(values) else 0.0,
-                "p99_ms": float(np.percentile(values, 99)) if len(values) else 0.0,
-                "max_ms": self._max_ms, "last_ms": self._last_ms,
-                "pending": len(self._heap), "sounding": len(self._sounding),
-            }
+            sent, size = self._sent, len(self._lateness_ms)
+            first = max(int(since), sent - size, 0)
+            idx = np.arange(first, sent) % size
+            values = self._lateness_ms[idx]  # fancy indexing copies
+            counts = {"sent": sent, "late": self._late, "failed": self._failed, "pending": len(self._heap),
+                      "sounding": len(self._sounding)}
+            max_all, last = self._max_ms, self._last_ms
+        window = since > 0
+        return {
+            **counts, "window_sent": sent - min(int(since), sent),
+            "window_late": int((values > self.late_s * 1000.0).sum()),
+            "median_ms": float(np.median(values)) if len(values) else 0.0,
+            "p99_ms": float(np.percentile(values, 99)) if len(values) else 0.0,
+            "max_ms": (float(values.max()) if len(values) else 0.0) if window else max_all,
+            "last_ms": last,
+        }

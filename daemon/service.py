@@ -5,15 +5,24 @@ watches: it waits on an event with a short timeout, and on each tick
 
 - stops on SIGINT or SIGTERM: the engine stops, every sounding note is released, the ports close, the recording is
   written, exit status 0, all within a second;
-- reloads on SIGHUP: the config file is read again (with the same `--set` overrides) and the model built beside the
-  running one, then handed to the engine, which swaps them between phrases; a reload that fails keeps the old ones
-  and logs why. MIDI ports and `record.dir` are not reopened by a reload;
+- reloads on SIGHUP (or when the `control.reload` CC is pressed): the config file is read again (with the same
+  `--set` overrides) and the model built beside the running one, then handed to the engine, which swaps them
+  between phrases; a reload that fails keeps the old ones and logs why. MIDI ports and `record.dir` are not
+  reopened by a reload;
 - polls the port lists every 0.5 s: a port improvd is connected to that goes away is logged once and reconnected
   when a port of that name returns; if the JACK server itself goes away, improvd says so and exits with status 3
   so that a service manager restarts it;
-- writes the session recording (`record.dir`) at least every 10 s;
+- writes the session recording (`record.dir`) at least every `record.flush_seconds` (10 s);
+- logs an input overload (the engine more than `INPUT_QUEUE_LIMIT` messages behind: new input is dropped, but
+  never the release of a key that was let through) once when it starts and once when it ends;
+- on SIGUSR1, logs the lateness of the events sent since the previous SIGUSR1 (`window stats:`) and the memory
+  in use (benchmarks read lateness and memory over time with it);
 - with `--verbose`, logs every event heard and sent (from queues filled by the MIDI threads, so logging never
   delays a note).
+
+Real-time measures: the scheduler thread asks for real-time priority (`SCHEDULER_RT_PRIORITY`, below JACK's own
+threads), the GIL switch interval is short, and the objects that exist after start-up are moved out of the garbage
+collector's reach (`gc.freeze`), so that a full collection cannot stall the scheduler for milliseconds.
 
 Threads (DESIGN.md §5): the MIDI input callback stamps and enqueues, the engine thread decides what to play, the
 scheduler thread alone writes to the output port, and this main thread does everything else.
@@ -22,6 +31,7 @@ scheduler thread alone writes to the output port, and this main thread does ever
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import os
 import signal
@@ -29,10 +39,12 @@ import sys
 import threading
 import time
 
+import mido
+
 from daemon import ports
 from daemon.config import Config, load_config
-from daemon.errors import ImprovdError
-from daemon.recorder import FLUSH_INTERVAL_S, SessionRecorder
+from daemon.errors import ImprovdError, ModelError
+from daemon.recorder import SessionRecorder
 
 log = logging.getLogger("improvd")
 
@@ -44,23 +56,86 @@ EXIT_SERVER_GONE = 3
 # scheduler and the MIDI callback share one interpreter; a short interval lets the scheduler send a release or a
 # due note within a fraction of a millisecond of being woken, instead of up to several milliseconds later.
 GIL_SWITCH_INTERVAL_S = 0.0002
+# SCHED_FIFO priority of the scheduler thread where the OS allows it: above every normal program, below JACK's
+# threads (jackd's default is 10, and clients' process threads run near it), so improvd never delays JACK's cycle.
+SCHEDULER_RT_PRIORITY = 5
+# Input messages the engine may be behind before new input is dropped (an input flood): about 0.1-0.5 s of work.
+INPUT_QUEUE_LIMIT = 2000
+OVERLOAD_OVER_S = 1.0  # an overload is over after this long without a dropped message
+_NOTE_TYPES = ("note_on", "note_off")
+
+
+# MIDI clock and transport (mido message types): they go to the engine; 0xF8 ticks (24 per beat) are not logged.
+CLOCK_TYPES = frozenset({"clock", "start", "continue", "stop", "songpos"})
 
 
 class _InputSink:
-    """What the input callback hands each `(t_s, message)` to: the engine's queue, and the recorder and the
-    verbose log when they are on. Appends only (MIDI input thread)."""
+    """What the input callback hands each `(t_s, message)` to (MIDI input thread: cheap, never blocks).
 
-    def __init__(self, engine_queue, recorder: SessionRecorder | None, events: collections.deque | None) -> None:
+    - The engine's queue, bounded: while the engine is `limit` or more items behind (an input flood), new
+      messages are dropped and counted in `dropped`, except the release of a key that was let through (so the
+      engine never sees a key pressed that it will not see released, and memory stays bounded).
+    - The recorder (note messages only) and the verbose log (clock ticks excepted), when they are on.
+
+    It remembers the keys it let through that are held, so that when the input port goes away the main thread can
+    release them (`release_held`). With `clock_only` (the `midi.clock` port), only clock and transport messages
+    are taken.
+    """
+
+    def __init__(self, engine_queue, recorder: SessionRecorder | None, events: collections.deque | None,
+                 *, clock_only: bool = False, limit: int = INPUT_QUEUE_LIMIT) -> None:
         self._queue = engine_queue
-        self._recorder = recorder
+        self._recorder = None if clock_only else recorder
         self._events = events
+        self._clock_only = clock_only
+        self._limit = int(limit)
+        self.held: set[tuple[int, int]] = set()  # (channel, pitch) let through and not yet released
+        self.received = 0
+        self.dropped = 0
 
     def put_nowait(self, item) -> None:
-        self._queue.put_nowait(item)
-        if self._recorder is not None:
-            self._recorder.add_player(*item)
+        """MIDI input thread: one `(t_s, message)`."""
+        self.received += 1
+        msg = item[1]
+        kind = msg.type
+        if self._clock_only and kind not in CLOCK_TYPES:
+            return
+        if kind in _NOTE_TYPES:
+            key = (msg.channel, msg.note)
+            if kind == "note_on" and msg.velocity > 0:
+                if self._queue.qsize() >= self._limit:
+                    self.dropped += 1
+                    return
+                self.held.add(key)
+            elif key in self.held:
+                self.held.discard(key)
+            elif self._queue.qsize() >= self._limit:
+                self.dropped += 1
+                return
+            self._queue.put_nowait(item)
+            if self._recorder is not None:
+                self._recorder.add_player(*item)
+        elif self._queue.qsize() >= self._limit:
+            self.dropped += 1
+            return
+        else:
+            self._queue.put_nowait(item)
+            if kind == "clock":
+                return
         if self._events is not None:
             self._events.append(("heard", *item))
+
+    def release_held(self, t_s: float) -> int:
+        """Main thread, once the input port is closed: a note-off, stamped `t_s`, for every key held; returns
+        how many."""
+        keys = sorted(self.held)
+        self.held.clear()
+        for channel, pitch in keys:
+            item = (t_s, mido.Message("note_off", channel=channel, note=pitch, velocity=0))
+            self._queue.put_nowait(item)
+            if self._recorder is not None:
+                self._recorder.add_player(*item)
+        return len(keys)
 
 
 def _describe_message(msg) -> str:
@@ -77,27 +152,53 @@ def _format_answer(summary: dict) -> str:
         parts.append(f"inference {summary['inference_ms']:.2f} ms")
     if summary.get("lateness_ms") is not None:
         parts.append(f"lateness {summary['lateness_ms']:.3f} ms")
+    if summary.get("time_scale") is not None:
+        parts.append(f"time scale {summary['time_scale']:.3f}")
+    if summary.get("bpm") is not None:
+        parts.append(f"grid {summary['bpm']:.1f} bpm")
+    if summary.get("key") is not None:
+        parts.append(f"key {summary['key']}")
     if summary.get("interrupted"):
         parts.append("interrupted")
     return "answer: " + ", ".join(parts)
 
 
-def _format_stats(stats: dict) -> str:
-    """The scheduler's `stats()` as one log line (bench/live_timing.py parses it)."""
-    return (f"stats: sent {stats.get('sent', 0)} events (late {stats.get('late', 0)}, failed "
+def _format_stats(stats: dict, prefix: str = "stats") -> str:
+    """The scheduler's `stats()` as one log line (bench/live_timing.py, bench/flood.py and bench/soak.py parse
+    it); a window's line (`window stats:`) counts the events of the window."""
+    window = prefix != "stats"
+    sent = stats.get("window_sent", 0) if window else stats.get("sent", 0)
+    late = stats.get("window_late", 0) if window else stats.get("late", 0)
+    return (f"{prefix}: sent {sent} events (late {late}, failed "
             f"{stats.get('failed', 0)}), lateness median {stats.get('median_ms', 0.0):.3f} ms, "
             f"p99 {stats.get('p99_ms', 0.0):.3f} ms, max {stats.get('max_ms', 0.0):.3f} ms")
 
 
+def _rss_mb() -> tuple[float, float] | None:
+    """(resident memory now, its peak) of this process in MB, from /proc (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            fields = dict(line.split(":", 1) for line in fh if ":" in line)
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def _load_model(config: Config):
-    """Load and warm up the model: the first inference of a session and the first decode pay for allocations
-    and lazy imports (tens of ms), which must not fall on the first note of the first answer."""
+    """Load, check and warm up the model: a model whose outputs are not finite is refused; the first inference of
+    a session and the first decode pay for allocations and lazy imports (tens of ms), which must not fall on the
+    first note of the first answer."""
     import numpy as np
 
     from daemon.improviser import Decoding, Improviser
     from daemon.model import StepModel  # onnxruntime is imported with it
 
     model = StepModel(config.model.path, threads=config.model.threads)
+    bad = model.nonfinite_outputs()
+    if bad:
+        raise ModelError(f"model {str(model.path)!r} gives non-finite outputs (NaN or infinity) in "
+                         f"{', '.join(bad)} for one note from the zero state: it cannot be played (was it exported "
+                         f"from a diverged training run?)")
     improviser = Improviser(model, Decoding.from_config(config.improvise), rng=np.random.default_rng(0))
     for _ in range(2):
         improviser.feed(np.array([60.0, 0.25, 0.25, 90.0]))
@@ -136,6 +237,7 @@ class Service:
         self.exit_status = 0
         self.monitor: ports.JackMonitor | None = None
         self.input: ports.InputPort | None = None
+        self.clock_input: ports.InputPort | None = None  # midi.clock, when set
         self.output: ports.OutputPort | None = None
         self.scheduler = None
         self.engine = None
@@ -143,6 +245,13 @@ class Service:
         self.events: collections.deque | None = collections.deque(maxlen=10000) if verbose else None
         self.answers = 0
         self.start_s = now()
+        self.sink: _InputSink | None = None
+        self.stats_requested = False
+        self._stats_mark = 0  # scheduler events sent at the previous window
+        self._dropped_seen = 0
+        self._overloaded = False
+        self._last_drop_s = 0.0
+        self._flush_s = config.record.flush_seconds  # [record] is read at start only
         self._server_gone = False
 
     # ---- start-up ---------------------------------------------------------------------------------------
@@ -161,18 +270,32 @@ class Service:
             self.recorder = SessionRecorder(
                 config.record.dir, start_s=self.start_s, now=self.now,
                 player_channels=tuple(c - 1 for c in config.midi.input_channels),
-                output_channel=config.midi.output_channel - 1)
+                output_channel=config.midi.output_channel - 1, rotate_s=config.record.rotate_minutes * 60.0)
         self.output = ports.OutputPort(api, config.midi.output, client_name=config.midi.client_name)
         hook = self._on_sent if self.recorder is not None or self.events is not None else None
-        self.scheduler = Scheduler(self.output.send, now=self.now, on_sent=hook)
-        self.engine = Engine(config, model, self.scheduler, now=self.now, on_answer=self._on_answer)
-        sink = _InputSink(self.engine.input_queue, self.recorder, self.events)
-        self.input = ports.InputPort(api, config.midi.input, sink, client_name=config.midi.client_name,
-                                     now=self.now)
+        self.scheduler = Scheduler(self.output.send, now=self.now, on_sent=hook,
+                                   realtime_priority=SCHEDULER_RT_PRIORITY)
+        # A lost output: release what sounds while improvd's port still reaches its other connections.
+        self.output.on_lost = self.scheduler.release_all
+        self.engine = Engine(config, model, self.scheduler, now=self.now, on_answer=self._on_answer,
+                             on_reload_request=self._on_reload_request)
+        self.sink = _InputSink(self.engine.input_queue, self.recorder, self.events)
+        follow_clock = config.timing.follow_clock
+        self.input = ports.InputPort(api, config.midi.input, self.sink, client_name=config.midi.client_name,
+                                     now=self.now, clock=follow_clock)
+        if config.midi.clock:
+            clock_sink = _InputSink(self.engine.input_queue, None, self.events, clock_only=True)
+            self.clock_input = ports.InputPort(api, config.midi.clock, clock_sink,
+                                               client_name=config.midi.client_name, now=self.now, clock=True,
+                                               port_name="improvd clock")
         self.scheduler.start()
         self.engine.start()
-        log.info("ready: input %s, output %s, model %s (context %s), mode %s%s", self.input.describe(),
+        # What exists now lives as long as the daemon: keep it out of the collector's full passes.
+        gc.collect()
+        gc.freeze()
+        log.info("ready: input %s, output %s, model %s (context %s), mode %s%s%s", self.input.describe(),
                  self.output.describe(), config.model.path, getattr(model, "context", "?"), config.improvise.mode,
+                 f", clock from {self.clock_input.describe()}" if self.clock_input else "",
                  f", recording to {self.recorder.path}" if self.recorder else "")
 
     # ---- hooks called from other threads (append or log only) ---------------------------------------------
@@ -182,6 +305,11 @@ class Service:
             self.recorder.add_improvd(t_s, msg)
         if self.events is not None:
             self.events.append(("sent", t_s, msg))
+
+    def _on_reload_request(self) -> None:
+        """Engine thread, when the reload CC is pressed: the main thread reloads, as on SIGHUP."""
+        self.reload_requested = True
+        self.wake.set()
 
     def _on_answer(self, summary: dict) -> None:
         """Engine thread, once per answer."""
@@ -194,6 +322,8 @@ class Service:
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, self._on_hup)
+        if hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, self._on_usr1)
 
     def _on_stop_signal(self, signum, _frame) -> None:
         self.stop_requested = True
@@ -201,6 +331,10 @@ class Service:
 
     def _on_hup(self, _signum, _frame) -> None:
         self.reload_requested = True
+        self.wake.set()
+
+    def _on_usr1(self, _signum, _frame) -> None:
+        self.stats_requested = True
         self.wake.set()
 
     # ---- the main loop -------------------------------------------------------------------------------------
@@ -225,21 +359,61 @@ class Service:
                           "once the server is back", EXIT_SERVER_GONE)
                 return EXIT_SERVER_GONE
             self._log_events()
+            self._watch_input()
+            if self.stats_requested:
+                self.stats_requested = False
+                self._log_window_stats()
             if self.now() >= next_check:
                 next_check = self.now() + PORT_CHECK_S
                 self._check_ports()
-            if self.recorder is not None and self.recorder.due(FLUSH_INTERVAL_S):
-                self.recorder.flush()
+            if self.recorder is not None:
+                self.recorder.drain()
+                if self.recorder.due(self._flush_s):
+                    self.recorder.flush()
 
     def _check_ports(self) -> None:
-        for port in (self.input, self.output):
+        for port in (self.input, self.clock_input, self.output):
+            if port is None:
+                continue
             try:
                 change = port.check()
             except ImprovdError as err:
                 log.warning("%s", err)
                 continue
-            if change == "lost" and port is self.output:
-                self.scheduler.release_all()  # nothing can reach the synth; forget what was sounding
+            except Exception as err:  # the watchdog must not take the daemon down
+                log.warning("checking MIDI %s failed: %s: %s", port.kind, type(err).__name__, err)
+                continue
+            if change == "lost" and port is self.input and self.sink is not None:
+                released = self.sink.release_held(self.now())
+                if released:
+                    log.info("released %d key(s) held on the lost input", released)
+
+    def _watch_input(self) -> None:
+        """Log an input overload once when it starts and once when it is over (no drop for OVERLOAD_OVER_S)."""
+        if self.sink is None:
+            return
+        dropped = self.sink.dropped
+        if dropped > self._dropped_seen:
+            self._last_drop_s = self.now()
+            if not self._overloaded:
+                self._overloaded = True
+                log.warning("input overload: more than %d messages wait for the engine; new input is dropped "
+                            "(releases of held keys are kept) until it catches up", INPUT_QUEUE_LIMIT)
+        elif self._overloaded and self.now() - self._last_drop_s >= OVERLOAD_OVER_S:
+            self._overloaded = False
+            log.warning("input overload over: %d messages dropped so far", dropped)
+        self._dropped_seen = dropped
+
+    def _log_window_stats(self) -> None:
+        """SIGUSR1: lateness of the events sent since the previous SIGUSR1, input counts and memory."""
+        stats = self.scheduler.stats(since=self._stats_mark) if self.scheduler is not None else {}
+        self._stats_mark = stats.get("sent", 0)
+        rss = _rss_mb()
+        memory = f", rss {rss[0]:.1f} MB (peak {rss[1]:.1f} MB)" if rss else ""
+        received = self.sink.received if self.sink is not None else 0
+        dropped = self.sink.dropped if self.sink is not None else 0
+        log.info("%s, input %d received, %d dropped%s", _format_stats(stats, "window stats"), received, dropped,
+                 memory)
 
     def _log_events(self) -> None:
         if self.events is None:
@@ -289,9 +463,12 @@ class Service:
                 log.info(_format_stats(self.scheduler.stats()))
             except Exception:
                 log.exception("no scheduler stats")
-        for port in (self.input, self.output):
+        for port in (self.input, self.clock_input, self.output):
             if port is not None:
                 port.close(server_gone=self._server_gone)
+        if self.sink is not None:
+            log.info("input: %d messages received, %d dropped in overloads, %d invalid", self.sink.received,
+                     self.sink.dropped, getattr(self.input, "invalid", 0))
         if self.monitor is not None:
             self.monitor.close()
         self._log_events()
