@@ -282,8 +282,9 @@ class Service:
         self.sink = _InputSink(self.engine.input_queue, self.recorder, self.events)
         follow_clock = config.timing.follow_clock
         self.input = ports.InputPort(api, config.midi.input, self.sink, client_name=config.midi.client_name,
-                                     now=self.now, clock=follow_clock)
-        if config.midi.clock:
+                                     now=self.now, clock=follow_clock and not config.midi.clock)
+        # with a separate clock port, the main input ignores clock: a source wired to both must not count twice
+        if config.midi.clock and follow_clock:
             clock_sink = _InputSink(self.engine.input_queue, None, self.events, clock_only=True)
             self.clock_input = ports.InputPort(api, config.midi.clock, clock_sink,
                                                client_name=config.midi.client_name, now=self.now, clock=True,
