@@ -249,7 +249,7 @@ def main() -> int:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="improvd-bench-"))
     twin = None
-    model_path = args.model
+    model_path = Path(args.model).resolve() if args.model else None  # the temporary config lives elsewhere
     if model_path is None:
         from tests.modelfactory import make_step_model
         model_path = tmp / "model.onnx"

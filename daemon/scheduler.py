@@ -1,7 +1,7 @@
 """The scheduler: the only writer to the MIDI output, sending each event at its absolute deadline.
 
 Events wait in a heap of (due_s, sequence, event); a `threading.Condition` wakes the scheduler thread when an earlier
-event is scheduled, on a cancel and on stop. The thread waits on the condition until about `spin_s` (1 ms) before
+event is scheduled, on a cancel and on stop. The thread waits on the condition until about `spin_s` (0.3 ms) before
 the next deadline, then spins (yielding with `sleep(0)`) for the last stretch, so events leave within tens of
 microseconds of their deadlines without burning a core while idle. Deadlines are absolute times on the injected
 clock (`now`, `time.perf_counter` by default), so errors never add up.
@@ -82,7 +82,7 @@ class Scheduler:
     def __init__(self, send: Callable[[mido.Message], None], *, now: Callable[[], float] = time.perf_counter,
                  sleep: Callable[[float], None] = time.sleep,
                  wait: Callable[[threading.Condition, float | None], None] = _default_wait,
-                 spin_s: float = 0.001, late_s: float = 0.002,
+                 spin_s: float = 0.0003, late_s: float = 0.002,
                  on_sent: Callable[[float, mido.Message], None] | None = None, history: int = 10000,
                  realtime_priority: int | None = None):
         self._send = send
