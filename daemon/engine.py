@@ -673,9 +673,9 @@ class Engine:
         self._scheduler.cancel(a)
         cut_s = self._now()
         unplayed = 0
-        for onset_s, snap, last_fed in a.undo:
+        for onset_s, snapshot, last_fed in a.undo:
             if onset_s > cut_s:  # never sent: take it (and what followed) back out of the model state
-                self._improviser.restore(snap)
+                self._improviser.restore(snapshot)
                 self._last_fed_onset_s = last_fed
                 unplayed = sum(1 for o, _, _ in a.undo if o >= onset_s)
                 break

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from pathlib import Path
 
 import mido
 import numpy as np

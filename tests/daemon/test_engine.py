@@ -116,8 +116,6 @@ def check_against_reference(refs, events, imp, *, respond=True):
     prev_onset = None
     played = 0
     for kind, row, onset, path in events:
-        ref = refs[path]
-        state = states.get(path, ref.zero_state())
         out = outs.get(path)
         if kind == "played":
             assert out is not None

@@ -380,9 +380,12 @@ class Player:
 def write_config(path: Path, *, model: Path, midi: dict | None = None, improvise: dict | None = None,
                  record: dict | None = None, log: dict | None = None) -> Path:
     """A TOML config for `improvd run`; values are Python str, int, float, bool or lists of them."""
-    sections = {"model": {"path": str(model)}, "midi": {"api": "jack", **(midi or {})},
-                "improvise": improvise or {}, "record": record or {}, "log": log or {}}
+    return toml_config(path, {"model": {"path": str(model)}, "midi": {"api": "jack", **(midi or {})},
+                              "improvise": improvise or {}, "record": record or {}, "log": log or {}})
 
+
+def toml_config(path: Path, sections: dict) -> Path:
+    """Write `{section: {key: value}}` as TOML to `path` (values: str, int, float, bool or lists of them)."""
     def fmt(v) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"

@@ -14,13 +14,12 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.e2e.jack import (REPO, Daemon, Receiver, _LineReader, check_timing, jack_server,  # noqa: F401
-                            requires_jack, spawn)
+                            requires_jack, spawn, toml_config)
 from tests.modelfactory import make_step_model
 
 pytestmark = [pytest.mark.jack, requires_jack]
@@ -114,21 +113,6 @@ def tick_timeline(seen, n_first: int, tick_first_s: float, tick_then_s: float) -
         nominal = tick_first_s if positions[-1] < n_first else tick_then_s
         positions.append(positions[-1] + max(1, int(round(interval / nominal))))
     return np.interp(np.arange(positions[-1] + 1), positions, seen)
-
-
-def toml_config(path: Path, sections: dict) -> Path:
-    def fmt(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        return json.dumps(v)
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {fmt(v)}" for k, v in values.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 class Band:
