@@ -221,7 +221,15 @@ def _new_rt(cls, api: str, client_name: str):
     try:
         return cls(API_BY_NAME[api], client_name)
     except (rtmidi.SystemError, RuntimeError) as err:
-        raise PortError(f"cannot use the {DISPLAY_NAME[api]} MIDI API: {err}") from err
+        hint = API_HINTS.get(api, "")
+        raise PortError(f"cannot use the {DISPLAY_NAME[api]} MIDI API: {err}{hint}") from err
+
+
+API_HINTS = {
+    "alsa": " (no ALSA sequencer: load it with 'sudo modprobe snd-seq', or start a JACK server, e.g. "
+            "'jackd -d alsa' or 'jackd -d dummy', and set midi.api = \"jack\" or \"auto\")",
+    "jack": " (is a JACK server running? start one, e.g. 'jackd -d alsa', or choose midi.api = \"alsa\")",
+}
 
 
 def list_ports(api: str, client_name: str = "improvd-list") -> tuple[list[str], list[str]]:
