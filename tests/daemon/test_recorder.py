@@ -6,22 +6,7 @@ import pytest
 
 from daemon import midifile
 from daemon.recorder import SessionRecorder
-
-
-class Clock:
-    def __init__(self, t=100.0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
-
-
-def on(p, v=90, ch=0):
-    return mido.Message("note_on", note=p, velocity=v, channel=ch)
-
-
-def off(p, ch=0):
-    return mido.Message("note_off", note=p, channel=ch)
+from tests.daemon.fakes import Clock, off, on
 
 
 def test_tracks_pair_notes_and_keep_times(tmp_path):

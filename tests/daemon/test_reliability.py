@@ -29,25 +29,10 @@ from daemon.errors import ConfigError, ModelError
 from daemon.model import StepModel
 from daemon.recorder import SessionRecorder
 from daemon.scheduler import Scheduler
+from tests.daemon.fakes import Clock, off, on
 from tests.modelfactory import make_step_model
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class Clock:
-    def __init__(self, t=100.0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
-
-
-def on(p, v=90, ch=0):
-    return mido.Message("note_on", note=p, velocity=v, channel=ch)
-
-
-def off(p, ch=0):
-    return mido.Message("note_off", note=p, channel=ch)
 
 
 # ---- scheduler -------------------------------------------------------------------------------------------------
