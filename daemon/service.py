@@ -51,6 +51,7 @@ log = logging.getLogger("improvd")
 TICK_S = 0.1
 PORT_CHECK_S = 0.5
 STOP_TIMEOUT_S = 0.5
+JACK_DRAIN_S = 0.02  # a few 1.3 ms JACK cycles for the last note-offs to leave before the process exits
 EXIT_SERVER_GONE = 3
 # How long a Python thread may hold the GIL while another waits for it (CPython's default is 5 ms). The engine, the
 # scheduler and the MIDI callback share one interpreter; a short interval lets the scheduler send a release or a
@@ -264,6 +265,7 @@ class Service:
         model = _load_model(config)
         _warm_up_numpy()
         api = ports.choose_api(config.midi.api)
+        self.api = api
         if api == "jack":
             self.monitor = ports.JackMonitor(f"{config.midi.client_name}-monitor")
         if config.record.dir:
@@ -464,13 +466,19 @@ class Service:
                 log.info(_format_stats(self.scheduler.stats()))
             except Exception:
                 log.exception("no scheduler stats")
+        # On JACK, rtmidi's port teardown crashed the process now and then (SIGSEGV after every note was
+        # released, about one run in a few hundred in the e2e suite): leave the ports to the process exit, which
+        # JACK handles like a client closing, once the last events have had a few cycles to go out.
+        leave_ports = self._server_gone or getattr(self, "api", None) == "jack"
+        if leave_ports and not self._server_gone:
+            time.sleep(JACK_DRAIN_S)
         for port in (self.input, self.clock_input, self.output):
             if port is not None:
-                port.close(server_gone=self._server_gone)
+                port.close(server_gone=leave_ports)
         if self.sink is not None:
             log.info("input: %d messages received, %d dropped in overloads, %d invalid", self.sink.received,
                      self.sink.dropped, getattr(self.input, "invalid", 0))
-        if self.monitor is not None:
+        if self.monitor is not None and not leave_ports:
             self.monitor.close()
         self._log_events()
         if self.recorder is not None:
@@ -490,8 +498,9 @@ def cmd_run(args, config: Config) -> int:
         status = service.run()
     finally:
         service.shutdown()
-    if service._server_gone:
-        # libjack crashes while freeing clients of a server that is gone: leave without running destructors.
+    if service._server_gone or getattr(service, "api", None) == "jack":
+        # libjack can crash while freeing clients (always once the server is gone, now and then otherwise):
+        # everything is released and written by now, so leave without running destructors.
         logging.shutdown()
         sys.stderr.flush()
         os._exit(status)
