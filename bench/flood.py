@@ -44,8 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.e2e.jack import (REPO as _REPO, Daemon, JackServer, Player, Receiver, _LineReader,  # noqa: E402
-                            phrase, spawn, terminate, write_config)
+from tests.e2e.jack import (REPO as _REPO, Daemon, finish, JackServer, Player, Receiver, _LineReader,  # noqa: E402
+                            phrase, spawn, write_config)
 
 PLAYER_CH, IMPROVD_CH = 1, 0
 PHRASE = [60, 62, 64, 65, 67, 65, 64, 62]
@@ -199,12 +199,7 @@ class Flooder:
         return json.loads(done[-1][5:])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(3.0)
-            except subprocess.TimeoutExpired:
-                terminate(self.proc)
+        finish(self.proc)
 
 
 def rss_mb(pid: int) -> tuple[float, float]:

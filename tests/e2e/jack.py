@@ -79,6 +79,16 @@ def terminate(proc: subprocess.Popen, timeout: float = 3.0) -> int | None:
     return proc.returncode
 
 
+def finish(proc: subprocess.Popen, timeout: float = 3.0) -> None:
+    """End a child that reads commands from stdin: close its stdin, wait, `terminate` it if it lingers."""
+    if proc.poll() is None:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            terminate(proc)
+
+
 @atexit.register
 def stop_all() -> None:
     """End every child still running, newest first (servers were started first, so they go last)."""
@@ -369,12 +379,7 @@ class Player:
             raise AssertionError("the player did not finish its phrase")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(3.0)
-            except subprocess.TimeoutExpired:
-                terminate(self.proc)
+        finish(self.proc)
 
 
 def write_config(path: Path, *, model: Path, midi: dict | None = None, improvise: dict | None = None,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.e2e.jack import (REPO, Daemon, Receiver, _LineReader, check_timing, jack_server,  # noqa: F401
-                            requires_jack, spawn, toml_config)
+                            requires_jack, spawn, toml_config, finish)
 from tests.modelfactory import make_step_model
 
 pytestmark = [pytest.mark.jack, requires_jack]
@@ -77,12 +77,7 @@ class Source:
             "the source did not finish"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(3.0)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        finish(self.proc)
 
 
 def notes(pitches, start_s, step_s, duration_s, channel=PLAYER_CH, velocity=90):
