@@ -147,7 +147,14 @@ def test_after_a_flood_with_stuck_keys_a_phrase_is_answered(session):
         s.receiver.wait_quiet(0.8, 10)  # ...and improvd may answer the flood's last notes: let that end
         before = improvd_ons(s.receiver.events)
         s.player.play(phrase(PHRASE, step_s=STEP_S, duration_s=DUR_S, channel=PLAYER_CH))
-        s.wait_answer_notes(before + 6)
+        try:
+            s.wait_answer_notes(before + 6)
+        except AssertionError as err:
+            xruns = _xruns_since(s.server, getattr(s, "server_log_start", 0))
+            if xruns:  # the same rule as stop_and_check_balance: a missed JACK cycle loses its MIDI
+                pytest.xfail(f"the JACK server reported {len(xruns)} xruns during the flood (e.g. {xruns[0]!r}); "
+                             f"MIDI of missed cycles is lost, so the receiver's count is no evidence: {err}")
+            raise
         s.receiver.wait_quiet(0.5, 10)
         stop_and_check_balance(s)
     finally:
