@@ -11,8 +11,16 @@ A port is named in the config as:
   number of connections (several keyboards, a DAW and a sequencer at once): their messages are merged in order of
   arrival. Windows' MIDI API (WinMM) has no virtual ports; use a loopback driver such as loopMIDI there.
 
-Threads: the input callback (rtmidi's thread) only stamps the arrival time and enqueues; `OutputPort.send` is
-called by the scheduler thread alone; `check()` (the watchdog) and open/close run on the main thread.
+Threads: an input's poller thread reads rtmidi's queue every millisecond, stamps each message with its arrival
+time and enqueues it; `OutputPort.send` is called by the scheduler thread alone; `check()` (the watchdog) and
+open/close run on the main thread.
+
+Why polling and not rtmidi's callback: on JACK, rtmidi calls the callback from JACK's real-time process thread, and
+a Python callback has to take the GIL there. While another thread holds it, the process cycle cannot finish, and
+JACK counts an xrun for the whole server: every client's MIDI of that cycle is lost and a DAW's audio glitches.
+Measured with `bench/flood.py --mode respond --seconds 5`: 67 xruns naming improvd's input client with the
+callback. Polled, rtmidi's own C++ code queues the message in the process thread (no Python, no GIL), and the
+arrival time still comes from rtmidi's timestamps (`daemon/arrival.py`), not from when the poll ran.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from typing import Callable
 import mido
 import rtmidi
 
+from daemon.arrival import ArrivalClock
 from daemon.errors import PortError
 
 log = logging.getLogger("improvd.ports")
@@ -217,9 +226,9 @@ def parse_spec(spec: str) -> tuple[bool, str]:
     return False, spec
 
 
-def _new_rt(cls, api: str, client_name: str):
+def _new_rt(cls, api: str, client_name: str, **kwargs):
     try:
-        return cls(API_BY_NAME[api], client_name)
+        return cls(API_BY_NAME[api], client_name, **kwargs)
     except (rtmidi.SystemError, RuntimeError) as err:
         hint = API_HINTS.get(api, "")
         raise PortError(f"cannot use the {DISPLAY_NAME[api]} MIDI API: {err}{hint}") from err
@@ -342,55 +351,99 @@ class _Port:
 
 
 class InputPort(_Port):
-    """An input whose messages are stamped on arrival and handed to a queue as `(t_s, mido.Message)`.
+    """An input whose messages are stamped with their arrival time and handed to a queue as `(t_s, mido.Message)`.
+
+    A poller thread reads rtmidi's queue every `poll_s` (see the module's docstring for why not a callback).
 
     Args:
         api: config name of the API ('jack', 'alsa', ...).
         spec: port name, unique part of one, or `virtual:NAME`.
-        sink: a queue (`put_nowait`) that receives `(time.perf_counter() at arrival, message)`; when it is full
+        sink: a queue (`put_nowait`) that receives `(arrival time on the clock now, message)`; when it is full
             the message is dropped and counted in `dropped`.
         client_name: the MIDI client name other programs see.
         now: the clock (tests inject one).
         clock: also take MIDI clock and transport messages (0xF8 ticks, Start, Continue, Stop, Song Position);
             otherwise rtmidi drops them.
         port_name: the name of improvd's own port (JACK shows it).
+        poll_s: how often the poller reads rtmidi's queue while messages come, seconds.
+        idle_poll_s: how often once nothing came for `IDLE_AFTER_S` (an idle daemon costs a third of the CPU;
+            only the reaction to the next message waits up to this long, its arrival time stays exact).
+        start: start the poller thread (tests drive `poll_once` themselves).
     """
 
     kind = "input"
-    invalid = 0  # messages whose bytes mido could not parse (dropped)
+    QUEUE_LIMIT = 8192  # rtmidi's own queue, in messages: 0.8 s of a 10,000-message-a-second flood unread
+    BATCH = 1024  # messages read per lock hold, so that `check()` and `close()` never wait long
+    IDLE_AFTER_S = 2.0  # no message for this long: poll every `idle_poll_s`
 
     def __init__(self, api: str, spec: str, sink: "queue.Queue", *, client_name: str = "improvd",
                  now: Callable[[], float] = time.perf_counter, clock: bool = False,
-                 port_name: str = "improvd in") -> None:
+                 port_name: str = "improvd in", poll_s: float = 0.001, idle_poll_s: float = 0.003,
+                 start: bool = True) -> None:
         self._sink = sink
         self._now = now
+        self.poll_s = float(poll_s)
+        self.idle_poll_s = float(idle_poll_s)
         self.dropped = 0
-        rt = _new_rt(rtmidi.MidiIn, api, client_name)
+        self.invalid = 0  # messages whose bytes mido could not parse (dropped)
+        self._arrival = ArrivalClock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        rt = _new_rt(rtmidi.MidiIn, api, client_name, queue_size_limit=self.QUEUE_LIMIT)
         rt.ignore_types(sysex=True, timing=not clock, active_sense=True)
         super().__init__(rt, api, spec, port_name)
-        rt.set_callback(self._on_message)
+        if start:
+            self._thread = threading.Thread(target=self._poll_loop, name=f"improvd-{port_name.replace(' ', '-')}",
+                                            daemon=True)
+            self._thread.start()
 
-    def _on_message(self, event, _data=None) -> None:
-        """rtmidi's thread: stamp, parse, enqueue; nothing else. Invalid bytes are dropped."""
-        t_s = self._now()
-        try:
-            msg = mido.Message.from_bytes(event[0])
-        except (ValueError, TypeError, IndexError):
-            self.invalid += 1
-            return
-        try:
-            self._sink.put_nowait((t_s, msg))
-        except queue.Full:
-            self.dropped += 1
+    def _poll_loop(self) -> None:
+        last_s = time.monotonic()
+        while not self._stopping.is_set():
+            try:
+                read = self.poll_once()
+                while read >= self.BATCH:
+                    read = self.poll_once()
+            except Exception:  # the input must outlive one bad read; say so, go on
+                log.exception("reading the MIDI %s failed", self.kind)
+                read = 0
+            now = time.monotonic()
+            if read:
+                last_s = now
+            time.sleep(self.poll_s if now - last_s < self.IDLE_AFTER_S else self.idle_poll_s)
 
-    def _reopened(self) -> None:
-        # python-rtmidi drops the callback when a port is closed: set it again.
-        self._rt.cancel_callback()
-        self._rt.set_callback(self._on_message)
+    def poll_once(self) -> int:
+        """Poller thread: read what rtmidi has queued (at most `BATCH`), stamp, parse, enqueue; returns how many
+        messages were read. Invalid bytes are dropped and counted."""
+        batch = []
+        with self._lock:
+            if self.closed or self.lost:
+                return 0
+            while len(batch) < self.BATCH:
+                item = self._rt.get_message()
+                if item is None:
+                    break
+                batch.append(item)
+        if not batch:
+            return 0
+        polled_s = self._now()  # after reading: every message read had arrived by now
+        times = self._arrival.stamp([delta for _, delta in batch], polled_s)
+        for t_s, (data, _) in zip(times, batch):
+            try:
+                msg = mido.Message.from_bytes(data)
+            except (ValueError, TypeError, IndexError):
+                self.invalid += 1
+                continue
+            try:
+                self._sink.put_nowait((t_s, msg))
+            except queue.Full:
+                self.dropped += 1
+        return len(batch)
 
     def close(self, *, server_gone: bool = False) -> None:
-        if not server_gone and not self.closed:
-            self._rt.cancel_callback()
+        self._stopping.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(1.0)
         super().close(server_gone=server_gone)
 
 

@@ -1,6 +1,7 @@
 """Port name matching and API choice, against made-up port lists (no MIDI device needed)."""
 
 import queue
+import threading
 
 import mido
 import pytest
@@ -79,15 +80,56 @@ def test_virtual_port_on_winmm_suggests_a_loopback_driver():
     assert rt.deleted
 
 
-def test_input_callback_stamps_and_enqueues_and_drops_garbage():
-    port = ports.InputPort.__new__(ports.InputPort)  # the callback alone, without a device
-    port._sink = queue.Queue(maxsize=2)
-    port._now = lambda: 12.5
-    port.dropped = 0
-    port._on_message(([0x90, 60, 100], 0.0))
-    port._on_message(([0x90, 200], 0.0))  # malformed: dropped
-    port._on_message(([0x80, 60, 0], 0.0))
-    port._on_message(([0x90, 61, 1], 0.0))  # queue full: counted
-    assert port._sink.get_nowait() == (12.5, mido.Message("note_on", note=60, velocity=100))
-    assert port._sink.get_nowait()[1].type == "note_off"
-    assert port.dropped == 1
+class _QueuedRt:
+    """rtmidi.MidiIn's polling surface: `get_message()` pops (bytes, delta_s) or gives None."""
+
+    def __init__(self, messages):
+        self.messages = list(messages)
+
+    def get_message(self):
+        return self.messages.pop(0) if self.messages else None
+
+
+def _polled_input(messages, sink, now):
+    port = ports.InputPort.__new__(ports.InputPort)  # the poller alone, without a device
+    port._rt = _QueuedRt(messages)
+    port._lock = threading.Lock()
+    port._sink, port._now = sink, now
+    port.closed = port.lost = False
+    port.dropped = port.invalid = 0
+    port._arrival = ports.ArrivalClock(drift=0.0)
+    return port
+
+
+def test_input_poll_stamps_by_rtmidi_deltas_enqueues_and_drops_garbage():
+    sink = queue.Queue(maxsize=2)
+    port = _polled_input([([0x90, 60, 100], 0.0), ([0x90, 200], 0.004), ([0x80, 60, 0], 0.006),
+                          ([0x90, 61, 1], 0.001)], sink, now=lambda: 12.5)
+    assert port.poll_once() == 4
+    # read together at 12.5: the last arrived by then, the others by their deltas before it
+    t_on, on = sink.get_nowait()
+    t_off, off = sink.get_nowait()
+    assert on == mido.Message("note_on", note=60, velocity=100) and t_on == pytest.approx(12.5 - 0.011)
+    assert off.type == "note_off" and t_off == pytest.approx(12.5 - 0.001)
+    assert port.invalid == 1  # malformed: dropped
+    assert port.dropped == 1  # queue full: counted
+    assert port.poll_once() == 0
+
+
+def test_input_poll_reads_nothing_while_the_port_is_lost_or_closed():
+    sink = queue.Queue()
+    port = _polled_input([([0x90, 60, 100], 0.0)], sink, now=lambda: 1.0)
+    port.lost = True
+    assert port.poll_once() == 0 and sink.empty()
+    port.lost, port.closed = False, True
+    assert port.poll_once() == 0 and sink.empty()
+
+
+def test_input_poll_reads_a_flood_in_bounded_batches():
+    sink = queue.Queue()
+    n = ports.InputPort.BATCH + 10
+    port = _polled_input([([0xF8], 0.0001)] * n, sink, now=lambda: 3.0)
+    assert port.poll_once() == ports.InputPort.BATCH
+    assert port.poll_once() == 10
+    times = [sink.get_nowait()[0] for _ in range(n)]
+    assert times == sorted(times) and times[-1] <= 3.0
