@@ -51,7 +51,6 @@ log = logging.getLogger("improvd")
 TICK_S = 0.1
 PORT_CHECK_S = 0.5
 STOP_TIMEOUT_S = 0.5
-JACK_DRAIN_S = 0.02  # a few 1.3 ms JACK cycles for the last note-offs to leave before the process exits
 EXIT_SERVER_GONE = 3
 # How long a Python thread may hold the GIL while another waits for it (CPython's default is 5 ms). The engine, the
 # scheduler and the MIDI callback share one interpreter; a short interval lets the scheduler send a release or a
@@ -466,12 +465,10 @@ class Service:
                 log.info(_format_stats(self.scheduler.stats()))
             except Exception:
                 log.exception("no scheduler stats")
-        # On JACK, rtmidi's port teardown crashed the process now and then (SIGSEGV after every note was
-        # released, about one run in a few hundred in the e2e suite): leave the ports to the process exit, which
-        # JACK handles like a client closing, once the last events have had a few cycles to go out.
-        leave_ports = self._server_gone or getattr(self, "api", None) == "jack"
-        if leave_ports and not self._server_gone:
-            time.sleep(JACK_DRAIN_S)
+        # Close the JACK clients properly: a client that just exits is dropped by the server only once it misses
+        # cycles, and every missed cycle is an xrun for the whole graph (a DAW's audio glitches). Once the server
+        # is gone, leave rtmidi alone: libjack crashes closing clients of a dead server.
+        leave_ports = self._server_gone
         for port in (self.input, self.clock_input, self.output):
             if port is not None:
                 port.close(server_gone=leave_ports)
@@ -498,9 +495,9 @@ def cmd_run(args, config: Config) -> int:
         status = service.run()
     finally:
         service.shutdown()
-    if service._server_gone or getattr(service, "api", None) == "jack":
-        # libjack can crash while freeing clients (always once the server is gone, now and then otherwise):
-        # everything is released and written by now, so leave without running destructors.
+    if service._server_gone:
+        # libjack crashes while freeing clients of a server that is gone: everything is released and written by
+        # now, so leave without running destructors.
         logging.shutdown()
         sys.stderr.flush()
         os._exit(status)
