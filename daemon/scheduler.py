@@ -106,6 +106,8 @@ class Scheduler:
         self._max_ms = 0.0
         self._last_ms = 0.0
         self._sent = 0
+        self._note_ons = 0  # note messages sent, for the balance check at the end of a run
+        self._note_offs = 0
         self._late = 0
         self._failed = 0
         self._send_failing = False
@@ -294,6 +296,10 @@ class Scheduler:
         if self._send_failing:
             self._send_failing = False
             log.info("sending to the MIDI output works again (%d messages were lost)", self._failed)
+        if message.type == "note_on":
+            self._note_ons += 1
+        elif message.type == "note_off":
+            self._note_offs += 1
         lateness_ms = (sent_s - due_s) * 1000.0
         self._lateness_ms[self._sent % len(self._lateness_ms)] = lateness_ms
         self._last_ms = lateness_ms
@@ -332,7 +338,7 @@ class Scheduler:
 
     def stats(self, since: int = 0) -> dict:
         """Lateness of sent events: median, p99 and max in ms, the latest event's (last_ms), and counts: sent,
-        late (> late_s), failed sends, pending, sounding.
+        late (> late_s), failed sends, pending, sounding, and note_ons / note_offs sent (over the whole run).
 
         Args:
             since: only the events sent after the first `since` (a window; pass an earlier `stats()["sent"]`).
@@ -347,7 +353,7 @@ class Scheduler:
             idx = np.arange(first, sent) % size
             values = self._lateness_ms[idx]  # fancy indexing copies
             counts = {"sent": sent, "late": self._late, "failed": self._failed, "pending": len(self._heap),
-                      "sounding": len(self._sounding)}
+                      "sounding": len(self._sounding), "note_ons": self._note_ons, "note_offs": self._note_offs}
             max_all, last = self._max_ms, self._last_ms
         window = since > 0
         return {

@@ -165,13 +165,17 @@ def _format_answer(summary: dict) -> str:
 
 def _format_stats(stats: dict, prefix: str = "stats") -> str:
     """The scheduler's `stats()` as one log line (bench/live_timing.py, bench/flood.py and bench/soak.py parse
-    it); a window's line (`window stats:`) counts the events of the window."""
+    it); a window's line (`window stats:`) counts the events of the window; the final one adds the note-ons and
+    note-offs sent, so a receiver's counts can be checked against what improvd sent."""
     window = prefix != "stats"
     sent = stats.get("window_sent", 0) if window else stats.get("sent", 0)
     late = stats.get("window_late", 0) if window else stats.get("late", 0)
-    return (f"{prefix}: sent {sent} events (late {late}, failed "
+    line = (f"{prefix}: sent {sent} events (late {late}, failed "
             f"{stats.get('failed', 0)}), lateness median {stats.get('median_ms', 0.0):.3f} ms, "
             f"p99 {stats.get('p99_ms', 0.0):.3f} ms, max {stats.get('max_ms', 0.0):.3f} ms")
+    if not window and "note_ons" in stats:
+        line += f", note-ons {stats['note_ons']}, note-offs {stats['note_offs']}"
+    return line
 
 
 def _rss_mb() -> tuple[float, float] | None:

@@ -148,7 +148,10 @@ def test_cancel_all_and_stop_release_everything():
     s.schedule_note(t0, t0 + 5, 62, 100)
     s.run_pending()
     s.stop()
-    assert balanced(out) and s.sounding() == frozenset()
+    assert balanced(out)
+    ons = sum(m.type == "note_on" for _, m in out.sent)
+    stats = s.stats()
+    assert stats["note_ons"] == stats["note_offs"] == ons  # what the final stats line reports is what was sent and s.sounding() == frozenset()
 
 
 def test_send_failure_is_survived_and_logged_once(caplog):
@@ -237,3 +240,6 @@ def test_property_every_note_on_gets_its_note_off(ops):
         assert {k for k, v in sounding.items() if v} == set(s.sounding())
     s.stop()
     assert balanced(out)
+    ons = sum(m.type == "note_on" for _, m in out.sent)
+    stats = s.stats()
+    assert stats["note_ons"] == stats["note_offs"] == ons  # what the final stats line reports is what was sent
