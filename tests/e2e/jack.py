@@ -2,9 +2,12 @@
 
 Pieces, each a real process talking JACK MIDI, so that timing is measured the way a musician would hear it:
 
-- `JackServer`: a uniquely named `jackd` with the dummy driver (48 kHz, 64-frame periods; no sound card needed),
-  started and waited for, stopped with SIGTERM + wait, its `/dev/shm` files removed. The `jack_server` fixture
-  gives one per test module.
+- `JackServer`: a `jackd` with the dummy driver (48 kHz, 64-frame periods; no sound card needed), started and
+  waited for, stopped with SIGTERM + wait, its `/dev/shm` files removed. The `jack_server` fixture gives one per
+  test module. Its name comes from a small pool (`improvd-test-0` ... `-5`), each held with a file lock while the
+  server lives: JACK's server registry has 8 slots and reclaims a dead server's slot only for a server of the
+  same name, so unique names left one slot taken for good by every server that died without cleaning up (a
+  SIGKILL, a killed test run), and after 8 of those no jackd would start ("Too many servers already active").
 - `Player`: a small script in another process that opens a mido JACK virtual output and plays timed notes that
   the test sends it, one JSON line per phrase.
 - `Receiver`: `jack_midi_dump -a`, an independent third-party client; each event is timestamped in frames of the
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import fcntl
 import glob
 import itertools
 import json
@@ -49,6 +53,7 @@ requires_jack = pytest.mark.skipif(
 
 _counter = itertools.count()
 _children: list[subprocess.Popen] = []
+SERVER_NAMES = 6  # the pool of server names; JACK's registry holds 8 servers
 
 
 def _die_with_parent() -> None:
@@ -127,17 +132,42 @@ class JackServer:
 
     def __init__(self, rate: int = SAMPLE_RATE, period: int = PERIOD_FRAMES, realtime: bool | None = None) -> None:
         self.realtime = _realtime_allowed() if realtime is None else realtime
-        self.name = f"improvd-test-{os.getpid()}-{next(_counter)}"
+        self.name = ""  # taken from the pool by `start`
         self.rate = rate
         self.period = period
         self.env = dict(os.environ, JACK_DEFAULT_SERVER=self.name, JACK_NO_START_SERVER="1",
                         PYTHONUNBUFFERED="1")
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
+        self._lock_fd: int | None = None
+
+    def _take_name(self) -> None:
+        """Hold the first free name of the pool (an exclusive lock on its file until `stop`)."""
+        lock_dir = Path(os.environ.get("TMPDIR", "/tmp"))
+        for slot in range(SERVER_NAMES):
+            fd = os.open(lock_dir / f"improvd-test-jack-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            self._lock_fd, self.name = fd, f"improvd-test-{slot}"
+            self._remove_shm_files()  # what a server of this name that died uncleanly left
+            self.env["JACK_DEFAULT_SERVER"] = self.name
+            return
+        raise RuntimeError(f"all {SERVER_NAMES} JACK test server names are in use by live test servers")
+
+    def _remove_shm_files(self) -> None:
+        for path in glob.glob(f"/dev/shm/jack_sem.*_{self.name}_*") + glob.glob(f"/dev/shm/jack_{self.name}_*"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def start(self, log_dir: Path, timeout: float = 10.0) -> "JackServer":
         """Start `jackd` and wait until a client can connect to it."""
-        self.log_path = Path(log_dir) / f"{self.name}.log"
+        self._take_name()
+        self.log_path = Path(log_dir) / f"{self.name}-{os.getpid()}-{next(_counter)}.log"
         log = open(self.log_path, "wb")
         rt = ["--realtime"] if self.realtime else ["--no-realtime"]
         self.proc = spawn([JACKD, "-n", self.name, *rt, "-d", "dummy",
@@ -147,6 +177,7 @@ class JackServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.stop()
                 raise RuntimeError(f"jackd exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
             if "system:capture_1" in self.ports():
                 return self
@@ -157,16 +188,29 @@ class JackServer:
     def stop(self) -> int | None:
         """SIGTERM, wait, and remove the server's leftover files under /dev/shm."""
         rc = terminate(self.proc, timeout=5.0) if self.proc is not None else None
-        for path in glob.glob(f"/dev/shm/jack_sem.*_{self.name}_*") + glob.glob(f"/dev/shm/jack_{self.name}_*"):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        if self._lock_fd is not None:
+            self._remove_shm_files()
+            os.close(self._lock_fd)  # the name is free again
+            self._lock_fd = None
         return rc
 
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def log_size(self) -> int:
+        """Bytes in the server's log so far (a mark for `xruns`)."""
+        return self.log_path.stat().st_size if self.log_path and self.log_path.exists() else 0
+
+    def xruns(self, since: int = 0) -> list[str]:
+        """The server's xrun reports (`JackEngine::XRun: client = NAME was not finished ...`) after byte `since`
+        of its log: cycles some client missed, whose MIDI is lost for every client of the server."""
+        if not self.log_path or not self.log_path.exists():
+            return []
+        with open(self.log_path, "rb") as fh:
+            fh.seek(since)
+            text = fh.read().decode(errors="replace")
+        return [ln for ln in text.splitlines() if "XRun" in ln]
 
     def ports(self) -> list[str]:
         """All port names (`jack_lsp`); [] when the server is not reachable."""

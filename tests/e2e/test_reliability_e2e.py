@@ -39,26 +39,12 @@ def session(jack_server, tmp_path, model):
 
     def make(**kwargs):
         s = Session(jack_server, tmp_path, model, **kwargs)
-        s.server_log_start = _server_log_size(jack_server)
+        s.server_log_start = jack_server.log_size()
         made.append(s)
         return s
     yield make
     for s in made:
         s.close()
-
-
-def _server_log_size(server: JackServer) -> int:
-    return server.log_path.stat().st_size if server.log_path and server.log_path.exists() else 0
-
-
-def _xruns_since(server: JackServer, start: int) -> list[str]:
-    """The JACK server's xrun reports since byte `start` of its log."""
-    if not server.log_path or not server.log_path.exists():
-        return []
-    with open(server.log_path, "rb") as fh:
-        fh.seek(start)
-        text = fh.read().decode(errors="replace")
-    return [ln for ln in text.splitlines() if "XRun" in ln]
 
 
 class NamedReceiver(Receiver):
@@ -93,7 +79,7 @@ def stop_and_check_balance(s, *receivers) -> None:
         if hanging:
             detail = (s.daemon.log() + "\n" + "\n".join(
                 f"{e.t_s:.4f} {e.data}" for e in receiver.events if e.channel == IMPROVD_CH and e.note in hanging))
-            xruns = _xruns_since(s.server, getattr(s, "server_log_start", 0))
+            xruns = s.server.xruns(getattr(s, "server_log_start", 0))
             if xruns:
                 # A client that misses a JACK cycle (an xrun, on an overloaded machine) loses that cycle's MIDI:
                 # the receiver's count is then no evidence either way.
@@ -142,7 +128,12 @@ def test_after_a_flood_with_stuck_keys_a_phrase_is_answered(session):
     s = session(improvise={"max_notes": 6, "max_hold": 0.5})
     flooder = _wire_flooder(s, f"flooder-r{next(_counter)}")
     try:
+        log_mark = s.server.log_size()
         flooder.flood(2.0, 10000, hang=3)
+        # improvd's JACK clients do not make the server's cycle late. With a Python MIDI callback in JACK's process
+        # thread, waiting for the GIL, they did: about 5 xruns a second of this flood, each one for every client.
+        overran = [x for x in s.server.xruns(log_mark) if f"client = {s.client}" in x and "state = Running" in x]
+        assert len(overran) <= 1, overran  # one, rarely, on a machine loaded to the full (CPU-bound programs)
         time.sleep(0.6)  # the three stuck keys count as released after max_hold...
         s.receiver.wait_quiet(0.8, 10)  # ...and improvd may answer the flood's last notes: let that end
         before = improvd_ons(s.receiver.events)
@@ -150,7 +141,7 @@ def test_after_a_flood_with_stuck_keys_a_phrase_is_answered(session):
         try:
             s.wait_answer_notes(before + 6)
         except AssertionError as err:
-            xruns = _xruns_since(s.server, getattr(s, "server_log_start", 0))
+            xruns = s.server.xruns(getattr(s, "server_log_start", 0))
             if xruns:  # the same rule as stop_and_check_balance: a missed JACK cycle loses its MIDI
                 pytest.xfail(f"the JACK server reported {len(xruns)} xruns during the flood (e.g. {xruns[0]!r}); "
                              f"MIDI of missed cycles is lost, so the receiver's count is no evidence: {err}")
