@@ -21,7 +21,10 @@ treat them as released after `improvise.max_hold`).
 - `respond` run: improvd listens to every channel; the flood (notes on all 16 channels) hits it while idle; after
   the flood (and `max_hold`), a phrase must be answered.
 - Both: an independent receiver (`jack_midi_dump -a`) on improvd's output counts note-ons and note-offs after
-  SIGTERM, and they must be equal; the daemon's own `input:` line says what it received and dropped.
+  SIGTERM: they must be equal, and equal to what improvd says it sent (its final `stats:` line); the daemon's own
+  `input:` line says what it received and dropped. JACK's xrun reports during the flood are counted from the
+  server's log; none may name one of improvd's clients as still running at the cycle's deadline (`improvd_overran`:
+  what a Python MIDI callback in JACK's process thread did, waiting for the GIL).
 
 Acceptance (issue 6): lateness p99 < 2 ms during the flood, memory bounded, no hanging note, answers afterwards.
 """
@@ -53,6 +56,7 @@ WINDOW = re.compile(r"window stats: sent (\d+) events \(late (\d+), failed (\d+)
                     r"p99 ([\d.]+) ms, max ([\d.]+) ms, input (\d+) received, (\d+) dropped"
                     r"(?:, rss ([\d.]+) MB \(peak ([\d.]+) MB\))?")
 INPUT = re.compile(r"input: (\d+) messages received, (\d+) dropped in overloads, (\d+) invalid")
+SENT = re.compile(r"^.*stats: sent \d+ events .*note-ons (\d+), note-offs (\d+)")
 
 FLOOD_SCRIPT = r"""
 import heapq, json, random, sys, time
@@ -227,6 +231,23 @@ def input_counts(lines: list[str]) -> dict | None:
     return None
 
 
+def sent_counts(lines: list[str]) -> dict | None:
+    """The note-ons and note-offs improvd says it sent (its final `stats:` line), or None before it exits."""
+    for line in lines:
+        m = SENT.search(line)
+        if m:
+            return {"note_ons": int(m.group(1)), "note_offs": int(m.group(2))}
+    return None
+
+
+def xrun_counts(server: JackServer, since: int = 0) -> dict:
+    """JACK's xrun reports after byte `since` of its log: all of them, and those where one of improvd's clients
+    overran the cycle (`state = Running`: its process callback was still running at the deadline)."""
+    lines = server.xruns(since)
+    return {"reports": len(lines),
+            "improvd_overran": sum("client = improvd" in ln and "state = Running" in ln for ln in lines)}
+
+
 def note_balance(events, channel: int = IMPROVD_CH) -> dict:
     ons = sum(e.kind == "on" and e.channel == channel for e in events)
     offs = sum(e.kind == "off" and e.channel == channel for e in events)
@@ -262,11 +283,12 @@ class Rig:
         return sum(e.kind == "on" and e.channel == IMPROVD_CH for e in self.receiver.events)
 
     def finish(self) -> dict:
-        """SIGTERM, wait, and the note balance at the receiver."""
+        """SIGTERM, wait, and the note balance at the receiver (and as improvd counted what it sent)."""
         self.daemon.send_signal(signal.SIGTERM)
         rc = self.daemon.wait(5.0)
         self.receiver.wait_quiet(0.3, 5.0)
-        return {"exit_status": rc, **note_balance(self.receiver.events), "input": input_counts(self.daemon.lines)}
+        return {"exit_status": rc, **note_balance(self.receiver.events),
+                "sent_by_improvd": sent_counts(self.daemon.lines), "input": input_counts(self.daemon.lines)}
 
     def close(self) -> None:
         self.daemon.stop()
@@ -313,8 +335,10 @@ def continuous_flood(server, tmp: Path, model: Path, seconds: float, rate: int, 
         sampler = _RssSampler(rig.daemon.proc.pid)
         ons_before = rig.improvd_ons()
         mark = len(rig.daemon.lines)
+        log_mark = server.log_size()
         rig.flooder.flood(seconds, rate, hang=hang, quiet_channel=PLAYER_CH)
         during = window_stats(rig.daemon, mark)
+        xruns_during = xrun_counts(server, log_mark)
         ons_during = rig.improvd_ons() - ons_before
         after_s = max_hold + 2.0
         time.sleep(after_s)
@@ -334,6 +358,7 @@ def continuous_flood(server, tmp: Path, model: Path, seconds: float, rate: int, 
                       if samples else None, "rss_end": round(rss_end, 1), "peak_vmhwm": round(rss_peak, 1),
                       "samples": len(samples)},
         "input_overload_log": overload,
+        "jack_xruns_during_flood": xruns_during,
         **end,
     }
 
@@ -342,7 +367,9 @@ def respond_flood(server, tmp: Path, model: Path, seconds: float, rate: int, han
     """A flood at an idle improvd in respond mode, then a phrase: it must be answered."""
     rig = Rig(server, tmp, model, "improvd-flood-r", {"max_hold": max_hold, "max_notes": 8})
     try:
+        log_mark = server.log_size()
         rig.flooder.flood(seconds, rate, hang=hang)
+        xruns_during = xrun_counts(server, log_mark)
         # The flood's last notes are a phrase too (its stuck keys count as released after max_hold): improvd may
         # answer it. Let that end before the player plays.
         time.sleep(max_hold + 0.5)
@@ -361,7 +388,7 @@ def respond_flood(server, tmp: Path, model: Path, seconds: float, rate: int, han
         rig.close()
     return {"flood": rig.flooder.result(), "notes_answering_the_flood": flood_answer, "answered_after_flood": answered,
             "first_answer_note_after_phrase_end_s": round(answer_wait_s, 3) if answer_wait_s else None,
-            "answers_logged": answers[-3:], **end}
+            "answers_logged": answers[-3:], "jack_xruns_during_flood": xruns_during, **end}
 
 
 def main() -> int:
@@ -401,6 +428,12 @@ def main() -> int:
         r = result["respond"]
         checks["answers_after"] = bool(r["answered_after_flood"])
         checks["respond_balanced"] = r["note_ons"] == r["note_offs"] and r["exit_status"] == 0
+    runs = [result[k] for k in ("continuous", "respond") if k in result]
+    # what the receiver saw is what improvd sent, and improvd never made JACK's cycle late
+    checks["receiver_saw_what_was_sent"] = all(
+        r["sent_by_improvd"] == {"note_ons": r["note_ons"], "note_offs": r["note_offs"]} for r in runs)
+    checks["improvd_never_overran_a_jack_cycle"] = all(r["jack_xruns_during_flood"]["improvd_overran"] == 0
+                                                       for r in runs)
     result["checks"] = checks
     result["ok"] = all(checks.values())
     print(json.dumps(result, indent=2))

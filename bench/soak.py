@@ -7,11 +7,13 @@ notes (some of them chords, random velocities, on two channels) with pauses of 0
 session is recorded (`record.dir`, flushed every 10 s, a new file every `--rotate-minutes`) unless `--no-record`.
 Every `--window-seconds`, SIGUSR1 makes improvd log the lateness of the events it sent in that window and its memory; the bench also samples the
 daemon's resident memory and CPU time from /proc every 5 s. At the end, SIGTERM, and an independent receiver
-(`jack_midi_dump -a`) on improvd's output must have seen exactly as many note-ons as note-offs.
+(`jack_midi_dump -a`) on improvd's output must have seen exactly as many note-ons as note-offs, and exactly the
+counts improvd says it sent (its final `stats:` line). JACK's xrun reports during the run are counted from the
+server's log (a missed cycle loses its MIDI for every client, so they explain a receiver that saw less).
 
 Output: per window (lateness median/p99/max in ms, events, RSS MB), memory growth (first window after warm-up to
 the end, MB, and a least-squares slope in MB/hour over the samples after warm-up), peak RSS (VmHWM), mean CPU % of a
-core, the receiver's note-on and note-off counts, and `ok`.
+core, JACK xruns, the receiver's note-on and note-off counts beside improvd's own, and `ok`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.flood import IMPROVD_CH, input_counts, note_balance, rss_mb, window_stats  # noqa: E402
+from bench.flood import (IMPROVD_CH, input_counts, note_balance, rss_mb, sent_counts, window_stats,  # noqa: E402
+                         xrun_counts)
 from tests.e2e.jack import Daemon, JackServer, Player, Receiver, write_config  # noqa: E402
 
 WARM_UP_S = 60.0
@@ -91,6 +94,7 @@ def main() -> int:
         server.connect(player.port, next(p for p in mine if p.endswith(":improvd in")))
         server.connect(next(p for p in mine if p.endswith(":improvd out")), receiver.port)
         pid = daemon.proc.pid
+        log_mark = server.log_size()
         t0 = time.monotonic()
         cpu0 = cpu_seconds(pid)
         end = t0 + args.minutes * 60.0
@@ -120,6 +124,7 @@ def main() -> int:
         windows.append({"t_min": round(elapsed / 60, 2), "events": last["sent"], "median_ms": last["median_ms"],
                         "p99_ms": last["p99_ms"], "max_ms": last["max_ms"], "rss_mb": last["rss_mb"]})
         _, peak = rss_mb(pid)
+        xruns = xrun_counts(server, log_mark)
         daemon.send_signal(signal.SIGTERM)
         rc = daemon.wait(5.0)
         receiver.wait_quiet(0.5, 10.0)
@@ -152,9 +157,11 @@ def main() -> int:
                       "peak_vmhwm": round(peak, 1), "samples": len(samples)},
         "cpu_percent": round(cpu_pct, 2),
         "input": input_counts(lines),
-        "exit_status": rc, **balance,
+        "jack_xruns": xruns,
+        "exit_status": rc, **balance, "sent_by_improvd": sent_counts(lines),
     }
-    result["ok"] = bool(rc == 0 and balance["note_ons"] == balance["note_offs"] and balance["note_ons"] > 0)
+    result["ok"] = bool(rc == 0 and balance["note_ons"] == balance["note_offs"] and balance["note_ons"] > 0
+                        and result["sent_by_improvd"] == balance)
     print(json.dumps(result, indent=2))
     return 0 if result["ok"] else 1
 
