@@ -4,11 +4,11 @@
 its input queue (`handle(t_s, msg)` for mido types 'clock', 'start', 'continue', 'stop', 'songpos').
 
 Tempo and phase: the time of tick n is modelled as a + b·n, fitted over the last `window` (48, two beats) ticks
-that arrived cleanly. Stamps are only as good as the moment the MIDI callback ran: a busy machine can hold it up,
-and ticks then arrive late, often in a bunch. So:
+that arrived cleanly. Stamps come from rtmidi's arrival times (see daemon/arrival.py), which a busy machine can
+hold up (a late JACK cycle, a late ALSA thread): ticks then arrive late, often in a bunch. So:
 
 - a tick that arrives less than half a tick length after the previous one (a bunch) is counted but left out of
-  the fit: its stamp says when the callback ran, not when the tick came;
+  the fit: its stamp says when it was taken, not when the tick came;
 - the fit is robust: a first line from the median of the successive slopes and the median offset, then a least
   squares fit over the ticks within max(4 × the robust spread of the residuals, `outlier_floor_s`) of it;
 - a tempo change shows as residuals (against the fit) that keep growing in one direction, while a hold-up shows as

@@ -1,8 +1,8 @@
 """The engine thread: listens to the player, decides when to answer, predicts notes ahead and hands them to the
 scheduler. It owns the note tracker (rolling window), the `Improviser` (model state) and the mode (DESIGN.md §5).
 
-Input: `input_queue` receives (t_s, mido.Message) items, t_s stamped on arrival in the MIDI callback on the same
-clock as `now` (`time.perf_counter`); the callback only puts. `None` is the stop sentinel.
+Input: `input_queue` receives (t_s, mido.Message) items, t_s the arrival time on the same clock as `now`
+(`time.perf_counter`), from the input's poller thread, which only puts. `None` is the stop sentinel.
 
 What is fed to the model: one merged sequence of the player's completed notes and improvd's own notes, in the order
 the engine learns of them. Each fed note's step is the gap from the previous fed note's onset, clipped to

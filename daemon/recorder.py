@@ -126,7 +126,7 @@ class SessionRecorder:
 
     # ---- called from other threads: append only --------------------------------------------------------
     def add_player(self, t_s: float, msg: mido.Message) -> None:
-        """A message the player sent (MIDI input callback thread); only notes are kept."""
+        """A message the player sent (the MIDI input's poller thread); only notes are kept."""
         if msg.type in _NOTE_TYPES:
             self._incoming[PLAYER].append((t_s, msg))
 

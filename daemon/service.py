@@ -24,7 +24,7 @@ Real-time measures: the scheduler thread asks for real-time priority (`SCHEDULER
 threads), the GIL switch interval is short, and the objects that exist after start-up are moved out of the garbage
 collector's reach (`gc.freeze`), so that a full collection cannot stall the scheduler for milliseconds.
 
-Threads (DESIGN.md §5): the MIDI input callback stamps and enqueues, the engine thread decides what to play, the
+Threads (DESIGN.md §5): the MIDI input's poller stamps and enqueues, the engine thread decides what to play, the
 scheduler thread alone writes to the output port, and this main thread does everything else.
 """
 
@@ -53,7 +53,7 @@ PORT_CHECK_S = 0.5
 STOP_TIMEOUT_S = 0.5
 EXIT_SERVER_GONE = 3
 # How long a Python thread may hold the GIL while another waits for it (CPython's default is 5 ms). The engine, the
-# scheduler and the MIDI callback share one interpreter; a short interval lets the scheduler send a release or a
+# scheduler and the MIDI input poller share one interpreter; a short interval lets the scheduler send a release or a
 # due note within a fraction of a millisecond of being woken, instead of up to several milliseconds later.
 GIL_SWITCH_INTERVAL_S = 0.0002
 # SCHED_FIFO priority of the scheduler thread where the OS allows it: above every normal program, below JACK's
@@ -70,7 +70,7 @@ CLOCK_TYPES = frozenset({"clock", "start", "continue", "stop", "songpos"})
 
 
 class _InputSink:
-    """What the input callback hands each `(t_s, message)` to (MIDI input thread: cheap, never blocks).
+    """What the input's poller hands each `(t_s, message)` to (MIDI input thread: cheap, never blocks).
 
     - The engine's queue, bounded: while the engine is `limit` or more items behind (an input flood), new
       messages are dropped and counted in `dropped`, except the release of a key that was let through (so the

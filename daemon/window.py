@@ -1,7 +1,7 @@
 """Note tracking: time-stamped MIDI input becomes completed notes and a rolling window of what the player played.
 
 `NoteTracker` is pure (no threads, no clock of its own): it is given (t_s, message) pairs, `t_s` being the arrival
-time stamped in the MIDI callback on `time.perf_counter`'s clock. A note-on (velocity > 0) on a listened channel
+time on `time.perf_counter`'s clock. A note-on (velocity > 0) on a listened channel
 starts a note; its note-off (or a note-on with velocity 0) completes it, with onset = the note-on's stamp and
 duration = release stamp - onset (never negative). A repeated note-on of a key still held completes the held one
 first. A key held longer than `max_hold_s` counts as released at onset + max_hold_s (so a lost note-off cannot
