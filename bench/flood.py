@@ -31,6 +31,7 @@ Acceptance (issue 6): lateness p99 < 2 ms during the flood, memory bounded, no h
 
 from __future__ import annotations
 
+import collections
 import argparse
 import json
 import os
@@ -240,12 +241,33 @@ def sent_counts(lines: list[str]) -> dict | None:
     return None
 
 
+def cpu_steal() -> tuple[float, float]:
+    """Seconds of CPU time so far on this machine in all, and those the hypervisor gave to others (`steal` in
+    /proc/stat; (0, 0) where there is none): where steal rises, JACK's threads wake late and every client misses
+    cycles, whatever improvd does."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return sum(fields[:8]) / tick, (fields[7] if len(fields) > 7 else 0) / tick
+
+
+def steal_percent(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """The share of CPU time stolen by the hypervisor between two `cpu_steal()` readings, %."""
+    total = after[0] - before[0]
+    return round(100.0 * (after[1] - before[1]) / total, 2) if total > 0 else None
+
+
 def xrun_counts(server: JackServer, since: int = 0) -> dict:
     """JACK's xrun reports after byte `since` of its log: all of them, and those where one of improvd's clients
     overran the cycle (`state = Running`: its process callback was still running at the deadline)."""
     lines = server.xruns(since)
+    by_client = collections.Counter(re.sub(r".*client = (\S+) was not finished, state = (\w+).*", r"\1 \2", ln)
+                                    if "client = " in ln else "driver woke late" for ln in lines)
     return {"reports": len(lines),
-            "improvd_overran": sum("client = improvd" in ln and "state = Running" in ln for ln in lines)}
+            "improvd_overran": sum("client = improvd" in ln and "state = Running" in ln for ln in lines),
+            "by_client_state": dict(by_client.most_common())}
 
 
 def note_balance(events, channel: int = IMPROVD_CH) -> dict:

@@ -5,15 +5,16 @@
 improvd plays continuously (temperature 0.9) while an automated player in another process plays phrases of 3 to 8
 notes (some of them chords, random velocities, on two channels) with pauses of 0.5 to 3 s, for `--minutes`. The
 session is recorded (`record.dir`, flushed every 10 s, a new file every `--rotate-minutes`) unless `--no-record`.
-Every `--window-seconds`, SIGUSR1 makes improvd log the lateness of the events it sent in that window and its memory; the bench also samples the
-daemon's resident memory and CPU time from /proc every 5 s. At the end, SIGTERM, and an independent receiver
-(`jack_midi_dump -a`) on improvd's output must have seen exactly as many note-ons as note-offs, and exactly the
-counts improvd says it sent (its final `stats:` line). JACK's xrun reports during the run are counted from the
+Every `--window-seconds`, SIGUSR1 makes improvd log the lateness of the events it sent in that window and its
+memory; the bench also samples the daemon's resident memory and CPU time from /proc every 5 s. At the end,
+SIGTERM, and an independent receiver (`jack_midi_dump -a`) on improvd's output must have seen exactly as many
+note-ons as note-offs, and exactly the counts improvd says it sent (its final `stats:` line). JACK's xrun reports during the run are counted from the
 server's log (a missed cycle loses its MIDI for every client, so they explain a receiver that saw less).
 
-Output: per window (lateness median/p99/max in ms, events, RSS MB), memory growth (first window after warm-up to
-the end, MB, and a least-squares slope in MB/hour over the samples after warm-up), peak RSS (VmHWM), mean CPU % of a
-core, JACK xruns, the receiver's note-on and note-off counts beside improvd's own, and `ok`.
+Output: per window (lateness median/p99/max in ms, events, RSS MB, JACK's xrun reports, the host's CPU steal %),
+memory growth (first window after warm-up to the end, MB, and a least-squares slope in MB/hour over the samples
+after warm-up), peak RSS (VmHWM), mean CPU % of a core, JACK's xruns by client, the host's steal over the run, the
+receiver's note-on and note-off counts beside improvd's own, and `ok`.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.flood import (IMPROVD_CH, input_counts, note_balance, rss_mb, sent_counts, window_stats,  # noqa: E402
-                         xrun_counts)
+from bench.flood import (IMPROVD_CH, cpu_steal, input_counts, note_balance, rss_mb, sent_counts,  # noqa: E402
+                         steal_percent, window_stats, xrun_counts)
 from tests.e2e.jack import Daemon, JackServer, Player, Receiver, write_config  # noqa: E402
 
 WARM_UP_S = 60.0
@@ -95,12 +96,26 @@ def main() -> int:
         server.connect(next(p for p in mine if p.endswith(":improvd out")), receiver.port)
         pid = daemon.proc.pid
         log_mark = server.log_size()
+        steal0 = cpu_steal()
+        mark = {"log": log_mark, "steal": steal0}  # where the current window started
         t0 = time.monotonic()
         cpu0 = cpu_seconds(pid)
         end = t0 + args.minutes * 60.0
         next_window = t0 + args.window_seconds
         next_sample = t0
         window_stats(daemon, len(daemon.lines))  # start the first window now
+
+        def window(now: float) -> dict:
+            """End the current window: improvd's lateness and memory in it, JACK's xruns and the host's steal."""
+            w = window_stats(daemon, len(daemon.lines))
+            xruns = xrun_counts(server, mark["log"])
+            steal = cpu_steal()
+            out = {"t_min": round((now - t0) / 60, 2), "events": w["sent"], "median_ms": w["median_ms"],
+                   "p99_ms": w["p99_ms"], "max_ms": w["max_ms"], "rss_mb": w["rss_mb"],
+                   "xrun_reports": xruns["reports"], "improvd_overran": xruns["improvd_overran"],
+                   "steal_percent": steal_percent(mark["steal"], steal)}
+            mark.update(log=server.log_size(), steal=steal)
+            return out
         while time.monotonic() < end:
             player.play(random_phrase(rng), wait=True, timeout=30)
             pause_until = time.monotonic() + rng.uniform(0.5, 3.0)
@@ -110,21 +125,17 @@ def main() -> int:
                     samples.append((now - t0, rss_mb(pid)[0]))
                     next_sample += 5.0
                 if now >= next_window:
-                    w = window_stats(daemon, len(daemon.lines))
-                    windows.append({"t_min": round((now - t0) / 60, 2), "events": w["sent"],
-                                    "median_ms": w["median_ms"], "p99_ms": w["p99_ms"], "max_ms": w["max_ms"],
-                                    "rss_mb": w["rss_mb"]})
+                    windows.append(window(now))
                     next_window += args.window_seconds
                 time.sleep(0.05)
             if daemon.proc.poll() is not None:
                 raise RuntimeError("improvd exited during the soak:\n" + daemon.log())
         elapsed = time.monotonic() - t0
         cpu_pct = 100.0 * (cpu_seconds(pid) - cpu0) / elapsed
-        last = window_stats(daemon, len(daemon.lines))
-        windows.append({"t_min": round(elapsed / 60, 2), "events": last["sent"], "median_ms": last["median_ms"],
-                        "p99_ms": last["p99_ms"], "max_ms": last["max_ms"], "rss_mb": last["rss_mb"]})
+        windows.append(window(t0 + elapsed))
         _, peak = rss_mb(pid)
         xruns = xrun_counts(server, log_mark)
+        steal = steal_percent(steal0, cpu_steal())
         daemon.send_signal(signal.SIGTERM)
         rc = daemon.wait(5.0)
         receiver.wait_quiet(0.5, 10.0)
@@ -157,7 +168,7 @@ def main() -> int:
                       "peak_vmhwm": round(peak, 1), "samples": len(samples)},
         "cpu_percent": round(cpu_pct, 2),
         "input": input_counts(lines),
-        "jack_xruns": xruns,
+        "jack_xruns": xruns, "host_steal_percent": steal,
         "exit_status": rc, **balance, "sent_by_improvd": sent_counts(lines),
     }
     result["ok"] = bool(rc == 0 and balance["note_ons"] == balance["note_offs"] and balance["note_ons"] > 0
