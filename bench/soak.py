@@ -8,8 +8,9 @@ session is recorded (`record.dir`, flushed every 10 s, a new file every `--rotat
 Every `--window-seconds`, SIGUSR1 makes improvd log the lateness of the events it sent in that window and its
 memory; the bench also samples the daemon's resident memory and CPU time from /proc every 5 s. At the end,
 SIGTERM, and an independent receiver (`jack_midi_dump -a`) on improvd's output must have seen exactly as many
-note-ons as note-offs, and exactly the counts improvd says it sent (its final `stats:` line). JACK's xrun reports during the run are counted from the
-server's log (a missed cycle loses its MIDI for every client, so they explain a receiver that saw less).
+note-ons as note-offs, and exactly the counts improvd says it sent (its final `stats:` line). JACK's xrun reports
+during the run are counted from the server's log (a missed cycle loses its MIDI for every client, so they explain
+a receiver that saw less).
 
 Output: per window (lateness median/p99/max in ms, events, RSS MB, JACK's xrun reports, the host's CPU steal %),
 memory growth (first window after warm-up to the end, MB, and a least-squares slope in MB/hour over the samples
