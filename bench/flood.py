@@ -357,10 +357,10 @@ def continuous_flood(server, tmp: Path, model: Path, seconds: float, rate: int, 
         sampler = _RssSampler(rig.daemon.proc.pid)
         ons_before = rig.improvd_ons()
         mark = len(rig.daemon.lines)
-        log_mark = server.log_size()
+        log_mark, steal0 = server.log_size(), cpu_steal()
         rig.flooder.flood(seconds, rate, hang=hang, quiet_channel=PLAYER_CH)
         during = window_stats(rig.daemon, mark)
-        xruns_during = xrun_counts(server, log_mark)
+        xruns_during = {**xrun_counts(server, log_mark), "host_steal_percent": steal_percent(steal0, cpu_steal())}
         ons_during = rig.improvd_ons() - ons_before
         after_s = max_hold + 2.0
         time.sleep(after_s)
@@ -389,9 +389,9 @@ def respond_flood(server, tmp: Path, model: Path, seconds: float, rate: int, han
     """A flood at an idle improvd in respond mode, then a phrase: it must be answered."""
     rig = Rig(server, tmp, model, "improvd-flood-r", {"max_hold": max_hold, "max_notes": 8})
     try:
-        log_mark = server.log_size()
+        log_mark, steal0 = server.log_size(), cpu_steal()
         rig.flooder.flood(seconds, rate, hang=hang)
-        xruns_during = xrun_counts(server, log_mark)
+        xruns_during = {**xrun_counts(server, log_mark), "host_steal_percent": steal_percent(steal0, cpu_steal())}
         # The flood's last notes are a phrase too (its stuck keys count as released after max_hold): improvd may
         # answer it. Let that end before the player plays.
         time.sleep(max_hold + 0.5)

@@ -1,6 +1,7 @@
 """Soak: `improvd run` in continuous mode for a long time with an automated player, over JACK; prints JSON.
 
     .venv/bin/python bench/soak.py [--minutes 30] [--window-seconds 60] [--no-record] [--rotate-minutes 60]
+                                   [--period-frames 64]
 
 improvd plays continuously (temperature 0.9) while an automated player in another process plays phrases of 3 to 8
 notes (some of them chords, random velocities, on two channels) with pauses of 0.5 to 3 s, for `--minutes`. The
@@ -38,7 +39,7 @@ if str(REPO) not in sys.path:
 
 from bench.flood import (IMPROVD_CH, cpu_steal, input_counts, note_balance, rss_mb, sent_counts,  # noqa: E402
                          steal_percent, window_stats, xrun_counts)
-from tests.e2e.jack import Daemon, JackServer, Player, Receiver, write_config  # noqa: E402
+from tests.e2e.jack import PERIOD_FRAMES, Daemon, JackServer, Player, Receiver, write_config  # noqa: E402
 
 WARM_UP_S = 60.0
 
@@ -71,6 +72,9 @@ def main() -> int:
     parser.add_argument("--rotate-minutes", type=float, default=60.0, help="record.rotate_minutes (default 60)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--model", type=Path, help="step-format ONNX (default: a random test model)")
+    parser.add_argument("--period-frames", type=int, default=PERIOD_FRAMES,
+                        help=f"JACK's period at 48 kHz (default {PERIOD_FRAMES}: 1.3 ms; a VM that loses its CPU "
+                             "for longer misses cycles, and their MIDI, whatever the clients do)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="improvd-soak-"))
     model = args.model
@@ -79,7 +83,7 @@ def main() -> int:
         model = tmp / "model.onnx"
         make_step_model(model, seed=3, context=64)
     rng = random.Random(args.seed)
-    server = JackServer().start(tmp)
+    server = JackServer(period=args.period_frames).start(tmp)
     receiver = player = daemon = None
     windows, samples = [], []
     try:
