@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.e2e.jack import (Daemon, JackServer, Player, Receiver, check_timing, greedy_answer,  # noqa: F401
-                            jack_server, make_model, phrase, requires_jack, write_config)
+                            jack_server, make_model, midi_lost, phrase, requires_jack, write_config)
 
 pytestmark = [pytest.mark.jack, requires_jack]
 
@@ -74,6 +74,7 @@ class Session:
         midi = {"client_name": self.client, **(midi or {})}
         config = write_config(tmp_path / f"{self.client}.toml", model=model.path, midi=midi, improvise=improvise,
                               record=record)
+        self.server_log_start = server.log_size()  # xruns after this mark are this session's
         self.receiver = Receiver(server)
         self.player = Player(server)
         self.daemon = Daemon(server, config, *extra)
@@ -117,6 +118,15 @@ def session(jack_server, tmp_path, model):
         s.close()
 
 
+def heard_notes(s):
+    """The player's notes as the session's receiver saw them, each with its note-off (a missing one is MIDI the
+    server lost in a missed cycle, or a failure)."""
+    heard = notes_of(s.receiver.events, PLAYER_CH)
+    if any(n[2] is None for n in heard):
+        midi_lost(s.server, s.server_log_start, f"the receiver saw no note-off for some of the player's notes: {heard}")
+    return heard
+
+
 def _prime_from_receiver(player_notes):
     onsets = np.array([n[0] for n in player_notes])
     return np.array([[n[1], s, n[2] - n[0], n[3]] for n, s in
@@ -130,7 +140,7 @@ def test_phrase_is_answered_with_the_greedy_notes_on_time(session, model):
     s.receiver.wait_quiet(0.5, timeout=10)
     assert s.daemon.proc.poll() is None
 
-    heard = notes_of(s.receiver.events, PLAYER_CH)
+    heard = heard_notes(s)
     answer = notes_of(s.receiver.events, IMPROVD_CH)
     assert [n[1] for n in heard] == PHRASE
     assert len(answer) == 12 and all(n[2] is not None for n in answer), answer

@@ -20,9 +20,9 @@ import pytest
 
 from bench.flood import Flooder, input_counts, window_stats
 from tests.e2e.jack import (JackServer, Player, Receiver, _counter, _LineReader, greedy_answer,  # noqa: F401
-                            jack_server, make_model, phrase, requires_jack, spawn)
+                            jack_server, make_model, midi_lost, phrase, requires_jack, spawn)
 from tests.e2e.test_daemon_e2e import (DUR_S, IMPROVD_CH, PHRASE, PLAYER_CH, STEP_S, Session, _prime_from_receiver,
-                                       balance, notes_of)
+                                       balance, heard_notes, notes_of)
 from tests.modelfactory import make_step_model
 
 pytestmark = [pytest.mark.jack, requires_jack]
@@ -39,7 +39,6 @@ def session(jack_server, tmp_path, model):
 
     def make(**kwargs):
         s = Session(jack_server, tmp_path, model, **kwargs)
-        s.server_log_start = jack_server.log_size()
         made.append(s)
         return s
     yield make
@@ -79,13 +78,7 @@ def stop_and_check_balance(s, *receivers) -> None:
         if hanging:
             detail = (s.daemon.log() + "\n" + "\n".join(
                 f"{e.t_s:.4f} {e.data}" for e in receiver.events if e.channel == IMPROVD_CH and e.note in hanging))
-            xruns = s.server.xruns(getattr(s, "server_log_start", 0))
-            if xruns:
-                # A client that misses a JACK cycle (an xrun, on an overloaded machine) loses that cycle's MIDI:
-                # the receiver's count is then no evidence either way.
-                pytest.xfail(f"the JACK server reported {len(xruns)} xruns during the test (e.g. {xruns[0]!r}), "
-                             f"and MIDI events of a missed cycle are lost; unbalanced at the receiver: {hanging}")
-            raise AssertionError(f"notes left sounding at the receiver: {hanging}\n{detail}")
+            midi_lost(s.server, s.server_log_start, f"notes left sounding at the receiver: {hanging}\n{detail}")
 
 
 # ---- floods ----------------------------------------------------------------------------------------------------
@@ -141,11 +134,7 @@ def test_after_a_flood_with_stuck_keys_a_phrase_is_answered(session):
         try:
             s.wait_answer_notes(before + 6)
         except AssertionError as err:
-            xruns = s.server.xruns(getattr(s, "server_log_start", 0))
-            if xruns:  # the same rule as stop_and_check_balance: a missed JACK cycle loses its MIDI
-                pytest.xfail(f"the JACK server reported {len(xruns)} xruns during the flood (e.g. {xruns[0]!r}); "
-                             f"MIDI of missed cycles is lost, so the receiver's count is no evidence: {err}")
-            raise
+            midi_lost(s.server, s.server_log_start, str(err))
         s.receiver.wait_quiet(0.5, 10)
         stop_and_check_balance(s)
     finally:
@@ -283,7 +272,7 @@ def test_reload_keeps_the_old_model_on_bad_ones_and_swaps_in_a_good_one(session,
     s.wait_answer_notes(8)
     s.receiver.wait_quiet(0.5, 10)
     s.daemon.reader.wait_line(r"now playing .*good\.onnx", 2.0)
-    heard = notes_of(s.receiver.events, PLAYER_CH)
+    heard = heard_notes(s)
     answer = notes_of(s.receiver.events, IMPROVD_CH)
     expected = greedy_answer(good, _prime_from_receiver(heard), 8, answer[0][0] - heard[-1][0])
     assert [n[1] for n in answer] == expected[:, 0].astype(int).tolist()  # the new model's greedy answer
