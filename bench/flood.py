@@ -31,8 +31,8 @@ Acceptance (issue 6): lateness p99 < 2 ms during the flood, memory bounded, no h
 
 from __future__ import annotations
 
-import collections
 import argparse
+import collections
 import json
 import os
 import re
@@ -270,6 +270,16 @@ def xrun_counts(server: JackServer, since: int = 0) -> dict:
             "by_client_state": dict(by_client.most_common())}
 
 
+def jack_mark(server: JackServer) -> tuple[int, tuple[float, float]]:
+    """Where a measured stretch starts: the server's log size and the host's CPU time (for `jack_trouble`)."""
+    return server.log_size(), cpu_steal()
+
+
+def jack_trouble(server: JackServer, mark: tuple[int, tuple[float, float]]) -> dict:
+    """JACK's xruns (`xrun_counts`) and the host's CPU steal since `mark` (`jack_mark`)."""
+    return {**xrun_counts(server, mark[0]), "host_steal_percent": steal_percent(mark[1], cpu_steal())}
+
+
 def note_balance(events, channel: int = IMPROVD_CH) -> dict:
     ons = sum(e.kind == "on" and e.channel == channel for e in events)
     offs = sum(e.kind == "off" and e.channel == channel for e in events)
@@ -357,10 +367,10 @@ def continuous_flood(server, tmp: Path, model: Path, seconds: float, rate: int, 
         sampler = _RssSampler(rig.daemon.proc.pid)
         ons_before = rig.improvd_ons()
         mark = len(rig.daemon.lines)
-        log_mark, steal0 = server.log_size(), cpu_steal()
+        jack_start = jack_mark(server)
         rig.flooder.flood(seconds, rate, hang=hang, quiet_channel=PLAYER_CH)
         during = window_stats(rig.daemon, mark)
-        xruns_during = {**xrun_counts(server, log_mark), "host_steal_percent": steal_percent(steal0, cpu_steal())}
+        xruns_during = jack_trouble(server, jack_start)
         ons_during = rig.improvd_ons() - ons_before
         after_s = max_hold + 2.0
         time.sleep(after_s)
@@ -389,9 +399,9 @@ def respond_flood(server, tmp: Path, model: Path, seconds: float, rate: int, han
     """A flood at an idle improvd in respond mode, then a phrase: it must be answered."""
     rig = Rig(server, tmp, model, "improvd-flood-r", {"max_hold": max_hold, "max_notes": 8})
     try:
-        log_mark, steal0 = server.log_size(), cpu_steal()
+        jack_start = jack_mark(server)
         rig.flooder.flood(seconds, rate, hang=hang)
-        xruns_during = {**xrun_counts(server, log_mark), "host_steal_percent": steal_percent(steal0, cpu_steal())}
+        xruns_during = jack_trouble(server, jack_start)
         # The flood's last notes are a phrase too (its stuck keys count as released after max_hold): improvd may
         # answer it. Let that end before the player plays.
         time.sleep(max_hold + 0.5)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -33,22 +34,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.flood import rss_mb  # noqa: E402
 from daemon import midifile  # noqa: E402
 from daemon import notes as nt  # noqa: E402
 from daemon.recorder import SessionRecorder  # noqa: E402
+from tests.daemon.fakes import Clock  # noqa: E402
 
 STEP_S, DURATION_S = 0.020, 0.010
 NEW_PER_FLUSH = 500  # notes in 10 s at one every 20 ms
-
-
-class _Clock:
-    """A settable clock, seconds (the recorder's `now`)."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def _stream(rng: np.random.Generator, first: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -78,21 +71,11 @@ def _timed(fn, repeat: int) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def measure(n: int, repeat: int, folder: Path) -> dict:
     """One size: the new recorder's flushes and memory, and the old full rewrite of the same notes."""
     rng = np.random.default_rng(n)
     onset, pitch, velocity = _stream(rng, 0, n)
-    clock = _Clock()
+    clock = Clock(0.0)
     rec = SessionRecorder(folder, start_s=0.0, now=clock, name=f"new-{n}.mid")
     half = n // 2
     tracemalloc.start()
@@ -148,10 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="improvd-record-bench-") as tmp:
         results = [measure(n, args.repeat, Path(tmp)) for n in sizes]
+    rss, hwm = rss_mb(os.getpid())
     print(json.dumps({
         "bench": "record_flush", "python": platform.python_version(), "machine": platform.machine(),
         "step_s": STEP_S, "duration_s": DURATION_S, "repeat": args.repeat, "sizes": results,
-        "vm_rss_kib": _proc_status_kib("VmRSS"), "vm_hwm_kib": _proc_status_kib("VmHWM"),
+        "vm_rss_mb": round(rss, 1), "vm_hwm_mb": round(hwm, 1),
     }, indent=2))
     return 0
 

@@ -15,7 +15,7 @@ a receiver that saw less).
 
 Output: per window (lateness median/p99/max in ms, events, RSS MB, JACK's xrun reports, the host's CPU steal %),
 memory growth (first window after warm-up to the end, MB, and a least-squares slope in MB/hour over the samples
-after warm-up), peak RSS (VmHWM), mean CPU % of a core, JACK's xruns by client, the host's steal over the run, the
+after warm-up), peak RSS (VmHWM), mean CPU % of a core, JACK's xruns by client with the host's steal over the run, the
 receiver's note-on and note-off counts beside improvd's own, and `ok`.
 """
 
@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.flood import (IMPROVD_CH, cpu_steal, input_counts, note_balance, rss_mb, sent_counts,  # noqa: E402
-                         steal_percent, window_stats, xrun_counts)
+from bench.flood import (IMPROVD_CH, input_counts, jack_mark, jack_trouble, note_balance, rss_mb,  # noqa: E402
+                         sent_counts, window_stats)
 from tests.e2e.jack import PERIOD_FRAMES, Daemon, JackServer, Player, Receiver, write_config  # noqa: E402
 
 WARM_UP_S = 60.0
@@ -100,9 +100,7 @@ def main() -> int:
         server.connect(player.port, next(p for p in mine if p.endswith(":improvd in")))
         server.connect(next(p for p in mine if p.endswith(":improvd out")), receiver.port)
         pid = daemon.proc.pid
-        log_mark = server.log_size()
-        steal0 = cpu_steal()
-        mark = {"log": log_mark, "steal": steal0}  # where the current window started
+        run_start = window_start = jack_mark(server)
         t0 = time.monotonic()
         cpu0 = cpu_seconds(pid)
         end = t0 + args.minutes * 60.0
@@ -112,15 +110,14 @@ def main() -> int:
 
         def window(now: float) -> dict:
             """End the current window: improvd's lateness and memory in it, JACK's xruns and the host's steal."""
+            nonlocal window_start
             w = window_stats(daemon, len(daemon.lines))
-            xruns = xrun_counts(server, mark["log"])
-            steal = cpu_steal()
-            out = {"t_min": round((now - t0) / 60, 2), "events": w["sent"], "median_ms": w["median_ms"],
+            jack = jack_trouble(server, window_start)
+            window_start = jack_mark(server)
+            return {"t_min": round((now - t0) / 60, 2), "events": w["sent"], "median_ms": w["median_ms"],
                    "p99_ms": w["p99_ms"], "max_ms": w["max_ms"], "rss_mb": w["rss_mb"],
-                   "xrun_reports": xruns["reports"], "improvd_overran": xruns["improvd_overran"],
-                   "steal_percent": steal_percent(mark["steal"], steal)}
-            mark.update(log=server.log_size(), steal=steal)
-            return out
+                   "xrun_reports": jack["reports"], "improvd_overran": jack["improvd_overran"],
+                   "steal_percent": jack["host_steal_percent"]}
         while time.monotonic() < end:
             player.play(random_phrase(rng), wait=True, timeout=30)
             pause_until = time.monotonic() + rng.uniform(0.5, 3.0)
@@ -139,8 +136,7 @@ def main() -> int:
         cpu_pct = 100.0 * (cpu_seconds(pid) - cpu0) / elapsed
         windows.append(window(t0 + elapsed))
         _, peak = rss_mb(pid)
-        xruns = xrun_counts(server, log_mark)
-        steal = steal_percent(steal0, cpu_steal())
+        xruns = jack_trouble(server, run_start)
         daemon.send_signal(signal.SIGTERM)
         rc = daemon.wait(5.0)
         receiver.wait_quiet(0.5, 10.0)
@@ -173,7 +169,7 @@ def main() -> int:
                       "peak_vmhwm": round(peak, 1), "samples": len(samples)},
         "cpu_percent": round(cpu_pct, 2),
         "input": input_counts(lines),
-        "jack_xruns": xruns, "host_steal_percent": steal,
+        "jack_xruns": xruns,
         "exit_status": rc, **balance, "sent_by_improvd": sent_counts(lines),
     }
     result["ok"] = bool(rc == 0 and balance["note_ons"] == balance["note_offs"] and balance["note_ons"] > 0
