@@ -116,6 +116,7 @@ class Band:
 
     def __init__(self, server, tmp_path, model_path, *, improvise=None, timing=None, control=None, midi=None):
         self.server = server
+        self.server_log_start = server.log_size()  # the driver's late wake-ups after this mark are this band's
         self.client = f"improvd-band-{next(_names)}"
         sections = {
             "model": {"path": str(model_path)},
@@ -230,10 +231,12 @@ def test_quantized_onsets_follow_the_clock_and_its_tempo_change(band, grid_model
                  f"distance to the clock's 1/16 grid: at 100 bpm {np.round(at_100, 2)} ms, after the change to 140 "
                  f"bpm {np.round(at_140, 2)} ms; onsets {np.round(ons - t_start, 4)} s; change at "
                  f"{change_at - t_start:.4f} s, last tick at {ticks[-1] - t_start:.4f} s, stop at "
-                 f"{stop_at - t_start:.4f} s\n" + "\n".join(ln for ln in b.daemon.lines if "clock:" in ln))
+                 f"{stop_at - t_start:.4f} s\n" + "\n".join(ln for ln in b.daemon.lines if "clock:" in ln),
+                 since=b.server_log_start)
     # the grid really changed: the answer's inter-onset intervals after the change are 140-bpm sixteenths
     gaps = np.diff(ons[ons > change_at + 2 * 60 / 140]) / (6 * tick_140)
-    check_timing(b.server, np.allclose(gaps, np.round(gaps), atol=0.15), f"gaps in 140-bpm sixteenths {gaps}")
+    check_timing(b.server, np.allclose(gaps, np.round(gaps), atol=0.15), f"gaps in 140-bpm sixteenths {gaps}",
+                 since=b.server_log_start)
     # Stop silences improvd and releases its notes
     late = [e for e in events if e.channel == IMPROVD_CH and e.kind == "on" and e.t_s > stop_at + 0.010]
     assert not late, [round(e.t_s - stop_at, 4) for e in late]
@@ -254,7 +257,8 @@ def test_panic_by_cc_silences_within_10_ms(band, long_model):
     assert after and all(e.kind == "off" for e in after), after
     assert balance(events, IMPROVD_CH) == {}
     check_timing(b.server, all(e.t_s - t_panic <= 0.010 for e in after),
-                 f"improvd's note-offs {[round((e.t_s - t_panic) * 1000, 2) for e in after]} ms after the panic CC")
+                 f"improvd's note-offs {[round((e.t_s - t_panic) * 1000, 2) for e in after]} ms after the panic CC",
+                 since=b.server_log_start)
     b.daemon.reader.wait_line("panic: [1-9]", 2.0)
 
 
@@ -265,7 +269,8 @@ def test_key_strength_1_keeps_every_answered_note_in_c_major(band, spread_model)
     ok = b.receiver.wait_events(lambda evs: sum(e.kind == "on" and e.channel == IMPROVD_CH for e in evs) >= 200, 40)
     pitches = [e.note for e in b.improvd_ons()]
     answers = sum(1 for ln in b.daemon.lines if "answer:" in ln)
-    check_timing(b.server, ok and answers >= 50, f"{len(pitches)} notes, {answers} answers in 40 s")
+    check_timing(b.server, ok and answers >= 50, f"{len(pitches)} notes, {answers} answers in 40 s",
+                 since=b.server_log_start)
     assert all(p % 12 in C_MAJOR for p in pitches), sorted({p % 12 for p in pitches})
     assert len({p % 12 for p in pitches}) >= 5
     assert any("key C major" in ln for ln in b.daemon.lines)

@@ -97,7 +97,7 @@ class Session:
         ok = self.receiver.wait_events(
             lambda evs: sum(e.kind == "on" and e.channel == IMPROVD_CH for e in evs) >= n, timeout)
         check_timing(self.server, ok, f"the receiver saw fewer than {n} notes from improvd within {timeout} s\n"
-                                      f"{self.daemon.log()}")
+                                      f"{self.daemon.log()}", since=self.server_log_start)
 
     def close(self):
         self.daemon.stop()
@@ -152,7 +152,8 @@ def test_phrase_is_answered_with_the_greedy_notes_on_time(session, model):
     # The first note comes once the silence has passed (its predicted step is shorter than the silence).
     end_of_silence = max(n[2] for n in heard) + SILENCE_S
     first_delay = answer[0][0] - end_of_silence
-    check_timing(s.server, -0.003 <= first_delay <= 0.02, f"first note {first_delay * 1000:.2f} ms after the silence")
+    check_timing(s.server, -0.003 <= first_delay <= 0.02, f"first note {first_delay * 1000:.2f} ms after the silence",
+                 since=s.server_log_start)
 
     # Inter-onset intervals against the predicted steps; durations against the predicted durations (a note ends
     # early where the next note of the same pitch starts while it still sounds).
@@ -169,7 +170,8 @@ def test_phrase_is_answered_with_the_greedy_notes_on_time(session, model):
     dur_err = (offs - onsets) - (predicted_off - predicted_on)
     errors_ms = np.abs(np.concatenate([ioi_err, dur_err])) * 1000
     check_timing(s.server, np.percentile(errors_ms, 95) <= 3.0 and errors_ms.max() <= 6.0,
-                 f"inter-onset errors {np.round(ioi_err * 1000, 2)} ms, duration errors {np.round(dur_err * 1000, 2)} ms")
+                 f"inter-onset errors {np.round(ioi_err * 1000, 2)} ms, duration errors {np.round(dur_err * 1000, 2)} ms",
+                 since=s.server_log_start)
     assert any(line.count("answer:") and "played 12" in line for line in s.daemon.lines), s.daemon.log()
 
 
@@ -185,7 +187,8 @@ def test_player_interrupts_the_answer(session):
     after = [e for e in events if e.channel == IMPROVD_CH and e.t_s >= t_int]
     assert all(e.kind == "off" for e in after), after
     check_timing(s.server, all(e.t_s <= t_int + 0.010 for e in after),
-                 f"improvd events {[round((e.t_s - t_int) * 1000, 2) for e in after]} ms after the interruption")
+                 f"improvd events {[round((e.t_s - t_int) * 1000, 2) for e in after]} ms after the interruption",
+                 since=s.server_log_start)
     assert balance(events, IMPROVD_CH) == {}
     s.player.play([(0.0, "note_off", 72, 0, PLAYER_CH)])
     assert s.daemon.send_signal(signal.SIGTERM)
@@ -219,7 +222,8 @@ def test_signal_mid_answer_releases_every_note_and_exits_0(session, tmp_path, si
         names = [m.name for m in track if m.type == "track_name"]
         if names:
             counts[names[0]] = sum(m.type == "note_on" and m.velocity > 0 for m in track)
-    check_timing(s.server, counts["player"] == len(PHRASE), f"improvd heard {counts['player']} of {len(PHRASE)} notes")
+    if counts["player"] != len(PHRASE):
+        midi_lost(s.server, s.server_log_start, f"improvd heard {counts['player']} of {len(PHRASE)} notes")
     assert counts["improvd"] == sum(e.kind == "on" for e in s.events(IMPROVD_CH))
     assert len(read_notes(files[0])) >= len(PHRASE)
 

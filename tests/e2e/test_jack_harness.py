@@ -2,8 +2,8 @@
 
 import pytest
 
-from tests.e2e.jack import (Player, Receiver, check_timing, jack_server, parse_dump_line, phrase,  # noqa: F401
-                            requires_jack)
+from tests.e2e.jack import (JackServer, Player, Receiver, check_timing, jack_server, parse_dump_line,  # noqa: F401
+                            phrase, requires_jack)
 
 
 def test_parse_dump_line():
@@ -15,9 +15,31 @@ def test_parse_dump_line():
     assert parse_dump_line("garbage") is None
 
 
+
+def _server_with_log(tmp_path, text: str, realtime: bool = True) -> JackServer:
+    server = JackServer(realtime=realtime)
+    server.log_path = tmp_path / "jackd.log"
+    server.log_path.write_text(text)
+    return server
+
+
+def test_timing_miss_fails_unless_the_driver_woke_late_after_the_mark(tmp_path):
+    before = "JackTimedDriver::Process XRun = 16 usec\n"
+    server = _server_with_log(tmp_path, before + "JackEngine::XRun: client = receiver-1 was not finished, "
+                                                 "state = Triggered\n")
+    check_timing(server, True, "fine", since=0)
+    # a client's missed cycle alone does not move the frame clock, and a late wake-up before the mark is not ours
+    with pytest.raises(AssertionError, match="late by 4 ms"):
+        check_timing(server, False, "late by 4 ms", since=len(before))
+    with pytest.raises(pytest.xfail.Exception, match="woke late 1 times.*late by 4 ms"):
+        check_timing(server, False, "late by 4 ms", since=0)
+    with pytest.raises(pytest.xfail.Exception, match="without real-time"):
+        check_timing(_server_with_log(tmp_path, "", realtime=False), False, "late", since=0)
+
 @pytest.mark.jack
 @requires_jack
 def test_player_reaches_receiver(jack_server):
+    mark = jack_server.log_size()
     receiver = Receiver(jack_server)
     player = Player(jack_server)
     try:
@@ -27,7 +49,7 @@ def test_player_reaches_receiver(jack_server):
         ons = [e for e in receiver.events if e.kind == "on"]
         assert [e.note for e in ons] == [60, 62, 64, 65]
         iois = [b.t_s - a.t_s for a, b in zip(ons, ons[1:])]
-        check_timing(jack_server, all(abs(ioi - 0.1) < 0.004 for ioi in iois), iois)
+        check_timing(jack_server, all(abs(ioi - 0.1) < 0.004 for ioi in iois), iois, since=mark)
     finally:
         player.stop()
         receiver.stop()
