@@ -441,7 +441,7 @@ def main() -> int:
     server = JackServer().start(tmp)
     result: dict = {"bench": "flood", "seconds": args.seconds, "rate": args.rate, "cpus": os.cpu_count(),
                     "jack": {"driver": "dummy", "rate_hz": server.rate, "period_frames": server.period,
-                             "realtime": server.realtime}}
+                             "realtime": server.realtime, "sync": server.sync}}
     try:
         if args.mode in ("both", "continuous"):
             result["continuous"] = continuous_flood(server, tmp, model, args.seconds, args.rate, args.hang,

@@ -1,7 +1,7 @@
 """Soak: `improvd run` in continuous mode for a long time with an automated player, over JACK; prints JSON.
 
     .venv/bin/python bench/soak.py [--minutes 30] [--window-seconds 60] [--no-record] [--rotate-minutes 60]
-                                   [--period-frames 64]
+                                   [--period-frames 64] [--jack-async]
 
 improvd plays continuously (temperature 0.9) while an automated player in another process plays phrases of 3 to 8
 notes (some of them chords, random velocities, on two channels) with pauses of 0.5 to 3 s, for `--minutes`. The
@@ -11,7 +11,10 @@ memory; the bench also samples the daemon's resident memory and CPU time from /p
 SIGTERM, and an independent receiver (`jack_midi_dump -a`) on improvd's output must have seen exactly as many
 note-ons as note-offs, and exactly the counts improvd says it sent (its final `stats:` line). JACK's xrun reports
 during the run are counted from the server's log (a missed cycle loses its MIDI for every client, so they explain
-a receiver that saw less).
+a receiver that saw less). The JACK server runs in synchronous mode (`jackd -S`) unless `--jack-async`: in the
+default asynchronous mode a client the host stalled past the driver's wake-up misses that cycle and its MIDI, so on
+a VM with CPU steal the receiver's counts measure the host; in sync mode a stalled cycle is late, not lost, and the
+receiver's counts measure improvd.
 
 Output: per window (lateness median/p99/max in ms, events, RSS MB, JACK's xrun reports, the host's CPU steal %),
 memory growth (first window after warm-up to the end, MB, and a least-squares slope in MB/hour over the samples
@@ -73,8 +76,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--model", type=Path, help="step-format ONNX (default: a random test model)")
     parser.add_argument("--period-frames", type=int, default=PERIOD_FRAMES,
-                        help=f"JACK's period at 48 kHz (default {PERIOD_FRAMES}: 1.3 ms; a VM that loses its CPU "
-                             "for longer misses cycles, and their MIDI, whatever the clients do)")
+                        help=f"JACK's period at 48 kHz (default {PERIOD_FRAMES}: 1.3 ms; where a VM loses its CPU "
+                             "for longer, the driver wakes late)")
+    parser.add_argument("--jack-async", action="store_true",
+                        help="run jackd in its default asynchronous mode (stalled clients miss cycles and their MIDI) "
+                             "instead of synchronous mode (-S)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="improvd-soak-"))
     model = args.model
@@ -83,7 +89,7 @@ def main() -> int:
         model = tmp / "model.onnx"
         make_step_model(model, seed=3, context=64)
     rng = random.Random(args.seed)
-    server = JackServer(period=args.period_frames).start(tmp)
+    server = JackServer(period=args.period_frames, sync=not args.jack_async).start(tmp)
     receiver = player = daemon = None
     windows, samples = [], []
     try:
@@ -156,7 +162,7 @@ def main() -> int:
         "recording": None if args.no_record else {"rotate_minutes": args.rotate_minutes,
                                                   "files": len(list((tmp / "rec").glob("*.mid")))},
         "jack": {"driver": "dummy", "rate_hz": server.rate, "period_frames": server.period,
-                 "realtime": server.realtime},
+                 "realtime": server.realtime, "sync": server.sync},
         "windows": windows,
         "lateness_ms": {"worst_window_p99": max(p99s) if p99s else None,
                         "median_window_p99": float(np.median(p99s)) if p99s else None,
