@@ -49,7 +49,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests.e2e.jack import (REPO as _REPO, Daemon, finish, JackServer, Player, Receiver, _LineReader,  # noqa: E402
-                            phrase, spawn, write_config)
+                            phrase, spawn, write_config, xrun_kind)
 
 PLAYER_CH, IMPROVD_CH = 1, 0
 PHRASE = [60, 62, 64, 65, 67, 65, 64, 62]
@@ -263,8 +263,7 @@ def xrun_counts(server: JackServer, since: int = 0) -> dict:
     """JACK's xrun reports after byte `since` of its log: all of them, and those where one of improvd's clients
     overran the cycle (`state = Running`: its process callback was still running at the deadline)."""
     lines = server.xruns(since)
-    by_client = collections.Counter(re.sub(r".*client = (\S+) was not finished, state = (\w+).*", r"\1 \2", ln)
-                                    if "client = " in ln else "driver woke late" for ln in lines)
+    by_client = collections.Counter(xrun_kind(ln) for ln in lines)
     return {"reports": len(lines),
             "improvd_overran": sum("client = improvd" in ln and "state = Running" in ln for ln in lines),
             "by_client_state": dict(by_client.most_common())}
@@ -440,8 +439,7 @@ def main() -> int:
         make_step_model(model, seed=3, context=64)
     server = JackServer().start(tmp)
     result: dict = {"bench": "flood", "seconds": args.seconds, "rate": args.rate, "cpus": os.cpu_count(),
-                    "jack": {"driver": "dummy", "rate_hz": server.rate, "period_frames": server.period,
-                             "realtime": server.realtime, "sync": server.sync}}
+                    "jack": server.settings()}
     try:
         if args.mode in ("both", "continuous"):
             result["continuous"] = continuous_flood(server, tmp, model, args.seconds, args.rate, args.hang,

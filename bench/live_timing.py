@@ -261,7 +261,7 @@ def main() -> int:
     finally:
         server.stop()
     result = {
-        "bench": "live_timing", "jack": {"driver": "dummy", "rate_hz": server.rate, "period_frames": server.period},
+        "bench": "live_timing", "jack": server.settings(),
         "cpus": os.cpu_count(), "model": str(args.model or "tests.modelfactory(seed=3)"),
         "respond": respond, "continuous": continuous,
         "cpu_idle_excess_pp": round(respond["cpu_percent_idle"]["improvd"]

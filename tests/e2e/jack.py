@@ -176,10 +176,10 @@ class JackServer:
         self._take_name()
         self.log_path = Path(log_dir) / f"{self.name}-{os.getpid()}-{next(_counter)}.log"
         log = open(self.log_path, "wb")
-        rt = ["--realtime"] if self.realtime else ["--no-realtime"]
+        mode = ["--realtime"] if self.realtime else ["--no-realtime"]
         if self.sync:
-            rt.append("--sync")
-        self.proc = spawn([JACKD, "-n", self.name, *rt, "-d", "dummy",
+            mode.append("--sync")
+        self.proc = spawn([JACKD, "-n", self.name, *mode, "-d", "dummy",
                            "-r", str(self.rate), "-p", str(self.period)],
                           env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
@@ -202,6 +202,11 @@ class JackServer:
             os.close(self._lock_fd)  # the name is free again
             self._lock_fd = None
         return rc
+
+    def settings(self) -> dict:
+        """The server's settings, for a benchmark's JSON."""
+        return {"driver": "dummy", "rate_hz": self.rate, "period_frames": self.period, "realtime": self.realtime,
+                "sync": self.sync}
 
     @property
     def running(self) -> bool:
@@ -261,11 +266,27 @@ def midi_lost(server: JackServer, since: int, detail: str) -> NoReturn:
     raise AssertionError(detail)
 
 
+DRIVER_WOKE_LATE = "driver woke late"
+
+
+def xrun_kind(line: str) -> str:
+    """What one of the server's xrun reports says: `DRIVER_WOKE_LATE` (`JackTimedDriver::Process XRun`), or
+    "CLIENT STATE" for a client not finished at the deadline (`client = CLIENT was not finished, state = STATE`),
+    or "CLIENT finished late" (`client CLIENT finished after current callback`)."""
+    if "JackTimedDriver" in line:
+        return DRIVER_WOKE_LATE
+    m = re.search(r"client = (\S+) was not finished, state = (\w+)", line)
+    if m:
+        return f"{m[1]} {m[2]}"
+    m = re.search(r"client (\S+) finished after", line)
+    return f"{m[1]} finished late" if m else line.strip()
+
+
 def driver_woke_late(server: JackServer, since: int) -> list[str]:
-    """The dummy driver's late wake-ups after byte `since` of the server's log (`JackTimedDriver::Process XRun`).
-    Each one loses the frame clock the time the driver slept too long: a receiver's timestamps (frames) then put
-    later events earlier than they were sent (measured: a 5 ms stall of both CPUs -> 2.7-4.0 ms shorter intervals)."""
-    return [ln for ln in server.xruns(since) if "JackTimedDriver" in ln]
+    """The dummy driver's late wake-ups after byte `since` of the server's log (`xrun_kind`). Each one loses the
+    frame clock the time the driver slept too long: a receiver's timestamps (frames) then put later events earlier
+    than they were sent (measured: a 5 ms stall of both CPUs -> 2.7-4.0 ms shorter intervals)."""
+    return [ln for ln in server.xruns(since) if xrun_kind(ln) == DRIVER_WOKE_LATE]
 
 
 def check_timing(server: JackServer, ok: bool, detail, *, since: int) -> None:

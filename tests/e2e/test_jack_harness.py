@@ -3,7 +3,7 @@
 import pytest
 
 from tests.e2e.jack import (JackServer, Player, Receiver, check_timing, jack_server, parse_dump_line,  # noqa: F401
-                            phrase, requires_jack)
+                            phrase, requires_jack, xrun_kind)
 
 
 def test_parse_dump_line():
@@ -14,6 +14,11 @@ def test_parse_dump_line():
     assert parse_dump_line("  51072: 92 3c 00 note on").kind == "off"
     assert parse_dump_line("garbage") is None
 
+
+def test_xrun_kind_tells_the_driver_from_clients():
+    assert xrun_kind("JackTimedDriver::Process XRun = 16 usec") == "driver woke late"
+    assert xrun_kind("JackEngine::XRun: client = receiver-1 was not finished, state = Triggered") == "receiver-1 Triggered"
+    assert xrun_kind("JackEngine::XRun: client band-1 finished after current callback") == "band-1 finished late"
 
 
 def _server_with_log(tmp_path, text: str, realtime: bool = True) -> JackServer:
@@ -35,6 +40,7 @@ def test_timing_miss_fails_unless_the_driver_woke_late_after_the_mark(tmp_path):
         check_timing(server, False, "late by 4 ms", since=0)
     with pytest.raises(pytest.xfail.Exception, match="without real-time"):
         check_timing(_server_with_log(tmp_path, "", realtime=False), False, "late", since=0)
+
 
 @pytest.mark.jack
 @requires_jack
