@@ -19,8 +19,8 @@ import mido
 import pytest
 
 from bench.flood import Flooder, input_counts, window_stats
-from tests.e2e.jack import (JackServer, Player, Receiver, _counter, _LineReader, greedy_answer,  # noqa: F401
-                            jack_server, make_model, midi_lost, phrase, requires_jack, spawn)
+from tests.e2e.jack import (JackServer, Player, Receiver, _counter, _LineReader, check_timing,  # noqa: F401
+                            greedy_answer, jack_server, make_model, midi_lost, phrase, requires_jack, spawn)
 from tests.e2e.test_daemon_e2e import (DUR_S, IMPROVD_CH, PHRASE, PLAYER_CH, STEP_S, Session, _prime_from_receiver,
                                        balance, heard_notes, notes_of)
 from tests.modelfactory import make_step_model
@@ -152,7 +152,10 @@ def test_a_key_held_longer_than_max_hold_counts_as_released(session):
     first = next(e for e in s.receiver.events if e.channel == IMPROVD_CH and e.kind == "on")
     # The answer starts once the stuck key counts as released (max_hold) and the silence has passed.
     delay = first.t_s - heard[-1].t_s
-    assert 0.8 + 0.3 - 0.01 <= delay <= 0.8 + 0.3 + 0.3, delay
+    # Measured on the receiver's frame clock, which loses the time the dummy driver sleeps too long (CI once saw
+    # 1.084 s here): an expected failure only where the driver woke late during the test.
+    check_timing(s.server, 0.8 + 0.3 - 0.01 <= delay <= 0.8 + 0.3 + 0.3,
+                 f"first answer {delay:.4f} s after the stuck key, expected 1.09-1.40 s", since=s.server_log_start)
     s.receiver.wait_quiet(0.4, 10)
     s.player.play([(0.0, "note_off", 72, 0, PLAYER_CH)])  # the late release is ignored
     stop_and_check_balance(s)
