@@ -223,6 +223,10 @@ def test_virtual_ports_survive_their_peers_leaving(session, jack_server):
         s.wait_answer_notes(3)
         synth.stop()  # one of two listeners leaves mid-answer
         s.player.play([(0.0, "note_on", 72, 90, PLAYER_CH)])  # interrupts, and stays held...
+        # A killed client stalls the server's graph for a few cycles (xruns, MIDI of those cycles lost for every
+        # client): let the interruption's releases reach the receiver before the player goes.
+        s.receiver.wait_events(lambda evs: any(e.channel == PLAYER_CH and e.kind == "on" and e.note == 72 for e in evs)
+                               and not balance(evs, IMPROVD_CH), 2.0)
         s.player.proc.kill()  # ...as the player leaves
         time.sleep(0.3)
         assert s.daemon.proc.poll() is None
