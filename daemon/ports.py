@@ -21,6 +21,11 @@ JACK counts an xrun for the whole server: every client's MIDI of that cycle is l
 Measured with `bench/flood.py --mode respond --seconds 5`: 67 xruns naming improvd's input client with the
 callback. Polled, rtmidi's own C++ code queues the message in the process thread (no Python, no GIL), and the
 arrival time still comes from rtmidi's timestamps (`daemon/arrival.py`), not from when the poll ran.
+
+Why rtmidi ignores no message type: rtmidi computes each message's delta time from the previous message it
+received, ignored ones included, so an ignored message takes its delta with it. Active sensing (many keyboards
+send it every 300 ms) then shortened every stamped interval that spanned one: a 0.3 s note held across two was
+stamped 0.1 s long. The poller drops those types itself (`_IGNORED`), after their deltas are counted.
 """
 
 from __future__ import annotations
@@ -350,6 +355,18 @@ class _Port:
                 self._rt.delete()
 
 
+SYSEX, MTC_QUARTER_FRAME, CLOCK_TICK, ACTIVE_SENSING = 0xF0, 0xF1, 0xF8, 0xFE
+
+
+def _ignored_status(clock: bool) -> frozenset[int]:
+    """Status bytes the poller drops: SysEx and active sensing; MIDI clock and MTC too unless the input takes the
+    clock (what rtmidi's `ignore_types(sysex=True, timing=not clock, active_sense=True)` would drop)."""
+    ignored = {SYSEX, ACTIVE_SENSING}
+    if not clock:
+        ignored |= {MTC_QUARTER_FRAME, CLOCK_TICK}
+    return frozenset(ignored)
+
+
 class InputPort(_Port):
     """An input whose messages are stamped with their arrival time and handed to a queue as `(t_s, mido.Message)`.
 
@@ -363,7 +380,7 @@ class InputPort(_Port):
         client_name: the MIDI client name other programs see.
         now: the clock (tests inject one).
         clock: also take MIDI clock and transport messages (0xF8 ticks, Start, Continue, Stop, Song Position);
-            otherwise rtmidi drops them.
+            otherwise the poller drops them.
         port_name: the name of improvd's own port (JACK shows it).
         poll_s: how often the poller reads rtmidi's queue while messages come, seconds.
         idle_poll_s: how often once nothing came for `IDLE_AFTER_S` (an idle daemon costs a third of the CPU;
@@ -390,7 +407,8 @@ class InputPort(_Port):
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         rt = _new_rt(rtmidi.MidiIn, api, client_name, queue_size_limit=self.QUEUE_LIMIT)
-        rt.ignore_types(sysex=True, timing=not clock, active_sense=True)
+        rt.ignore_types(sysex=False, timing=False, active_sense=False)  # see the module's docstring
+        self._ignored = _ignored_status(clock)
         super().__init__(rt, api, spec, port_name)
         if start:
             self._thread = threading.Thread(target=self._poll_loop, name=f"improvd-{port_name.replace(' ', '-')}",
@@ -429,6 +447,8 @@ class InputPort(_Port):
         polled_s = self._now()  # after reading: every message read had arrived by now
         times = self._arrival.stamp([delta for _, delta in batch], polled_s)
         for t_s, (data, _) in zip(times, batch):
+            if data and data[0] in self._ignored:
+                continue
             try:
                 msg = mido.Message.from_bytes(data)
             except (ValueError, TypeError, IndexError):

@@ -90,8 +90,9 @@ class _QueuedRt:
         return self.messages.pop(0) if self.messages else None
 
 
-def _polled_input(messages, sink, now):
+def _polled_input(messages, sink, now, clock=True):
     port = ports.InputPort.__new__(ports.InputPort)  # the poller alone, without a device
+    port._ignored = ports._ignored_status(clock)
     port._rt = _QueuedRt(messages)
     port._lock = threading.Lock()
     port._sink, port._now = sink, now
@@ -114,6 +115,27 @@ def test_input_poll_stamps_by_rtmidi_deltas_enqueues_and_drops_garbage():
     assert port.invalid == 1  # malformed: dropped
     assert port.dropped == 1  # queue full: counted
     assert port.poll_once() == 0
+
+
+def test_input_poll_counts_the_deltas_of_the_messages_it_drops():
+    # rtmidi gives each message the time since the previous one it received; the poller drops active sensing,
+    # SysEx and (without the clock) clock ticks and MTC itself, so their deltas still count: a note held 0.3 s
+    # across two active-sensing messages is stamped 0.3 s long, not 0.1 s.
+    sink = queue.Queue()
+    port = _polled_input([([0x90, 60, 90], 0.0), ([0xFE], 0.1), ([0xF0, 1, 2, 0xF7], 0.05), ([0xF8], 0.05),
+                          ([0xF1, 3], 0.05), ([0xFE], 0.05), ([0x80, 60, 0], 0.1), ([0xFC], 0.02)], sink,
+                         now=lambda: 5.0, clock=False)
+    assert port.poll_once() == 8
+    got = [sink.get_nowait() for _ in range(sink.qsize())]
+    assert [m.type for _, m in got] == ["note_on", "note_off", "stop"]  # transport passes, as rtmidi let it
+    assert got[1][0] - got[0][0] == pytest.approx(0.4)
+    assert port.invalid == 0
+    clocked = _polled_input([([0xF8], 0.0), ([0xFE], 0.01), ([0xF1, 3], 0.01), ([0xF8], 0.01)], sink,
+                            now=lambda: 1.0, clock=True)
+    clocked.poll_once()
+    got = [sink.get_nowait() for _ in range(sink.qsize())]
+    assert [m.type for _, m in got] == ["clock", "quarter_frame", "clock"]
+    assert got[2][0] - got[0][0] == pytest.approx(0.03)
 
 
 def test_input_poll_reads_nothing_while_the_port_is_lost_or_closed():
