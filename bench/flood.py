@@ -164,6 +164,12 @@ for line in sys.stdin:
         if (ch, p) not in keep:
             release(ch, p)
             time.sleep(0.0002)
+    # One complete SysEx last (0x7D: the non-commercial ID). A flood cycle JACK missed can lose the F7 that ended
+    # one of the flood's unterminated SysEx starts; rtmidi's JACK input then takes every later message as part of
+    # that SysEx until an event ends with F7 (tests/e2e/test_input_e2e.py pins it), so the receiving end would
+    # go deaf for a reason that is not what the flood measures.
+    time.sleep(0.005)
+    send("sysex", [0xF0, 0x7D, 0xF7])
     print("done " + json.dumps({"sent": n, "seconds": round(elapsed, 3), "rate": round(n / elapsed, 1),
                                 "by_kind": counts, "left_held": len(keep), "behind_10ms_ticks": late_ticks}),
           flush=True)
