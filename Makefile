@@ -37,7 +37,7 @@ run: venv-runtime
 	$(VENV)/bin/improvd run
 
 test: sysdeps venv
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -rxX -p no:cacheprovider
 
 # Rebuild the shipped model from a clean checkout: the default preset on the Bach chorales, seeded, 15 minutes.
 model: venv
