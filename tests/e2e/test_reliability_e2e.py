@@ -213,7 +213,9 @@ def test_input_port_that_goes_away_releases_its_held_keys(session, jack_server):
         assert improvd_ons(s.receiver.events) == 0  # a key is held: no answer yet
         keys.proc.kill()  # unplugged
         s.daemon.reader.wait_line("went away", 5.0)
-        s.daemon.reader.wait_line(r"released 1 key\(s\) held on the lost input", 5.0)
+        released = s.daemon.reader.wait_line(r"released \d+ key\(s\) held on the lost input", 5.0)
+        if "released 1 key(s)" not in released:  # a note-off of the phrase did not reach improvd
+            midi_lost(s.server, s.server_log_start, f"{released}\n{s.daemon.log()}")
         s.wait_answer_notes(3, timeout=5)  # the phrase is over: improvd answers without waiting for max_hold
         s.receiver.wait_quiet(0.3, 10)
         stop_and_check_balance(s)
