@@ -4,7 +4,8 @@ improvd reads its input by polling rtmidi's queue (see `daemon/ports.py`: a Pyth
 real-time thread and make the whole JACK graph late while it waits for the GIL). A polled message comes with the
 time since the previous message, measured by rtmidi when the message arrived (on JACK, `jack_get_time()` in the
 process cycle: microseconds on the monotonic clock), so the spacing between messages is exact however late the
-poll; only the anchor on improvd's clock has to be found.
+poll; only the anchor on improvd's clock has to be found. That holds only if every message rtmidi received reaches
+`stamp`: a message rtmidi ignores takes its delta with it (the input asks rtmidi to ignore nothing for that reason).
 
 The anchor: with `cum` the sum of the deltas since the first message, a message arrived at `cum + offset` on
 improvd's clock, and no message arrives after it is polled, so `offset <= polled_s - cum` for every message of a

@@ -25,7 +25,7 @@ arrival time still comes from rtmidi's timestamps (`daemon/arrival.py`), not fro
 Why rtmidi ignores no message type: rtmidi computes each message's delta time from the previous message it
 received, ignored ones included, so an ignored message takes its delta with it. Active sensing (many keyboards
 send it every 300 ms) then shortened every stamped interval that spanned one: a 0.3 s note held across two was
-stamped 0.1 s long. The poller drops those types itself (`_IGNORED`), after their deltas are counted.
+stamped 0.1 s long. The poller drops those types itself (`_ignored_status`), after their deltas are counted.
 """
 
 from __future__ import annotations
