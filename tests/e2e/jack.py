@@ -260,10 +260,16 @@ def midi_lost(server: JackServer, since: int, detail: str) -> NoReturn:
     """Fail a check the receiver's record did not pass: an expected failure (xfail) where the JACK server logged
     xruns after byte `since` of its log, since a missed cycle loses its MIDI for every client and the record is then
     no evidence either way; else an AssertionError with `detail`."""
+    _xfail_if_xruns(server, since, "MIDI events of a missed cycle are lost", detail)
+
+
+def _xfail_if_xruns(server: JackServer, since: int, why: str, detail) -> NoReturn:
+    """xfail, naming the server's xruns after byte `since` by kind and `why` they matter, where there are any;
+    else an AssertionError with `detail`."""
     xruns = server.xruns(since)
     if xruns:
-        pytest.xfail(f"the JACK server reported {len(xruns)} xruns during the test (e.g. {xruns[0]!r}), and MIDI "
-                     f"events of a missed cycle are lost: {detail}")
+        kinds = collections.Counter(xrun_kind(x) for x in xruns)
+        pytest.xfail(f"the JACK server logged {len(xruns)} xruns during the test ({dict(kinds)}), and {why}: {detail}")
     raise AssertionError(detail)
 
 
@@ -302,12 +308,7 @@ def check_timing(server: JackServer, ok: bool, detail, *, since: int) -> None:
         return
     if not server.realtime:
         pytest.xfail(f"{NOT_REALTIME_REASON}; measured: {detail}")
-    xruns = server.xruns(since)
-    if xruns:
-        kinds = collections.Counter(xrun_kind(x) for x in xruns)
-        pytest.xfail(f"the JACK server logged {len(xruns)} xruns during the test ({dict(kinds)}), and the receiver's "
-                     f"stamps are then no reliable clock; measured: {detail}")
-    raise AssertionError(detail)
+    _xfail_if_xruns(server, since, "the receiver's stamps are then no reliable clock; measured", detail)
 
 
 @dataclass(frozen=True)

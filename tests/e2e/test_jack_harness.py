@@ -17,7 +17,8 @@ def test_parse_dump_line():
 
 def test_xrun_kind_tells_the_driver_from_clients():
     assert xrun_kind("JackTimedDriver::Process XRun = 16 usec") == "driver woke late"
-    assert xrun_kind("JackEngine::XRun: client = receiver-1 was not finished, state = Triggered") == "receiver-1 Triggered"
+    assert xrun_kind("JackEngine::XRun: client = receiver-1 was not finished, state = Triggered") \
+        == "receiver-1 Triggered"
     assert xrun_kind("JackEngine::XRun: client band-1 finished after current callback") == "band-1 finished late"
 
 
