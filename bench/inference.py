@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.model import StepModel  # noqa: E402
+from improvd.daemon.model import StepModel  # noqa: E402
 
 
 def _session(path: str):

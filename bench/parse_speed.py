@@ -21,9 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon import notes as nt  # noqa: E402
-from daemon.midifile import Track, write_notes  # noqa: E402
-from train.data import find_midi_files, load_collection  # noqa: E402
+from improvd.daemon import notes as nt  # noqa: E402
+from improvd.daemon.midifile import Track, write_notes  # noqa: E402
+from improvd.train.data import find_midi_files, load_collection  # noqa: E402
 
 
 def synthetic_notes(seed: int, n: int) -> np.ndarray:

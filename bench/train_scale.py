@@ -30,8 +30,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from daemon import notes as nt  # noqa: E402
-from daemon.midifile import Track, write_notes  # noqa: E402
+from improvd.daemon import notes as nt  # noqa: E402
+from improvd.daemon.midifile import Track, write_notes  # noqa: E402
 
 
 def synthetic_notes(seed: int, n: int) -> np.ndarray:
@@ -91,7 +91,7 @@ def proc_status() -> dict:
 
 def child(args) -> dict:
     """One size, in its own process: parse cold, re-index, split, train `args.steps` steps."""
-    from train import data as td
+    from improvd.train import data as td
 
     result: dict = {"rss_mib": {}}
     started = time.perf_counter()
@@ -120,8 +120,8 @@ def child(args) -> dict:
 
     import keras
 
-    from train.batches import BatchSource, tf_dataset
-    from train.model import build_model, get_preset
+    from improvd.train.batches import BatchSource, tf_dataset
+    from improvd.train.model import build_model, get_preset
 
     preset = get_preset("tiny")
     source = BatchSource(col.note_set().subset(split.train), preset.kind, preset.seq_length,

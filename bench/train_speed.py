@@ -29,11 +29,11 @@ def worker(preset_name: str, data: str | None, minutes: float, sample: int, out:
     import keras
     import numpy as np
 
-    from daemon.config import load_config
-    from train.cli import data_source, load_data, make_split
-    from train.evaluate import evaluate, keras_predictor
-    from train.fit import fit
-    from train.model import get_preset
+    from improvd.daemon.config import load_config
+    from improvd.train.cli import data_source, load_data, make_split
+    from improvd.train.evaluate import evaluate, keras_predictor
+    from improvd.train.fit import fit
+    from improvd.train.model import get_preset
 
     config = load_config(ROOT / "config.toml")
     args = argparse.Namespace(data=data, corpus=None)

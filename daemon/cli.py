@@ -12,19 +12,19 @@ import logging
 import sys
 from typing import Callable
 
-from daemon.config import Config, load_config
-from daemon.errors import ImprovdError
+from improvd.daemon.config import Config, load_config
+from improvd.daemon.errors import ImprovdError
 
 log = logging.getLogger("improvd")
 
 # subcommand -> (module, function); the function takes (args, config) and returns an exit status.
 HANDLERS = {
-    "run": ("daemon.service", "cmd_run"),
-    "ports": ("daemon.ports", "cmd_ports"),
-    "generate": ("daemon.generate", "cmd_generate"),
-    "train": ("train.cli", "cmd_train"),
-    "eval": ("train.cli", "cmd_eval"),
-    "export": ("export.cli", "cmd_export"),
+    "run": ("improvd.daemon.service", "cmd_run"),
+    "ports": ("improvd.daemon.ports", "cmd_ports"),
+    "generate": ("improvd.daemon.generate", "cmd_generate"),
+    "train": ("improvd.train.cli", "cmd_train"),
+    "eval": ("improvd.train.cli", "cmd_eval"),
+    "export": ("improvd.export.cli", "cmd_export"),
 }
 NEEDS_TRAIN_EXTRA = {"train", "eval", "export"}
 

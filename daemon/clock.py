@@ -34,7 +34,7 @@ from collections import deque
 import mido
 import numpy as np
 
-from daemon.quantize import TICKS_PER_BEAT, Grid
+from improvd.daemon.quantize import TICKS_PER_BEAT, Grid
 
 CLOCK_TYPES = frozenset({"clock", "start", "continue", "stop", "songpos"})
 

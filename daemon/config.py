@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import ConfigError
+from improvd.daemon.errors import ConfigError
 
 DEFAULT_CONFIG_NAMES = ("config.toml", "~/.config/improvd/config.toml")
 
@@ -270,7 +270,7 @@ def _check_pairs(name: str, section: Any) -> None:
 def _check_special(name: str, section: Any) -> None:
     """Checks that need more than a range: keys, tempo, CC assignments."""
     if name == "improvise":
-        from daemon.keys import VALID_FORMS, check_key_setting  # here: numpy stays out of a bare config load
+        from improvd.daemon.keys import VALID_FORMS, check_key_setting  # here: numpy stays out of a bare config load
         try:
             check_key_setting(section.key)
         except ValueError:

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import mido
 
-from daemon.config import CONTROL_FUNCTIONS, ControlConfig
+from improvd.daemon.config import CONTROL_FUNCTIONS, ControlConfig
 
 KNOBS = ("temperature", "top_p", "max_notes", "key_strength")
 SWITCHES = ("mode", "mute")

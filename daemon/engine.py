@@ -95,17 +95,17 @@ from typing import Callable
 import mido
 import numpy as np
 
-from daemon import notes as nt
-from daemon import tempo
-from daemon.clock import CLOCK_TYPES, ClockTracker
-from daemon.config import Config, ImproviseConfig
-from daemon.control import ControlMap
-from daemon.improviser import Decoding, Improviser
-from daemon.keys import Key, estimate_key, parse_key
-from daemon.model import StepModel
-from daemon.quantize import Grid, division_ticks, snap
-from daemon.scheduler import Scheduler
-from daemon.window import HeardNote, NoteTracker
+from improvd.daemon import notes as nt
+from improvd.daemon import tempo
+from improvd.daemon.clock import CLOCK_TYPES, ClockTracker
+from improvd.daemon.config import Config, ImproviseConfig
+from improvd.daemon.control import ControlMap
+from improvd.daemon.improviser import Decoding, Improviser
+from improvd.daemon.keys import Key, estimate_key, parse_key
+from improvd.daemon.model import StepModel
+from improvd.daemon.quantize import Grid, division_ticks, snap
+from improvd.daemon.scheduler import Scheduler
+from improvd.daemon.window import HeardNote, NoteTracker
 
 log = logging.getLogger("improvd.engine")
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon import notes as nt
-from daemon.config import Config
-from daemon.errors import ImprovdError, MidiFileError
-from daemon.improviser import Improviser, Snapshot
-from daemon.midifile import Track, read_notes, write_notes
-from daemon.model import StepModel
-from daemon.sampling import Decoding, log_softmax
+from improvd.daemon import notes as nt
+from improvd.daemon.config import Config
+from improvd.daemon.errors import ImprovdError, MidiFileError
+from improvd.daemon.improviser import Improviser, Snapshot
+from improvd.daemon.midifile import Track, read_notes, write_notes
+from improvd.daemon.model import StepModel
+from improvd.daemon.sampling import Decoding, log_softmax
 
 log = logging.getLogger("improvd.generate")
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from daemon import notes as nt
-from daemon.model import Prediction, StepModel
-from daemon.sampling import Decoding, decode
+from improvd.daemon import notes as nt
+from improvd.daemon.model import Prediction, StepModel
+from improvd.daemon.sampling import Decoding, decode
 
 __all__ = ["Decoding", "Improviser", "Snapshot"]
 

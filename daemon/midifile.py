@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import mido
 import numpy as np
 
-from daemon import notes as nt
-from daemon.atomic import atomic_writer
-from daemon.errors import MidiFileError
+from improvd.daemon import notes as nt
+from improvd.daemon.atomic import atomic_writer
+from improvd.daemon.errors import MidiFileError
 
 DRUM_CHANNEL = 9
 TICKS_PER_BEAT = 960

@@ -43,8 +43,8 @@ from typing import Callable
 import mido
 import rtmidi
 
-from daemon.arrival import ArrivalClock
-from daemon.errors import PortError
+from improvd.daemon.arrival import ArrivalClock
+from improvd.daemon.errors import PortError
 
 log = logging.getLogger("improvd.ports")
 

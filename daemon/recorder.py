@@ -48,9 +48,9 @@ from typing import Callable
 
 import mido
 
-from daemon import midifile
-from daemon import notes as nt
-from daemon.atomic import atomic_writer
+from improvd.daemon import midifile
+from improvd.daemon import notes as nt
+from improvd.daemon.atomic import atomic_writer
 
 log = logging.getLogger("improvd.record")
 

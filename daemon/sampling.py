@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from daemon.config import ImproviseConfig
+from improvd.daemon.config import ImproviseConfig
 
 VELOCITY_POLICIES = ("model", "follow", "fixed")
 
@@ -83,7 +83,7 @@ class Decoding:
 
         The scale is `improvise.key`'s; with key "auto" it is `scale_pcs` (the caller's estimate; None = none yet).
         """
-        from daemon.keys import parse_key
+        from improvd.daemon.keys import parse_key
 
         setting = improvise.key.strip().lower()
         if setting == "auto":

@@ -41,10 +41,10 @@ import time
 
 import mido
 
-from daemon import ports
-from daemon.config import Config, load_config
-from daemon.errors import ImprovdError, ModelError
-from daemon.recorder import SessionRecorder
+from improvd.daemon import ports
+from improvd.daemon.config import Config, load_config
+from improvd.daemon.errors import ImprovdError, ModelError
+from improvd.daemon.recorder import SessionRecorder
 
 log = logging.getLogger("improvd")
 
@@ -194,8 +194,8 @@ def _load_model(config: Config):
     first note of the first answer."""
     import numpy as np
 
-    from daemon.improviser import Decoding, Improviser
-    from daemon.model import StepModel  # onnxruntime is imported with it
+    from improvd.daemon.improviser import Decoding, Improviser
+    from improvd.daemon.model import StepModel  # onnxruntime is imported with it
 
     model = StepModel(config.model.path, threads=config.model.threads)
     bad = model.nonfinite_outputs()
@@ -261,8 +261,8 @@ class Service:
     # ---- start-up ---------------------------------------------------------------------------------------
     def start(self) -> None:
         """Load the model, open the ports, start the scheduler and the engine. Raises ImprovdError on failure."""
-        from daemon.engine import Engine
-        from daemon.scheduler import Scheduler
+        from improvd.daemon.engine import Engine
+        from improvd.daemon.scheduler import Scheduler
 
         config = self.config
         model = _load_model(config)

@@ -8,10 +8,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from daemon.config import Config
-from daemon.errors import ImprovdError
-from export import onnx as ex
-from export.parity import check, random_windows, real_windows
+from improvd.daemon.config import Config
+from improvd.daemon.errors import ImprovdError
+from improvd.export import onnx as ex
+from improvd.export.parity import check, random_windows, real_windows
 
 log = logging.getLogger(__name__)
 PARITY_WINDOWS = 256
@@ -45,7 +45,7 @@ def build_card(run_dir: Path | None, model_path: Path, command: str) -> dict:
 
 def _validation_notes(run_dir: Path | None, data_dir: str | None, config: Config) -> list:
     """Notes of the run's validation files (or of every file under --data); [] when there is no data."""
-    from train.cli import load_data, split_by_hashes
+    from improvd.train.cli import load_data, split_by_hashes
     if data_dir:
         return [f.notes for f in load_data({"kind": "dir", "path": data_dir}, config, False).files]
     cfg, split = (_read_json(run_dir / n) for n in ("config.json", "split.json")) if run_dir else ({}, {})
@@ -57,8 +57,8 @@ def _validation_notes(run_dir: Path | None, data_dir: str | None, config: Config
 
 
 def cmd_export(args, config: Config) -> int:
-    from train.cli import command_line
-    from train.model import load_keras
+    from improvd.train.cli import command_line
+    from improvd.train.model import load_keras
 
     source = Path(args.source)
     run_dir = source if source.is_dir() else (source.parent if (source.parent / "metrics.json").exists() else None)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.atomic import atomic_writer
+from improvd.daemon.atomic import atomic_writer
 
 FORMAT = "step-1"
 OPSET = 17
@@ -57,7 +57,7 @@ def _head(model, name: str):
 
 
 def spec_of(model, context: int | None = None) -> StepSpec:
-    from train.model import model_features, model_kind
+    from improvd.train.model import model_features, model_kind
     kind = model_kind(model)
     if context is None:
         context = int(model.inputs[0].shape[1]) if kind == "window" else 25
@@ -93,7 +93,7 @@ def step_function(model, spec: StepSpec):
     """A `tf.function(note [N, F], state [N, S]) -> dict` computing one step with the model's weights."""
     import tensorflow as tf
 
-    from train.model import TIME_SCALE_S
+    from improvd.train.model import TIME_SCALE_S
 
     # numpy weights, made constants inside the function: tf2onnx turns constants captured from outside into inputs
     table, layers = _folded_layers(model, spec)

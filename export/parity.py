@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from daemon import notes as nt
+from improvd.daemon import notes as nt
 
 LOGIT_ATOL = 1e-4
 TIME_ATOL = 1e-5
@@ -73,9 +73,9 @@ def check(model, step_path, windows: dict[str, np.ndarray], window_path=None) ->
     """Compare the Keras `model` with the exported ONNX file(s) on named sets of raw windows [N, T, 4]."""
     import onnxruntime as ort
 
-    from daemon.model import StepModel
-    from train.evaluate import onnx_predictor
-    from train.model import predict_next
+    from improvd.daemon.model import StepModel
+    from improvd.train.evaluate import onnx_predictor
+    from improvd.train.model import predict_next
 
     step_model = StepModel(str(step_path), threads=1)
     predict_step = onnx_predictor(step_model)

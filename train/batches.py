@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from daemon import notes as nt
-from train.data import NoteSet, as_note_set
+from improvd.daemon import notes as nt
+from improvd.train.data import NoteSet, as_note_set
 
 RELEASE_EVERY = 512  # batches between drops of the memory-mapped pages this process touched (keeps RSS flat)
 

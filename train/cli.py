@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.config import Config
-from daemon.errors import ImprovdError
-from train import data as td
-from train.evaluate import evaluate, format_table, keras_predictor, onnx_predictor
-from train.markov import evaluate_orders, transpose_sequences
-from train.model import Preset, get_preset
+from improvd.daemon.config import Config
+from improvd.daemon.errors import ImprovdError
+from improvd.train import data as td
+from improvd.train.evaluate import evaluate, format_table, keras_predictor, onnx_predictor
+from improvd.train.markov import evaluate_orders, transpose_sequences
+from improvd.train.model import Preset, get_preset
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def load_data(source: dict, config: Config, progress: bool) -> td.Collection:
         if not paths:
             raise ImprovdError(f"no .mid or .midi files below {source['path']!r}")
     else:
-        from train.corpus import bach_midi_dir
+        from improvd.train.corpus import bach_midi_dir
         paths = td.find_midi_files(bach_midi_dir(config.data.cache_dir, config.data.workers, progress))
     collection = td.load_collection(paths, config.data.cache_dir, config.data.workers, progress)
     s = collection.summary()
@@ -124,12 +124,12 @@ def cmd_train(args, config: Config) -> int:
     deterministic, so they agree), they train in lockstep under `tf.distribute`, and only the chief writes the
     run directory and evaluates.
     """
-    from train.fit import fit, plot_curves, write_json
+    from improvd.train.fit import fit, plot_curves, write_json
 
     progress = not args.no_progress
     cluster = None
     if getattr(args, "distributed", False):
-        from train.distribute import read_tf_config
+        from improvd.train.distribute import read_tf_config
         try:
             cluster = read_tf_config()
         except ValueError as err:
@@ -169,7 +169,7 @@ def cmd_train(args, config: Config) -> int:
 
     strategy = None
     if cluster is not None:
-        from train.distribute import make_strategy
+        from improvd.train.distribute import make_strategy
         strategy = make_strategy(cluster)  # after parsing: its worker processes fork before TensorFlow starts
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
     print(f"training {preset.name} on {len(train_notes)} files ({train_notes.num_notes} notes), validating "
@@ -227,7 +227,7 @@ def cmd_train(args, config: Config) -> int:
 def _leave_together(strategy) -> None:
     """A last all-reduce: the workers wait for the chief to finish writing before they exit, so none of them
     sees a peer vanish while it still works."""
-    from train.distribute import agree_any
+    from improvd.train.distribute import agree_any
     agree_any(strategy, False)
 
 
@@ -239,7 +239,7 @@ def _model_split(path: Path) -> dict | None:
     if (run_dir / "split.json").exists():
         return json.loads((run_dir / "split.json").read_text())
     if path.suffix == ".onnx":
-        from daemon.model import StepModel
+        from improvd.daemon.model import StepModel
         card = StepModel(str(path)).card
         return card.get("split") if isinstance(card.get("split"), dict) else None
     return None
@@ -252,10 +252,10 @@ def load_predictor(path: Path, config: Config):
     if not path.exists():
         raise ImprovdError(f"model {str(path)!r} does not exist")
     if path.suffix == ".onnx":
-        from daemon.model import StepModel
+        from improvd.daemon.model import StepModel
         return path.name, onnx_predictor(StepModel(str(path), threads=max(1, config.model.threads)))
     if path.suffix == ".keras":
-        from train.model import load_keras
+        from improvd.train.model import load_keras
         return path.name, keras_predictor(load_keras(path))
     raise ImprovdError(f"model {str(path)!r}: expected a run directory, a .keras or an .onnx file")
 
@@ -309,6 +309,6 @@ def cmd_eval(args, config: Config) -> int:
                          {**m, "step_mae_s": None, "duration_mae_s": None}))
     print(format_table(rows))
     if args.json:
-        from train.fit import write_json
+        from improvd.train.fit import write_json
         write_json(Path(args.json), report)
     return 0

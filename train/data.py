@@ -33,9 +33,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from daemon import notes as nt
-from daemon.errors import MidiFileError
-from daemon.midifile import read_notes
+from improvd.daemon import notes as nt
+from improvd.daemon.errors import MidiFileError
+from improvd.daemon.midifile import read_notes
 
 log = logging.getLogger(__name__)
 

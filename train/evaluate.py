@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from daemon import notes as nt
+from improvd.daemon import notes as nt
 
 Predictor = Callable[[np.ndarray], dict[str, np.ndarray]]  # raw windows [N, T, 4] -> next-note outputs
 
@@ -22,7 +22,7 @@ def protocol_batches(files: list[np.ndarray], context: int, batch_size: int) -> 
 
     `files` is a `train.data.NoteSet` or a list of per-file arrays; only one batch of windows is in memory.
     """
-    from train.data import as_note_set
+    from improvd.train.data import as_note_set
 
     notes = as_note_set(files)
     counts = (notes.lengths - context).clip(0)
@@ -75,7 +75,7 @@ def evaluate(predict: Predictor, files: list[np.ndarray], context: int = 25, bat
 
 
 def keras_predictor(model) -> Predictor:
-    from train.model import predict_next
+    from improvd.train.model import predict_next
     return lambda windows: predict_next(model, windows)
 
 

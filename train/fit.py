@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from train import distribute
-from train.batches import BatchSource, tf_dataset
-from train.model import Preset, build_model, float32_copy, is_mixed, load_keras
+from improvd.train import distribute
+from improvd.train.batches import BatchSource, tf_dataset
+from improvd.train.model import Preset, build_model, float32_copy, is_mixed, load_keras
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def fit(run_dir: Path, preset: Preset, train_files, val_files, *,
 
 
 def _custom_objects() -> dict:
-    from train.model import mae_with_positive_pressure, mse_with_positive_pressure, note_encoder_class
+    from improvd.train.model import mae_with_positive_pressure, mse_with_positive_pressure, note_encoder_class
     note_encoder_class()
     return {"mse_with_positive_pressure": mse_with_positive_pressure,
             "mae_with_positive_pressure": mae_with_positive_pressure}

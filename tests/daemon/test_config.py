@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import Config, load_config, parse_override
-from daemon.errors import ConfigError
+from improvd.daemon.config import Config, load_config, parse_override
+from improvd.daemon.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

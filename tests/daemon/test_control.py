@@ -3,9 +3,9 @@
 import mido
 import pytest
 
-from daemon.config import ControlConfig, load_config
-from daemon.control import Action, ControlMap
-from daemon.errors import ConfigError
+from improvd.daemon.config import ControlConfig, load_config
+from improvd.daemon.control import Action, ControlMap
+from improvd.daemon.errors import ConfigError
 
 
 def cc(control, value, channel=0):

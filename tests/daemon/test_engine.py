@@ -12,10 +12,10 @@ import mido
 import numpy as np
 import pytest
 
-from daemon.config import Config, ImproviseConfig, MidiConfig
-from daemon.engine import Engine
-from daemon.model import StepModel
-from daemon.scheduler import Scheduler
+from improvd.daemon.config import Config, ImproviseConfig, MidiConfig
+from improvd.daemon.engine import Engine
+from improvd.daemon.model import StepModel
+from improvd.daemon.scheduler import Scheduler
 from tests.modelfactory import make_step_model
 
 

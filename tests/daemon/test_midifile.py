@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon import notes as nt
-from daemon.errors import MidiFileError
-from daemon.midifile import TICKS_PER_BEAT, Track, read_notes, track_events, write_notes
+from improvd.daemon import notes as nt
+from improvd.daemon.errors import MidiFileError
+from improvd.daemon.midifile import TICKS_PER_BEAT, Track, read_notes, track_events, write_notes
 
 
 def save(path, tracks, *, ticks_per_beat=480, midi_type=1):

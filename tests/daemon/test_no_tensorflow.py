@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-FORBIDDEN = ("tensorflow", "keras", "tf2onnx", "train", "export")
+FORBIDDEN = ("tensorflow", "keras", "tf2onnx", "improvd.train", "improvd.export")
 
 PROBE = """
 import importlib, json, sys
@@ -19,7 +19,7 @@ for name in {modules!r}:
         if err.name != name:  # the module exists but needs something missing: that is a failure
             raise
 {extra}
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in {forbidden!r})
+heavy = sorted(m for m in sys.modules if any(m == f or m.startswith(f + ".") for f in {forbidden!r}))
 print(json.dumps({{"imported": imported, "heavy": heavy}}))
 """
 
@@ -32,8 +32,8 @@ def probe(modules, extra=""):
 
 
 def test_importing_the_daemon_loads_no_tensorflow_train_or_export():
-    result = probe(["daemon.cli", "daemon.service", "daemon.engine"])
-    assert "daemon.cli" in result["imported"]
+    result = probe(["improvd.daemon.cli", "improvd.daemon.service", "improvd.daemon.engine"])
+    assert "improvd.daemon.cli" in result["imported"]
     assert result["heavy"] == []
 
 
@@ -41,12 +41,12 @@ def test_generate_loads_no_tensorflow_train_or_export(tmp_path):
     extra = f"""
 from pathlib import Path
 from tests.modelfactory import make_step_model
-from daemon.cli import main
+from improvd.daemon.cli import main
 tmp = Path({str(tmp_path)!r})
 make_step_model(tmp / "m.onnx")
 assert main(["generate", "--config", "config.toml", "--model", str(tmp / "m.onnx"), "--out", str(tmp / "o.mid"),
              "--temperature", "0", "--notes", "4"]) == 0
 """
-    result = probe(["daemon.cli"], extra)
+    result = probe(["improvd.daemon.cli"], extra)
     assert result["heavy"] == []
     assert (tmp_path / "o.mid").exists()

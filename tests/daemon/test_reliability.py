@@ -21,14 +21,14 @@ import mido
 import numpy as np
 import pytest
 
-from daemon import config as cfg
-from daemon import midifile, ports, service
-from daemon.config import Config, ImproviseConfig, MidiConfig, from_dict
-from daemon.engine import Engine
-from daemon.errors import ConfigError, ModelError
-from daemon.model import StepModel
-from daemon.recorder import SessionRecorder
-from daemon.scheduler import Scheduler
+from improvd.daemon import config as cfg
+from improvd.daemon import midifile, ports, service
+from improvd.daemon.config import Config, ImproviseConfig, MidiConfig, from_dict
+from improvd.daemon.engine import Engine
+from improvd.daemon.errors import ConfigError, ModelError
+from improvd.daemon.model import StepModel
+from improvd.daemon.recorder import SessionRecorder
+from improvd.daemon.scheduler import Scheduler
 from tests.daemon.fakes import Clock, off, on
 from tests.modelfactory import make_step_model
 
@@ -58,7 +58,7 @@ def test_stats_are_computed_outside_the_lock(monkeypatch):
         t.start()
         t.join(1.0)
         return real_median(values, *args, **kwargs)
-    monkeypatch.setattr("daemon.scheduler.np.median", median)
+    monkeypatch.setattr("improvd.daemon.scheduler.np.median", median)
     s.stats()
     assert others_got_in == [1]
 
@@ -267,7 +267,7 @@ def test_bad_models_at_start_exit_2_with_an_error_naming_what_is_wrong(tmp_path)
     for name in cases:
         config = tmp_path / f"{name}.toml"
         config.write_text(f'[model]\npath = "{tmp_path / name}"\n[midi]\napi = "jack"\n')
-        procs[name] = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
+        procs[name] = subprocess.Popen([sys.executable, "-m", "improvd.daemon.cli", "run", "--config", str(config)],
                                        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                        env=dict(os.environ, JACK_NO_START_SERVER="1"))
     for name, pattern in cases.items():

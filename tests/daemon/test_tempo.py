@@ -2,7 +2,7 @@
 
 import pytest
 
-from daemon import tempo
+from improvd.daemon import tempo
 
 
 def test_reference_ioi_from_config_card_or_default():

@@ -514,7 +514,7 @@ class Daemon:
 
     def __init__(self, server: JackServer, config: Path, *extra: str) -> None:
         self.server = server
-        self.proc = spawn([sys.executable, "-m", "daemon.cli", "run", "--config", str(config), *extra],
+        self.proc = spawn([sys.executable, "-m", "improvd.daemon.cli", "run", "--config", str(config), *extra],
                           env=server.env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
         self.reader = _LineReader(self.proc.stderr)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.model import StepModel
+from improvd.daemon.model import StepModel
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "models" / "bach.onnx"
@@ -32,8 +32,8 @@ def test_shipped_model_is_a_small_step_model_with_its_card():
 def test_step_model_fed_note_by_note_equals_the_window_model():
     import onnxruntime as ort
 
-    from export.parity import compare, random_windows
-    from train.evaluate import onnx_predictor
+    from improvd.export.parity import compare, random_windows
+    from improvd.train.evaluate import onnx_predictor
 
     windows = random_windows(64, 25, seed=7)
     got = onnx_predictor(StepModel(MODEL))(windows)
@@ -48,7 +48,7 @@ def test_step_model_fed_note_by_note_equals_the_window_model():
 @pytest.mark.slow
 def test_eval_on_the_shipped_model_reproduces_its_card(tmp_path):
     pytest.importorskip("music21")
-    from daemon.cli import main
+    from improvd.daemon.cli import main
 
     out = tmp_path / "eval.json"
     assert main(["eval", "--model", str(MODEL), "--corpus", "bach", "--no-progress", "--json", str(out)]) == 0

@@ -7,10 +7,10 @@ import mido
 import numpy as np
 import pytest
 
-from daemon import notes as nt
-from daemon.midifile import Track, write_notes
-from train import batches as tb
-from train import data as td
+from improvd.daemon import notes as nt
+from improvd.daemon.midifile import Track, write_notes
+from improvd.train import batches as tb
+from improvd.train import data as td
 
 
 def tune(seed, n=40):

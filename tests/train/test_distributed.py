@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon import notes as nt
-from daemon.midifile import Track, write_notes
-from train.distribute import Cluster, read_tf_config
+from improvd.daemon import notes as nt
+from improvd.daemon.midifile import Track, write_notes
+from improvd.train.distribute import Cluster, read_tf_config
 
 REPO = Path(__file__).resolve().parents[2]
 needs_tf = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
@@ -82,7 +82,7 @@ def test_two_workers_train_together(tmp_path):
             log = open(tmp_path / f"worker{index}.log", "w")
             logs.append(log)
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "daemon.cli", "train", "--distributed", "--data", str(data), "--preset",
+                [sys.executable, "-m", "improvd.daemon.cli", "train", "--distributed", "--data", str(data), "--preset",
                  "tiny", "--epochs", "3", "--no-progress", "--config", str(REPO / "config.toml"),
                  "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.workers=1",
                  "--set", f"train.runs_dir={runs}", "--set", "eval.batch_size=256",

@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from train.markov import KneserNeyPitchModel, evaluate_orders, transpose_sequences
+from improvd.train.markov import KneserNeyPitchModel, evaluate_orders, transpose_sequences
 
 A, B, C, D = 60, 62, 64, 65
 

@@ -6,9 +6,9 @@ import importlib.util
 import numpy as np
 import pytest
 
-from daemon.config import load_config
-from train import batches as tb
-from train.data import NoteSet
+from improvd.daemon.config import load_config
+from improvd.train import batches as tb
+from improvd.train.data import NoteSet
 
 pytestmark = [pytest.mark.tf,
               pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
@@ -23,8 +23,8 @@ def test_config_key_defaults_to_false():
 def test_mixed_precision_model_keeps_logits_and_losses_in_float32(tmp_path):
     import keras
 
-    from train.fit import fit
-    from train.model import build_model, get_preset, is_mixed, load_keras
+    from improvd.train.fit import fit
+    from improvd.train.model import build_model, get_preset, is_mixed, load_keras
 
     preset = get_preset("tiny")
     model = build_model(preset, 1, mixed_precision=True)
