@@ -14,18 +14,22 @@ from typing import Callable
 
 from improvd.daemon.config import Config, load_config
 from improvd.daemon.errors import ImprovdError
+from improvd.daemon.paths import USER_CONFIG, version
 
 log = logging.getLogger("improvd")
 
 # subcommand -> (module, function); the function takes (args, config) and returns an exit status.
 HANDLERS = {
     "run": ("improvd.daemon.service", "cmd_run"),
+    "config": ("improvd.daemon.config_cmd", "cmd_config"),
     "ports": ("improvd.daemon.ports", "cmd_ports"),
     "generate": ("improvd.daemon.generate", "cmd_generate"),
     "train": ("improvd.train.cli", "cmd_train"),
     "eval": ("improvd.train.cli", "cmd_eval"),
     "export": ("improvd.export.cli", "cmd_export"),
 }
+# Subcommands that read the configuration themselves (the others get it loaded by `main`).
+LOADS_OWN_CONFIG = {"config"}
 NEEDS_TRAIN_EXTRA = {"train", "eval", "export"}
 
 
@@ -39,10 +43,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="improvd", description="Real-time MIDI improvisation with an LSTM.")
+    parser.add_argument("--version", action="version", version=f"improvd {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="the daemon: listen on a MIDI input and answer on a MIDI output")
     _common(p)
+
+    p = sub.add_parser("config", help="print the effective configuration (each value and where it came from), "
+                       "or write the commented default config with --init")
+    _common(p)
+    p.add_argument("--init", nargs="?", const="", metavar="PATH",
+                   help=f"write the commented default config to PATH (default: {USER_CONFIG}) and exit")
+    p.add_argument("--force", action="store_true", help="with --init: overwrite an existing file")
 
     p = sub.add_parser("ports", help="list the MIDI input and output ports of the chosen API")
     _common(p)
@@ -119,9 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `improvd` console command; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        handler = _load_handler(args.command)
+        if args.command in LOADS_OWN_CONFIG:
+            return int(handler(args) or 0)
         config = load_config(args.config, args.overrides)
         setup_logging(config.log.level, args.verbose)
-        handler = _load_handler(args.command)
         return int(handler(args, config) or 0)
     except ImprovdError as err:
         print(f"improvd {args.command}: error: {err}", file=sys.stderr)

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from improvd.daemon.errors import ConfigError
+from improvd.daemon.paths import SHIPPED_MODEL, USER_CONFIG
 
-DEFAULT_CONFIG_NAMES = ("config.toml", "~/.config/improvd/config.toml")
+DEFAULT_CONFIG_NAMES = ("config.toml", USER_CONFIG)
 
 
 def _opt(default: Any, *, lo: float | None = None, hi: float | None = None,
@@ -71,7 +72,7 @@ class EvalConfig:
 class ModelConfig:
     """The ONNX model the daemon and `improvd generate` run."""
 
-    path: str = _opt("models/bach.onnx", path=True)
+    path: str = _opt(str(SHIPPED_MODEL), path=True)
     threads: int = _opt(1, lo=1, hi=64)
 
 
@@ -359,6 +360,21 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     Raises:
         ConfigError: the file is missing or not TOML, or a key or value is not allowed.
     """
+    return load_config_with_origins(path, overrides)[0]
+
+
+ORIGIN_BUILT_IN, ORIGIN_FILE, ORIGIN_SET = "built-in", "file", "--set"
+
+
+def load_config_with_origins(path: str | os.PathLike | None = None,
+                             overrides: list[str] | None = None) -> tuple[Config, dict[str, str]]:
+    """`load_config`, and where each key's value came from.
+
+    Returns:
+        The config, and {"section.key": origin} for every key of every section, the origin being
+        `ORIGIN_BUILT_IN`, `ORIGIN_FILE` (the file named by `Config.source`) or `ORIGIN_SET` (a --set override;
+        the last one of a key wins, as it does for the value).
+    """
     file = Path(path) if path is not None else find_default_config()
     raw: dict[str, Any] = {}
     if file is not None:
@@ -370,4 +386,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"config file {str(file)!r} is not valid TOML: {err}") from err
     source = str(file.resolve()) if file is not None else None
     config = from_dict(raw, base_dir=file.resolve().parent if file else None, source=source)
-    return config.with_overrides(overrides or [])
+    config = config.with_overrides(overrides or [])
+    origins = {f"{name}.{key}": ORIGIN_BUILT_IN for name, section in config.to_dict().items() for key in section}
+    for name, section in raw.items():
+        for key in section:
+            origins[f"{name}.{key}"] = ORIGIN_FILE
+    for item in overrides or []:
+        name, key, _ = parse_override(item)
+        origins[f"{name}.{key}"] = ORIGIN_SET
+    return config, origins

@@ -12,7 +12,7 @@ Pieces, each a real process talking JACK MIDI, so that timing is measured the wa
   the test sends it, one JSON line per phrase.
 - `Receiver`: `jack_midi_dump -a`, an independent third-party client; each event is timestamped in frames of the
   server's clock (`t_s = frame / 48000`).
-- `Daemon`: `improvd run` as a subprocess (`python -m daemon.cli run`) with a temporary config file.
+- `Daemon`: `improvd run` as a subprocess (`python -m improvd.daemon.cli run`) with a temporary config file.
 
 Every child process dies with the test process (PR_SET_PDEATHSIG) and is also ended by `stop_all()` (atexit).
 Clients get `JACK_NO_START_SERVER=1` so that none starts a server of its own by accident.
@@ -510,13 +510,18 @@ def toml_config(path: Path, sections: dict) -> Path:
 
 
 class Daemon:
-    """`improvd run --config CONFIG` as a subprocess; its stderr lines are kept in `lines`."""
+    """`improvd run --config CONFIG` as a subprocess; its stderr lines are kept in `lines`.
 
-    def __init__(self, server: JackServer, config: Path, *extra: str) -> None:
+    `config=None` gives no --config (improvd looks for its own); `command` replaces `python -m improvd.daemon.cli`
+    (e.g. an installed `improvd`), `cwd` and `env` (added to the server's) say where and how it runs."""
+
+    def __init__(self, server: JackServer, config: Path | None, *extra: str, command: list[str] | None = None,
+                 cwd: Path = REPO, env: dict[str, str] | None = None) -> None:
         self.server = server
-        self.proc = spawn([sys.executable, "-m", "improvd.daemon.cli", "run", "--config", str(config), *extra],
-                          env=server.env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+        argv = [*(command or [sys.executable, "-m", "improvd.daemon.cli"]), "run"]
+        argv += ["--config", str(config)] if config is not None else []
+        self.proc = spawn([*argv, *extra], env={**server.env, **(env or {})}, cwd=cwd, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.reader = _LineReader(self.proc.stderr)
 
     @property
