@@ -136,3 +136,53 @@ def test_no_file_gives_the_defaults(tmp_path, monkeypatch):
     assert config.source is None
     assert config.improvise.seed == 7
     assert config.improvise.temperature == Config().improvise.temperature
+
+
+# ---- improvd config: the effective configuration and its origins --------------------------------------------------
+
+def test_the_printed_configuration_reads_back_as_the_same_config(tmp_path):
+    import tomllib
+
+    from improvd.daemon.config import from_dict, load_config_with_origins
+    from improvd.daemon.config_cmd import format_effective
+
+    path = write(tmp_path, '[improvise]\ntemperature = 0.3\nkey = "D dorian"\n[midi]\noutput = "a \\"quoted\\" port"\n')
+    config, origins = load_config_with_origins(path, ["improvise.temperature=0.7", "record.dir=rec"])
+    text = format_effective(config, origins)
+    assert from_dict(tomllib.loads(text)) == config.replace(source=None)
+    shown, section = {}, ""
+    for line in text.splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif " = " in line:
+            shown[f"{section}.{line.split(' = ')[0]}"] = line.rsplit("  # ", 1)[1]
+    assert shown == origins
+    assert shown["improvise.temperature"] == "--set" and shown["improvise.key"] == "file"
+    assert shown["midi.output"] == "file" and shown["record.dir"] == "--set"
+    assert shown["improvise.max_notes"] == "built-in" and shown["control.temperature"] == "built-in"
+    assert f"Config file: {path.resolve()}" in text.splitlines()[0]
+
+
+def test_origins_name_every_key_of_every_section():
+    from improvd.daemon.config import ORIGIN_BUILT_IN, load_config_with_origins
+
+    config, origins = load_config_with_origins(REPO / "config.toml", ["log.level=debug"])
+    assert set(origins) == {f"{s}.{k}" for s, keys in config.to_dict().items() for k in keys}
+    assert origins["log.level"] == "--set" and origins["model.path"] == ORIGIN_BUILT_IN
+    assert origins["improvise.temperature"] == "file"
+
+
+def test_config_init_writes_the_commented_default_and_never_overwrites_without_force(tmp_path):
+    from improvd.daemon.config_cmd import write_default_config
+
+    target = tmp_path / "a" / "b" / "config.toml"
+    assert write_default_config(target) == target
+    assert target.read_text(encoding="utf-8") == (REPO / "config.toml").read_text(encoding="utf-8")
+    target.write_text("mine", encoding="utf-8")
+    with pytest.raises(ConfigError, match="already exists; add --force"):
+        write_default_config(target)
+    assert target.read_text(encoding="utf-8") == "mine"
+    write_default_config(target, force=True)
+    assert load_config(target).improvise.temperature == 0.9
+    with pytest.raises(ConfigError, match="is a folder"):
+        write_default_config(tmp_path)
