@@ -33,7 +33,9 @@ queued.
 
 Hot reload: `request_swap(config, model)` (main thread) is applied by the engine thread between phrases (when no
 answer is playing; in continuous mode at the next chunk boundary). The new Improviser is primed with the last notes
-the old one was fed.
+the old one was fed. A swap is all or nothing: when priming the new model fails, the running config and model stay.
+[midi] (ports, channels, thru, program) is read at start only: a swap keeps the running [midi], so the channels
+improvd plays and hears, and the thru notes sounding, are what they were (the service tells the user so).
 
 Hooks for a recorder, all called in the engine thread and expected to be quick: `on_answer(summary)` once per
 finished answer (keys: notes_heard, notes_played, inference_ms (mean feed + predict time per played note),
@@ -49,8 +51,8 @@ music); `notes_played` in the summary does not count them.
 Playing with a band (config [timing], [control], midi.thru/program, improvise.key):
 
 - MIDI clock: 'clock', 'start', 'continue', 'stop' and 'songpos' messages come through the same queue and feed a
-  `ClockTracker` (daemon/clock.py) when `timing.follow_clock`. Stop cancels the answer (its notes are released) and
-  keeps improvd silent until Start or Continue (phrases are still heard and fed to the model); Start resets the
+  `ClockTracker` (daemon/clock.py) when `timing.follow_clock`. Stop cancels the answer (its notes are released), releases the
+  thru notes sounding, and keeps improvd silent until Start or Continue (phrases are still heard and fed to the model); Start resets the
   bar (the grid's position 0 is the first tick after it).
 - Quantize (`timing.quantize`): a note's predicted onset is snapped to the nearest grid point (daemon/quantize.py),
   never earlier than now + `lead_s`, and a predicted step longer than `CHORD_S` never becomes a chord (it takes at
@@ -386,6 +388,7 @@ class Engine:
         if kind == "stop":
             self._stopped = True
             log.debug("transport: stop; improvd is silent until start or continue")
+            self._release_thru()
             if self._answer is not None:
                 self._interrupt(self._answer)
         elif kind in ("start", "continue"):
@@ -436,6 +439,12 @@ class Engine:
         if a is not None:
             self._interrupt(a)
         log.info("panic: %d sounding notes released", released)
+
+    def _release_thru(self) -> None:
+        """Release the thru notes sounding now (transport Stop); a key's later release then sends nothing."""
+        for owner in self._thru.values():
+            self._scheduler.cancel(owner)
+        self._thru.clear()
 
     def _pass_thru(self, msg: mido.Message) -> None:
         key = (msg.channel, msg.note)
@@ -733,20 +742,32 @@ class Engine:
             self._emit_summary(a, interrupted=True)
 
     def _apply_swap(self) -> None:
+        """Take the pending config and model, all or nothing: a model that fails while being primed leaves the
+        running config and model in place (logged). [midi] and [record] are not taken: they are read at start only
+        (the service says so), so the channels, thru and the notes they sound stay as they are."""
         with self._swap_lock:
             pending, self._pending_swap = self._pending_swap, None
         if pending is None:
             return
         config, model = pending
+        config = config.replace(midi=self._config.midi, record=self._config.record)
+        rng = self._make_rng(config.improvise.seed) if config.improvise.seed != self._config.improvise.seed \
+            else self._rng
+        imp = dataclasses.replace(config.improvise, **self._live)
+        auto_key = self._auto_key if imp.key.strip().lower() == "auto" else None
         history = self._improviser.history
-        if config.improvise.seed != self._config.improvise.seed:
-            self._rng = self._make_rng(config.improvise.seed)
-        imp = config.improvise
+        try:
+            improviser = Improviser(model, Decoding.from_config(
+                imp, scale_pcs=auto_key.pitch_classes if auto_key is not None else None), rng=rng)
+            if len(history):
+                improviser.prime(history[-model.context:])
+        except Exception as err:
+            log.error("reload failed: the new model %s could not be primed (%s: %s); improvd keeps the running "
+                      "config and model", model.path, type(err).__name__, err)
+            return
+        self._rng = rng
         self._tracker.configure([c - 1 for c in config.midi.input_channels], imp.window, imp.max_hold)
         self._configure(config, model)
-        improviser = Improviser(model, self._decoding(), rng=self._rng)
-        if len(history):
-            improviser.prime(history[-model.context:])
         self._model, self._improviser = model, improviser
         log.info("now playing %s (mode %s)", model.path, self._imp.mode)
 
