@@ -277,6 +277,7 @@ class _Port:
         self._lock = threading.Lock()  # open/close (main thread) against send (scheduler thread)
         self.connected_to: str | None = None
         self.lost = False
+        self.losing = False  # the port it is connected to went away; what sounds is being released
         self.closed = False
         self._reopen_failing = False
         try:
@@ -314,10 +315,15 @@ class _Port:
                 return None
             log.warning("MIDI %s %r went away; improvd keeps running and reconnects when it returns",
                         self.kind, self.connected_to)
-            self._losing()
             with self._lock:
-                self.lost = True
-                self._rt.close_port()
+                self.losing = True  # from here on, nothing new starts through this port (see OutputPort.send)
+            try:
+                self._losing()
+            finally:
+                with self._lock:
+                    self.lost = True
+                    self.losing = False
+                    self._rt.close_port()
             return "lost"
         try:
             name = match_port(self._target, names, kind=self.kind)
@@ -390,7 +396,7 @@ class InputPort(_Port):
 
     kind = "input"
     QUEUE_LIMIT = 8192  # rtmidi's own queue, in messages: 0.8 s of a 10,000-message-a-second flood unread
-    BATCH = 1024  # messages read per lock hold, so that `check()` and `close()` never wait long
+    BATCH = 1024  # messages read and delivered per lock hold, so that `check()` and `close()` never wait long
     IDLE_AFTER_S = 2.0  # no message for this long: poll every `idle_poll_s`
 
     def __init__(self, api: str, spec: str, sink: "queue.Queue", *, client_name: str = "improvd",
@@ -434,6 +440,9 @@ class InputPort(_Port):
         """Poller thread: read what rtmidi has queued (at most `BATCH`), stamp, parse, enqueue; returns how many
         messages were read. Invalid bytes are dropped and counted."""
         batch = []
+        # The batch is delivered under the lock it was read under: the watchdog (`check`) cannot mark the port lost
+        # and the service release the held keys between the read and the delivery (a key-down delivered after its
+        # release would be held until max_hold).
         with self._lock:
             if self.closed or self.lost:
                 return 0
@@ -442,22 +451,22 @@ class InputPort(_Port):
                 if item is None:
                     break
                 batch.append(item)
-        if not batch:
-            return 0
-        polled_s = self._now()  # after reading: every message read had arrived by now
-        times = self._arrival.stamp([delta for _, delta in batch], polled_s)
-        for t_s, (data, _) in zip(times, batch):
-            if data and data[0] in self._ignored:
-                continue
-            try:
-                msg = mido.Message.from_bytes(data)
-            except (ValueError, TypeError, IndexError):
-                self.invalid += 1
-                continue
-            try:
-                self._sink.put_nowait((t_s, msg))
-            except queue.Full:
-                self.dropped += 1
+            if not batch:
+                return 0
+            polled_s = self._now()  # after reading: every message read had arrived by now
+            times = self._arrival.stamp([delta for _, delta in batch], polled_s)
+            for t_s, (data, _) in zip(times, batch):
+                if data and data[0] in self._ignored:
+                    continue
+                try:
+                    msg = mido.Message.from_bytes(data)
+                except (ValueError, TypeError, IndexError):
+                    self.invalid += 1
+                    continue
+                try:
+                    self._sink.put_nowait((t_s, msg))
+                except queue.Full:
+                    self.dropped += 1
         return len(batch)
 
     def close(self, *, server_gone: bool = False) -> None:
@@ -492,9 +501,11 @@ class OutputPort(_Port):
             log.exception("releasing the notes of a lost output failed")
 
     def send(self, msg: mido.Message) -> None:
-        """Write one message now (scheduler thread)."""
+        """Write one message now (scheduler thread). While the port is being lost (`on_lost` releasing what
+        sounds), a note-on is dropped: it would reach improvd's other connections, and its note-off would be
+        dropped once the port is lost."""
         with self._lock:
-            if self.lost or self.closed:
+            if self.lost or self.closed or (self.losing and msg.type == "note_on" and msg.velocity > 0):
                 return
             self._rt.send_message(msg.bytes())
             self.sent += 1

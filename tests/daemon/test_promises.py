@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
+import threading
 
 import mido
 import pytest
 
-from improvd.daemon.config import Config, MidiConfig
+from improvd.daemon import ports, service
 from improvd.daemon.model import StepModel
 from tests.daemon.test_band import PLAYER_CH, T0, Sim, balanced
+from tests.daemon.test_reliability import _drain
 from tests.modelfactory import make_step_model
 
 
@@ -96,3 +99,84 @@ def test_transport_stop_releases_the_thru_notes(model):
     _key(sim, T0 + 0.5, 48, down=False)  # the late release sends nothing more
     sim.run_until(T0 + 0.6)
     assert len(_thru_offs(sim, 48)) == 1 and balanced(sim.sent)
+
+
+# ---- 3. lost ports: nothing slips between the release and the port's closing -------------------------------------
+
+class _FakeRt:
+    """python-rtmidi's surface that a port uses: a port list the test changes, sends and a queue of input."""
+
+    def __init__(self, names, messages=()):
+        self.names = list(names)
+        self.messages = list(messages)
+        self.calls = []
+
+    def get_ports(self):
+        return list(self.names)
+
+    def open_port(self, index, name):
+        self.calls.append(("open", self.names[index]))
+
+    def close_port(self):
+        self.calls.append(("close",))
+
+    def send_message(self, data):
+        self.calls.append(("send", tuple(data)))
+
+    def get_message(self):
+        return self.messages.pop(0) if self.messages else None
+
+    def delete(self):
+        self.calls.append(("delete",))
+
+
+def test_a_note_on_sent_while_a_lost_output_is_released_never_goes_out():
+    rt = _FakeRt(["synth:in"])
+    out = ports.OutputPort.__new__(ports.OutputPort)
+    ports._Port.__init__(out, rt, "jack", "synth", "improvd out")
+    out.sent = 0
+
+    def release_all():  # the scheduler's release_all, and the scheduler thread sending a due note-on meanwhile
+        out.send(mido.Message("note_off", note=60))
+        out.send(mido.Message("note_on", note=61))
+        out.send(mido.Message("control_change", control=123, value=0))
+    out.on_lost = release_all
+    rt.names = []
+    assert out.check() == "lost"
+    # the note-on would reach improvd's other connections (a DAW), and its note-off would be dropped while lost
+    assert rt.calls[1:] == [("send", (0x80, 60, 64)), ("send", (0xB0, 123, 0)), ("close",)]
+    rt.names = ["synth:in"]
+    assert out.check() == "back"
+    out.send(mido.Message("note_on", note=61))
+    assert rt.calls[-1] == ("send", (0x90, 61, 64))
+
+
+def test_a_key_read_before_its_input_was_lost_is_released_after_it():
+    engine_queue = queue.SimpleQueue()
+    sink = service._InputSink(engine_queue, None, None)
+    rt = _FakeRt(["kbd:out"], [([0x90, 60, 100], 0.0)])
+    port = ports.InputPort.__new__(ports.InputPort)
+    port._ignored = ports._ignored_status(False)
+    port._sink, port._now = sink, (lambda: 5.0)
+    port.dropped = port.invalid = 0
+    port._arrival = ports.ArrivalClock(drift=0.0)
+    ports._Port.__init__(port, rt, "jack", "kbd", "improvd in")
+    rt.names = []  # the keyboard is unplugged while the poller holds a batch it has read
+
+    def watchdog():  # the main thread's port check
+        if port.check() == "lost":
+            sink.release_held(6.0)
+    real_stamp = port._arrival.stamp
+
+    def stamp(deltas, polled_s):
+        t = threading.Thread(target=watchdog)
+        t.start()
+        t.join(0.3)
+        stamp.thread = t
+        return real_stamp(deltas, polled_s)
+    port._arrival.stamp = stamp
+    assert port.poll_once() == 1
+    stamp.thread.join(2.0)
+    got = [(m.type, m.note) for _, m in _drain(engine_queue)]
+    assert got == [("note_on", 60), ("note_off", 60)]  # the key-down, then its release: nothing held
+    assert sink.held == set()
