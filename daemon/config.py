@@ -357,15 +357,28 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         overrides: `section.key=value` strings, applied in order.
 
     Raises:
-        ConfigError: the file is missing or not TOML, or a key or value is not allowed.
+        ConfigError: the file is missing, unreadable, a directory, not UTF-8 or not TOML, or a key or value is not
+            allowed.
     """
     file = Path(path) if path is not None else find_default_config()
     raw: dict[str, Any] = {}
     if file is not None:
         try:
-            raw = tomllib.loads(file.read_text(encoding="utf-8"))
+            data = file.read_bytes()
         except FileNotFoundError as err:
             raise ConfigError(f"config file {str(file)!r} does not exist") from err
+        except IsADirectoryError as err:
+            raise ConfigError(f"config file {str(file)!r} is a directory, not a TOML file") from err
+        except OSError as err:
+            raise ConfigError(f"config file {str(file)!r} cannot be read: {err.strerror or err}") from err
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = data.count(b"\n", 0, err.start) + 1
+            raise ConfigError(f"config file {str(file)!r} is not UTF-8 text: byte 0x{data[err.start]:02x} at line "
+                              f"{line} (TOML files are UTF-8; save it as UTF-8)") from err
+        try:
+            raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {str(file)!r} is not valid TOML: {err}") from err
     source = str(file.resolve()) if file is not None else None

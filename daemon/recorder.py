@@ -37,6 +37,7 @@ and the writer are injectable).
 from __future__ import annotations
 
 import collections
+import errno
 import io
 import logging
 import os
@@ -51,6 +52,7 @@ import mido
 from improvd.daemon import midifile
 from improvd.daemon import notes as nt
 from improvd.daemon.atomic import atomic_writer
+from improvd.daemon.errors import ConfigError
 
 log = logging.getLogger("improvd.record")
 
@@ -259,6 +261,29 @@ class _TrackEncoder:
         self.notes = sum(due.values())
 
 
+def check_directory(directory: str | os.PathLike) -> Path:
+    """Make `record.dir` (with its parents) and check that improvd can create files in it (start-up, main thread).
+
+    Returns:
+        The directory, `~` expanded.
+
+    Raises:
+        ConfigError: it cannot be made or written, naming it and why (a parent that is a file or unreadable, a
+            read-only file system).
+    """
+    path = Path(directory).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES) + " (improvd cannot create files there)")
+    except OSError as err:
+        raise ConfigError(f"record.dir {str(path)!r} cannot be used: {err.strerror or err}; give a directory improvd "
+                          f"can write to, or record.dir = \"\" for no recording") from err
+    return path
+
+
 class SessionRecorder:
     """One session's recording.
 
@@ -299,10 +324,17 @@ class SessionRecorder:
     def _unique_name(self) -> str:
         stem = "improvd-" + time.strftime("%Y%m%d-%H%M%S")
         name, k = f"{stem}.mid", 1
-        while (self.directory / name).exists():
+        while self._exists(self.directory / name):
             k += 1
             name = f"{stem}-{k}.mid"
         return name
+
+    @staticmethod
+    def _exists(path: Path) -> bool:
+        try:
+            return path.exists()
+        except OSError:  # the directory became unreadable: the write will fail and say so
+            return False
 
     # ---- called from other threads: append only --------------------------------------------------------
     def add_player(self, t_s: float, msg: mido.Message) -> None:

@@ -44,7 +44,7 @@ import mido
 from improvd.daemon import ports
 from improvd.daemon.config import Config, load_config
 from improvd.daemon.errors import ImprovdError, ModelError
-from improvd.daemon.recorder import SessionRecorder
+from improvd.daemon.recorder import SessionRecorder, check_directory
 
 log = logging.getLogger("improvd")
 
@@ -265,6 +265,8 @@ class Service:
         from improvd.daemon.scheduler import Scheduler
 
         config = self.config
+        if config.record.dir:  # a cheap check first: an unusable record.dir fails before the model is loaded
+            record_dir = check_directory(config.record.dir)
         model = _load_model(config)
         _warm_up_numpy()
         api = ports.choose_api(config.midi.api)
@@ -273,7 +275,7 @@ class Service:
             self.monitor = ports.JackMonitor(f"{config.midi.client_name}-monitor")
         if config.record.dir:
             self.recorder = SessionRecorder(
-                config.record.dir, start_s=self.start_s, now=self.now,
+                record_dir, start_s=self.start_s, now=self.now,
                 player_channels=tuple(c - 1 for c in config.midi.input_channels),
                 output_channel=config.midi.output_channel - 1, rotate_s=config.record.rotate_minutes * 60.0)
         self.output = ports.OutputPort(api, config.midi.output, client_name=config.midi.client_name)

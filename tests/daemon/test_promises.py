@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
+from pathlib import Path
 
 import mido
 import pytest
@@ -20,6 +27,8 @@ from improvd.daemon.model import StepModel
 from tests.daemon.test_band import PLAYER_CH, T0, Sim, balanced
 from tests.daemon.test_reliability import _drain
 from tests.modelfactory import make_step_model
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +189,82 @@ def test_a_key_read_before_its_input_was_lost_is_released_after_it():
     got = [(m.type, m.note) for _, m in _drain(engine_queue)]
     assert got == [("note_on", 60), ("note_off", 60)]  # the key-down, then its release: nothing held
     assert sink.held == set()
+
+
+# ---- 6. start-up errors: exit 2 and one line, never a traceback --------------------------------------------------
+
+def _as_user_cmd():
+    """The command prefix that runs a child as an unprivileged user when the tests run as root (root reads any
+    directory, so a permission error cannot happen to it)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: cannot run the daemon as an unprivileged user")
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def _run_daemon(config_path, *, unprivileged=False):
+    cmd = (_as_user_cmd() if unprivileged else []) + [sys.executable, "-m", "improvd.daemon.cli", "run",
+                                                      "--config", str(config_path)]
+    env = dict(os.environ, JACK_NO_START_SERVER="1", HOME=str(Path(config_path).parent))
+    return subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                          timeout=120)
+
+
+@pytest.fixture
+def shared_dir():
+    """A temporary directory an unprivileged child can use too (pytest's tmp_path is the tester's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="improvd-t17-"))
+    path.chmod(0o755)
+    yield path
+    for sub in path.rglob("*"):
+        if sub.is_dir():
+            sub.chmod(0o755)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _one_clear_line(proc, pattern):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and re.match(r"improvd run: error: .*" + pattern, lines[0]), proc.stderr
+
+
+def test_a_config_that_is_not_utf8_exits_2_naming_the_byte(shared_dir):
+    path = shared_dir / "c.toml"
+    path.write_bytes(b'[improvise]\ntemperature = 0.5\n# caf\xe9 in latin-1\n')
+    _one_clear_line(_run_daemon(path), r"config file '.*c\.toml' is not UTF-8 text: byte 0xe9 at line 3")
+
+
+def test_a_directory_given_as_the_config_exits_2(shared_dir):
+    _one_clear_line(_run_daemon(shared_dir), r"config file '.*improvd-t17-[^']*' is a directory, not a TOML file")
+
+
+def test_an_unreadable_config_exits_2(shared_dir):
+    path = shared_dir / "c.toml"
+    path.write_text("[improvise]\ntemperature = 0.5\n")
+    path.chmod(0o000)
+    _one_clear_line(_run_daemon(path, unprivileged=True), r"config file '.*c\.toml' cannot be read: Permission")
+
+
+def _record_config(shared_dir, record_dir):
+    model = make_step_model(shared_dir / "m.onnx")
+    model.path.chmod(0o644)
+    path = shared_dir / "c.toml"
+    path.write_text(f'[model]\npath = "{model.path}"\n[midi]\napi = "jack"\n[record]\ndir = "{record_dir}"\n')
+    path.chmod(0o644)
+    return path
+
+
+def test_a_record_dir_under_an_unreadable_directory_exits_2(shared_dir):
+    locked = shared_dir / "locked"
+    locked.mkdir(mode=0o700)
+    path = _record_config(shared_dir, locked / "sessions")
+    _one_clear_line(_run_daemon(path, unprivileged=True), r"record\.dir '.*locked/sessions' cannot be used: "
+                                                          r".*Permission denied")
+
+
+def test_a_record_dir_under_a_file_exits_2(shared_dir):
+    (shared_dir / "afile").write_text("x")
+    path = _record_config(shared_dir, shared_dir / "afile" / "sessions")
+    _one_clear_line(_run_daemon(path), r"record\.dir '.*afile/sessions' cannot be used: .*Not a directory")
