@@ -17,13 +17,16 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import mido
 import pytest
 
 from improvd.daemon import ports, service
+from improvd.daemon.config import Config
 from improvd.daemon.model import StepModel
+from improvd.daemon.recorder import SessionRecorder
 from tests.daemon.test_band import PLAYER_CH, T0, Sim, balanced
 from tests.daemon.test_reliability import _drain
 from tests.modelfactory import make_step_model
@@ -268,3 +271,150 @@ def test_a_record_dir_under_a_file_exits_2(shared_dir):
     (shared_dir / "afile").write_text("x")
     path = _record_config(shared_dir, shared_dir / "afile" / "sessions")
     _one_clear_line(_run_daemon(path), r"record\.dir '.*afile/sessions' cannot be used: .*Not a directory")
+
+
+# ---- 4. a slow disk or a slow reload never holds the main thread: stop stays prompt ------------------------------
+
+STOP_S = 1.0  # what a stop may take, whatever the disk does (systemd kills after 5 s, with notes on)
+
+
+class _SlowDisk:
+    """A recorder's writer whose writes (and their fsyncs) take `delay_s`; `started` is set once one began."""
+
+    def __init__(self, delay_s):
+        self.delay_s = delay_s
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.writes = 0
+
+    def __call__(self, path, data):
+        self.started.set()
+        self.release.wait(self.delay_s)
+        self.writes += 1
+
+
+def _watched_service(tmp_path, recorder=None):
+    svc = service.Service(Config(), now=time.perf_counter)
+    svc._flush_s = 0.2
+    svc.recorder = recorder
+    checks = []
+    svc._check_ports = lambda: checks.append(time.perf_counter())
+    runner = threading.Thread(target=lambda: setattr(svc, "status", svc.run()), daemon=True)
+    return svc, runner, checks
+
+
+def test_a_stop_during_a_slow_recording_write_is_prompt(tmp_path):
+    disk = _SlowDisk(delay_s=5.0)
+    rec = SessionRecorder(tmp_path, now=time.perf_counter, name="s.mid", write=disk)
+    rec.add_player(time.perf_counter(), mido.Message("note_on", note=60, velocity=90))  # a note sounds: due
+    svc, runner, checks = _watched_service(tmp_path, rec)
+    try:
+        runner.start()
+        assert disk.started.wait(3.0)
+        time.sleep(service.PORT_CHECK_S * 2.5)
+        n = len(checks)
+        assert n >= 2  # the watchdog goes on while the disk is slow
+        t_stop = time.perf_counter()
+        svc._on_stop_signal(15, None)  # SIGTERM
+        runner.join(STOP_S)
+        assert not runner.is_alive(), "the main thread was held by the recording's write"
+        svc.shutdown()
+        assert time.perf_counter() - t_stop <= STOP_S
+        assert svc.status == 0
+    finally:
+        disk.release.set()
+        svc.stop_requested = True
+        svc.wake.set()
+        runner.join(6.0)
+
+
+def test_a_stop_during_a_slow_reload_is_prompt(tmp_path, monkeypatch):
+    path = tmp_path / "c.toml"
+    path.write_text("[improvise]\ntemperature = 0.5\n")
+    loading = threading.Event()
+    release = threading.Event()
+
+    def slow_load(config):
+        loading.set()
+        release.wait(5.0)
+        return object()
+    monkeypatch.setattr(service, "_load_model", slow_load)
+    svc = service.Service(service.load_config(path))
+    checks = []
+    svc._check_ports = lambda: checks.append(time.perf_counter())
+
+    class Engine:
+        swaps = []
+
+        def request_swap(self, config, model):
+            self.swaps.append((config, model))
+
+        def stop(self, timeout):
+            pass
+    svc.engine = Engine()
+    runner = threading.Thread(target=lambda: setattr(svc, "status", svc.run()), daemon=True)
+    try:
+        runner.start()
+        svc._on_hup(1, None)  # SIGHUP
+        assert loading.wait(3.0)
+        time.sleep(service.PORT_CHECK_S * 2.5)
+        assert len(checks) >= 2
+        t_stop = time.perf_counter()
+        svc._on_stop_signal(15, None)
+        runner.join(STOP_S)
+        assert not runner.is_alive(), "the main thread was held by the reload"
+        svc.shutdown()
+        assert time.perf_counter() - t_stop <= STOP_S
+    finally:
+        release.set()
+        svc.stop_requested = True
+        svc.wake.set()
+        runner.join(6.0)
+
+
+def test_a_reload_still_swaps_once_loaded_off_the_main_thread(tmp_path, monkeypatch):
+    path = tmp_path / "c.toml"
+    path.write_text("[improvise]\ntemperature = 0.5\n")
+    monkeypatch.setattr(service, "_load_model", lambda config: "model")
+    svc = service.Service(service.load_config(path))
+    swapped = threading.Event()
+
+    class Engine:
+        def request_swap(self, config, model):
+            self.got = (config, model)
+            swapped.set()
+
+        def stop(self, timeout):
+            pass
+    svc.engine = Engine()
+    svc._check_ports = lambda: None
+    path.write_text("[improvise]\ntemperature = 0.7\n[midi]\nthru = true\n")
+    runner = threading.Thread(target=svc.run, daemon=True)
+    runner.start()
+    try:
+        svc._on_hup(1, None)
+        assert swapped.wait(3.0)
+        config, model = svc.engine.got
+        assert model == "model" and config.improvise.temperature == 0.7
+        # [midi] is not reloaded: the running config keeps it, so the next reload warns again
+        assert svc.config.midi.thru is False and svc.config.improvise.temperature == 0.7
+    finally:
+        svc.stop_requested = True
+        svc.wake.set()
+        runner.join(2.0)
+
+
+def test_shutdown_does_not_wait_for_a_hung_disk_and_says_so(tmp_path, caplog):
+    disk = _SlowDisk(delay_s=5.0)
+    rec = SessionRecorder(tmp_path, now=time.perf_counter, name="s.mid", write=disk)
+    rec.add_player(time.perf_counter(), mido.Message("note_on", note=60, velocity=90))
+    svc = service.Service(Config())
+    svc.recorder = rec
+    try:
+        t0 = time.perf_counter()
+        with caplog.at_level(logging.ERROR, logger="improvd"):
+            svc.shutdown()
+        assert time.perf_counter() - t0 <= STOP_S
+        assert "recording" in caplog.text and "not written" in caplog.text
+    finally:
+        disk.release.set()
