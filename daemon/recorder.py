@@ -25,7 +25,9 @@ tick), at one tick note-offs first.
 Writes are atomic (`daemon.atomic.atomic_writer`: a temporary file, fsynced, then a rename, and the directory
 fsynced). The service flushes at least every `record.flush_seconds` while running and once at exit, so even
 `kill -9` or a power cut loses at most the last interval. A write that fails (a full disk) is logged once and
-retried at the next flush; the temporary file is removed, so a full disk does not fill up further. With `rotate_s`
+retried at the next flush; the temporary file is removed, so a full disk does not fill up further. While writes
+fail, what the file holds is kept until it is due to rotate or holds `MAX_UNWRITTEN_BYTES`; then it is dropped
+(logged) and the recording goes on in a new file, so memory stays bounded however long the disk stays full. With `rotate_s`
 (`record.rotate_minutes`), once a file covers that long and has been written, the recorder goes on in a new file
 whose time 0 is that moment (notes still sounding continue in it from time 0).
 
@@ -62,6 +64,10 @@ _NOTE_TYPES = ("note_on", "note_off")
 _NOTE_OFF, _NOTE_ON = 0, 1  # event kinds; sorting by kind puts note-offs first at a tick
 _SECONDS_PER_TICK = midifile.TEMPO_US / 1e6 / midifile.TICKS_PER_BEAT
 _END_OF_TRACK = b"\x00\xff\x2f\x00"
+# While writes fail, a file's encoded notes are kept (to be written once the disk takes them) up to this size
+# (about 500,000 notes, three hours at the shipped model's 47 notes/s) or the rotation, whichever comes first;
+# then they are dropped and the recording goes on in a new file, so that memory stays bounded.
+MAX_UNWRITTEN_BYTES = 4 * 1024 * 1024
 
 
 def _vlq(value: int) -> bytes:
@@ -417,6 +423,7 @@ class SessionRecorder:
             if not self._failing:
                 log.error("cannot write the recording %s: %s (improvd keeps playing and tries again)", self.path, err)
             self._failing = True
+            self._drop_unwritable(now_s)
             return False
         if self._failing:
             log.warning("the recording %s is written again", self.path)
@@ -425,6 +432,27 @@ class SessionRecorder:
         if self.rotate_s is not None and now_s - self.start_s >= self.rotate_s:
             self._rotate(now_s)
         return True
+
+    @property
+    def buffered_bytes(self) -> int:
+        """The encoded notes of the current file held in memory, in bytes."""
+        return sum(len(track.data) for track in self._tracks.values())
+
+    def _drop_unwritable(self, now_s: float) -> None:
+        """After a failed write: once the file is due to rotate or holds `MAX_UNWRITTEN_BYTES`, what it holds is
+        dropped (said in the log) and the recording goes on in a new file from `now_s`; memory stays bounded."""
+        rotate_due = self.rotate_s is not None and now_s - self.start_s >= self.rotate_s
+        if not rotate_due and self.buffered_bytes < MAX_UNWRITTEN_BYTES:
+            return
+        counts = ", ".join(f"{who} {track.notes} notes" for who, track in self._tracks.items())
+        minutes = (now_s - self.start_s) / 60
+        for track in self._tracks.values():
+            track.rotate()
+        dropped, self.start_s = self.path, now_s
+        self.path = self.directory / self._unique_name()
+        self._changed = False
+        log.error("the recording %s could not be written (%.0f min, %s): dropped to keep memory bounded; improvd "
+                  "goes on recording in %s once the disk takes it", dropped, minutes, counts, self.path)
 
     def _rotate(self, now_s: float) -> None:
         """Go on in a new file from `now_s`: everything so far is in the file just written."""

@@ -23,10 +23,11 @@ from pathlib import Path
 import mido
 import pytest
 
-from improvd.daemon import ports, service
+from improvd.daemon import ports, recorder, service
 from improvd.daemon.config import Config
 from improvd.daemon.model import StepModel
 from improvd.daemon.recorder import SessionRecorder
+from tests.daemon.fakes import Clock
 from tests.daemon.test_band import PLAYER_CH, T0, Sim, balanced
 from tests.daemon.test_reliability import _drain
 from tests.modelfactory import make_step_model
@@ -418,3 +419,59 @@ def test_shutdown_does_not_wait_for_a_hung_disk_and_says_so(tmp_path, caplog):
         assert "recording" in caplog.text and "not written" in caplog.text
     finally:
         disk.release.set()
+
+
+# ---- 5. a recording that cannot be written keeps memory bounded --------------------------------------------------
+
+class _FullDisk:
+    def __init__(self):
+        self.full = True
+        self.written = {}
+
+    def __call__(self, path, data):
+        if self.full:
+            raise OSError(28, "No space left on device")
+        self.written[path] = bytes(data)
+
+
+def _play_for(rec, clock, seconds, rate=5.0, flush_s=10.0):
+    """`rate` notes a second for `seconds`, flushed every `flush_s`; returns the largest file the recorder held."""
+    largest = 0
+    end = clock.t + seconds
+    while clock.t < end:
+        for k in range(int(rate * flush_s)):
+            t = clock.t + k / rate
+            rec.add_player(t, mido.Message("note_on", note=60 + k % 12, velocity=90))
+            rec.add_player(t + 0.1, mido.Message("note_off", note=60 + k % 12))
+        clock.t += flush_s
+        rec.flush()
+        largest = max(largest, len(rec._file_bytes(clock.t)))
+    return largest
+
+
+def test_a_disk_that_stays_full_keeps_the_recorders_memory_bounded_and_writing_resumes(tmp_path, caplog):
+    clock = Clock(100.0)
+    disk = _FullDisk()
+    rec = SessionRecorder(tmp_path, now=clock, name="s.mid", write=disk, rotate_s=3600.0)
+    with caplog.at_level(logging.WARNING, logger="improvd.record"):
+        one_hour = _play_for(rec, clock, 3600.0)
+        four_hours = _play_for(rec, clock, 3 * 3600.0)
+    assert four_hours <= 1.05 * one_hour  # what cannot be written is let go after a file's length, not kept
+    assert caplog.text.count("cannot write the recording") == 1  # the failure said once
+    disk.full = False
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="improvd.record"):
+        _play_for(rec, clock, 60.0)
+    assert "written again" in caplog.text
+    player, _ = rec.tracks()
+    assert len(player.notes) > 0 and rec.path in disk.written
+
+
+def test_without_rotation_a_failing_recording_is_bounded_by_size(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(recorder, "MAX_UNWRITTEN_BYTES", 32 * 1024)  # the real limit, 4 MiB, is hours of notes
+    clock = Clock(100.0)
+    rec = SessionRecorder(tmp_path, now=clock, name="s.mid", write=_FullDisk(), rotate_s=None)
+    with caplog.at_level(logging.WARNING, logger="improvd.record"):
+        largest = _play_for(rec, clock, 3600.0)
+    assert largest <= 32 * 1024 + 1024  # the limit plus one flush interval's notes
+    assert "dropped" in caplog.text
