@@ -475,3 +475,15 @@ def test_without_rotation_a_failing_recording_is_bounded_by_size(tmp_path, caplo
         largest = _play_for(rec, clock, 3600.0)
     assert largest <= 32 * 1024 + 1024  # the limit plus one flush interval's notes
     assert "dropped" in caplog.text
+
+
+# ---- 7. a model's metadata is bounded --------------------------------------------------------------------------
+
+def test_a_model_declaring_a_huge_context_is_refused_naming_the_bound(tmp_path):
+    from improvd.daemon import model as model_mod
+    from improvd.daemon.errors import ModelError
+    huge = make_step_model(tmp_path / "huge.onnx", context=1_000_000)
+    with pytest.raises(ModelError, match=r"improvd.context = '1000000', expected .* at most 256"):
+        StepModel(huge.path)
+    edge = make_step_model(tmp_path / "edge.onnx", context=model_mod.MAX_CONTEXT)
+    assert StepModel(edge.path).context == model_mod.MAX_CONTEXT == 256
