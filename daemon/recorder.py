@@ -23,7 +23,7 @@ tick later. Events are written in time order (an event stamped before the track'
 tick), at one tick note-offs first.
 
 Writes are atomic (`daemon.atomic.atomic_writer`: a temporary file, fsynced, then a rename, and the directory
-fsynced). The service flushes at least every `record.flush_seconds` while running and once at exit, so even
+fsynced). A recording file is `RECORDING_MODE` (0600) less the umask: readable by the user alone. The service flushes at least every `record.flush_seconds` while running and once at exit, so even
 `kill -9` or a power cut loses at most the last interval. A write that fails (a full disk) is logged once and
 retried at the next flush; the temporary file is removed, so a full disk does not fill up further. While writes
 fail, what the file holds is kept until it is due to rotate or holds `MAX_UNWRITTEN_BYTES`; then it is dropped
@@ -68,6 +68,10 @@ _END_OF_TRACK = b"\x00\xff\x2f\x00"
 # (about 500,000 notes, three hours at the shipped model's 47 notes/s) or the rotation, whichever comes first;
 # then they are dropped and the recording goes on in a new file, so that memory stays bounded.
 MAX_UNWRITTEN_BYTES = 4 * 1024 * 1024
+# A recording is what the player played: the user's own. Files are 0600 less the umask (never wider), and a
+# record.dir improvd creates is 0700 less the umask.
+RECORDING_MODE = 0o600
+RECORDING_DIR_MODE = 0o700
 
 
 def _vlq(value: int) -> bytes:
@@ -124,8 +128,8 @@ def _encode(out: bytearray, events: list[tuple[int, int, int, int]], channel: in
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    """Replace `path` by `data`, whole or not at all (`daemon.atomic.atomic_writer`)."""
-    with atomic_writer(path) as fh:
+    """Replace `path` by `data`, whole or not at all (`daemon.atomic.atomic_writer`), readable by its owner only."""
+    with atomic_writer(path, mode=RECORDING_MODE) as fh:
         fh.write(data)
 
 
@@ -279,7 +283,7 @@ def check_directory(directory: str | os.PathLike) -> Path:
     """
     path = Path(directory).expanduser()
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=RECORDING_DIR_MODE, parents=True, exist_ok=True)
         if not path.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         if not os.access(path, os.W_OK | os.X_OK):

@@ -487,3 +487,45 @@ def test_a_model_declaring_a_huge_context_is_refused_naming_the_bound(tmp_path):
         StepModel(huge.path)
     edge = make_step_model(tmp_path / "edge.onnx", context=model_mod.MAX_CONTEXT)
     assert StepModel(edge.path).context == model_mod.MAX_CONTEXT == 256
+
+
+# ---- 8. files: the process umask is left alone; recordings are the user's own ----------------------------------
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_writing_a_file_never_changes_the_process_umask(tmp_path, monkeypatch, umask_022):
+    from improvd.daemon import atomic
+    calls = []
+    real = os.umask
+    monkeypatch.setattr(os, "umask", lambda mask: (calls.append(mask), real(mask))[1])
+    with atomic.atomic_writer(tmp_path / "f.bin") as fh:
+        fh.write(b"x")
+    rec = SessionRecorder(tmp_path, now=Clock(1.0), name="s.mid")
+    rec.add_player(1.0, mido.Message("note_on", note=60, velocity=90))
+    assert rec.flush()
+    # the umask is process-wide: set to 0 even for a moment, a file another thread creates then is world-writable
+    assert calls == []
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o600), (0o077, 0o600), (0o002, 0o600), (0o277, 0o400)])
+def test_recordings_are_0600_or_stricter_by_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        rec = SessionRecorder(tmp_path, now=Clock(1.0), name="s.mid")
+        rec.add_player(1.0, mido.Message("note_on", note=60, velocity=90))
+        assert rec.flush()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "s.mid").stat().st_mode & 0o777 == mode
+
+
+def test_other_files_keep_the_mode_open_would_give(tmp_path, umask_022):
+    from improvd.daemon import atomic
+    with atomic.atomic_writer(tmp_path / "model.onnx") as fh:
+        fh.write(b"x")
+    assert (tmp_path / "model.onnx").stat().st_mode & 0o777 == 0o644
