@@ -114,6 +114,7 @@ log = logging.getLogger("improvd.engine")
 _TICK = object()
 MAX_BATCH = 1000  # input items taken in one go before timers are looked at (bounded under a flood)
 CHORD_S = 0.03  # a predicted step longer than this is not a chord: quantized, it takes at least one grid step
+REGRID_STEPS = 4  # a note's grid position that moves it more than this many grid steps belongs to another grid
 TEMPO_NOTES = 8  # continuous mode: the player's last notes the time scale is measured on
 STATES = ("idle", "listening", "answering")
 ALL_NOTES_OFF = 123
@@ -185,6 +186,7 @@ class Engine:
         self._stopped = False  # transport Stop: silent until Start/Continue
         self._time_scale = 1.0
         self._grid_anchor_s: float | None = None
+        self._clock_grid = None  # the clock's grid when it was last running (kept while its ticks stop mid-answer)
         self._pulse_beat_s: float | None = None
         self._thru: dict[tuple[int, int], object] = {}  # (channel, pitch) -> scheduler owner of a thru note
         self._state: str | None = None
@@ -536,6 +538,7 @@ class Engine:
             self._pulse_beat_s = tempo.beat_from_ioi(ioi)
         if phrase:
             self._grid_anchor_s = phrase[0].onset_s
+        self._clock_grid = None  # a new answer takes the clock's grid only while its ticks arrive
         for note in phrase:
             row = self._player_row(note)
             self._feed(row, note.onset_s)
@@ -601,10 +604,16 @@ class Engine:
         ticks = self._quantize_ticks
         if ticks is None:
             return None, 0
-        if self._config.timing.follow_clock and self._clock.running(now):
-            grid = self._clock.grid()
-            if grid is not None:
-                return grid, ticks
+        if self._config.timing.follow_clock:
+            if self._clock.running(now):
+                grid = self._clock.grid()
+                if grid is not None:
+                    self._clock_grid = grid
+                    return grid, ticks
+            elif self._clock_grid is not None and self._answer is not None:
+                # The clock stopped without a Stop (a cable pulled, a crashed sequencer): the answer goes on on the
+                # clock's last grid, its tempo and phase, rather than jump to another grid mid-answer.
+                return self._clock_grid, ticks
         anchor = self._grid_anchor_s if self._grid_anchor_s is not None else now
         bpm = self._config.timing.bpm
         if bpm > 0:
@@ -623,6 +632,10 @@ class Engine:
         if grid is None:
             return
         position = a.next[3]
+        if abs(grid.time_of(position) - a.next[0]) > REGRID_STEPS * ticks * grid.tick_s:
+            # The position belongs to another grid (the clock started or came back after a gap mid-answer): keep
+            # the note's time, on the grid there is now.
+            position = snap(grid, a.next[0], ticks, now + self.lead_s)
         if grid.time_of(position) < now + self.lead_s:
             position = snap(grid, now + self.lead_s, ticks, now + self.lead_s)
         a.next = (grid.time_of(position), a.next[1], a.next[2], position)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -58,6 +59,12 @@ class _Event:
     note_id: int = -1
     owner: object = None
     message: mido.Message | None = None
+
+
+def _check_deadline(due_s: float, what: str) -> None:
+    """A deadline must be a finite number: a NaN in the heap breaks its order and can hold every event behind it."""
+    if not math.isfinite(due_s):
+        raise ValueError(f"a {what} deadline must be a finite time in seconds, got {due_s!r}")
 
 
 def _default_wait(cond: threading.Condition, timeout_s: float | None) -> None:
@@ -131,6 +138,8 @@ class Scheduler:
         if not 0 <= pitch <= 127 or not 1 <= velocity <= 127 or not 0 <= channel <= 15:
             raise ValueError(f"note out of range: pitch {pitch} (0..127), velocity {velocity} (1..127), "
                              f"channel {channel} (0..15)")
+        _check_deadline(onset_s, "note-on")
+        _check_deadline(off_s, "note-off")
         note_id = next(self._note_ids)
         with self._cond:
             self._push(onset_s, _Event(_ON, channel, int(pitch), int(velocity), note_id, owner))
@@ -140,6 +149,7 @@ class Scheduler:
 
     def schedule_message(self, due_s: float, message: mido.Message, owner: object = None) -> None:
         """Schedule any other message (not a note) at `due_s`."""
+        _check_deadline(due_s, "message")
         with self._cond:
             self._push(due_s, _Event(_MSG, owner=owner, message=message))
             self._changed()

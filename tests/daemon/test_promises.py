@@ -529,3 +529,40 @@ def test_other_files_keep_the_mode_open_would_give(tmp_path, umask_022):
     with atomic.atomic_writer(tmp_path / "model.onnx") as fh:
         fh.write(b"x")
     assert (tmp_path / "model.onnx").stat().st_mode & 0o777 == 0o644
+
+
+# ---- also: NaN deadlines, a clock that stops without Stop, thru under a flood of held keys -----------------------
+
+def test_a_non_finite_deadline_is_refused_and_never_blocks_the_notes_behind_it():
+    from improvd.daemon.scheduler import Scheduler
+    clock = Clock(10.0)
+    sent = []
+    s = Scheduler(lambda m: sent.append((clock.t, m)), now=clock)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(ValueError, match="deadline"):
+            s.schedule_note(bad, 11.0, 60, 90)
+        with pytest.raises(ValueError, match="deadline"):
+            s.schedule_note(10.5, bad, 60, 90)
+        with pytest.raises(ValueError, match="deadline"):
+            s.schedule_message(bad, mido.Message("control_change", control=1, value=1))
+    s.schedule_note(10.5, 10.6, 62, 90)
+    clock.t = 11.0
+    s.run_pending()
+    assert [(m.type, m.note) for _, m in sent] == [("note_on", 62), ("note_off", 62)]
+    assert s.pending() == 0
+
+
+def test_a_clock_that_stops_without_stop_does_not_stall_a_quantized_answer(model):
+    sim = Sim(model, improvise_kw=dict(max_notes=40), timing=dict(quantize="1/16", follow_clock=True, bpm=100))
+    sim.at(T0, mido.Message("start"))
+    sim.clock(T0 + 0.001, 100, 24 * 20)  # 20 beats (12 s) of clock, then it stops: no Stop message
+    end = sim.play([60, 62, 64], T0 + 9.0)
+    sim.run_until(T0 + 12.0)
+    assert sim.engine.playing
+    n = len(sim.note_ons())
+    sim.run_until(T0 + 14.0)  # 2 s after the last tick: the answer goes on, on the bpm grid
+    assert len(sim.note_ons()) > n
+    sim.run_until(T0 + 60.0)
+    assert not sim.engine.playing and len(sim.note_ons()) == 40 and balanced(sim.sent)
+    ons = [t for t, _ in sim.note_ons()]
+    assert max(b - a for a, b in zip(ons, ons[1:])) < 2.0  # no stall between two notes
