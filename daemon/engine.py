@@ -112,6 +112,7 @@ from improvd.daemon.window import HeardNote, NoteTracker
 log = logging.getLogger("improvd.engine")
 
 _TICK = object()
+_THRU = object()  # the scheduler owner of the thru notes (each is ended by its note id)
 MAX_BATCH = 1000  # input items taken in one go before timers are looked at (bounded under a flood)
 CHORD_S = 0.03  # a predicted step longer than this is not a chord: quantized, it takes at least one grid step
 REGRID_STEPS = 4  # a note's grid position that moves it more than this many grid steps belongs to another grid
@@ -188,7 +189,7 @@ class Engine:
         self._grid_anchor_s: float | None = None
         self._clock_grid = None  # the clock's grid when it was last running (kept while its ticks stop mid-answer)
         self._pulse_beat_s: float | None = None
-        self._thru: dict[tuple[int, int], object] = {}  # (channel, pitch) -> scheduler owner of a thru note
+        self._thru: dict[tuple[int, int], int] = {}  # (channel, pitch) -> the scheduler's note id of a thru note
         self._state: str | None = None
         self._configure(config, model)
         self._improviser = Improviser(model, self._decoding(), rng=self._rng)
@@ -444,8 +445,8 @@ class Engine:
 
     def _release_thru(self) -> None:
         """Release the thru notes sounding now (transport Stop); a key's later release then sends nothing."""
-        for owner in self._thru.values():
-            self._scheduler.cancel(owner)
+        for note_id in self._thru.values():
+            self._scheduler.end_note(note_id)
         self._thru.clear()
 
     def _pass_thru(self, msg: mido.Message) -> None:
@@ -455,16 +456,14 @@ class Engine:
                 return
             old = self._thru.pop(key, None)
             if old is not None:
-                self._scheduler.cancel(old)
-            owner = object()
+                self._scheduler.end_note(old)
             now = self._now()
-            self._scheduler.schedule_note(now, now + self._imp.max_hold, msg.note, msg.velocity,
-                                          channel=msg.channel, owner=owner)
-            self._thru[key] = owner
+            self._thru[key] = self._scheduler.schedule_note(now, now + self._imp.max_hold, msg.note, msg.velocity,
+                                                            channel=msg.channel, owner=_THRU)
         else:
-            owner = self._thru.pop(key, None)
-            if owner is not None:
-                self._scheduler.cancel(owner)
+            note_id = self._thru.pop(key, None)
+            if note_id is not None:
+                self._scheduler.end_note(note_id)  # O(log n): a flood of releases rebuilds no heap
 
     def _update_state(self) -> None:
         if self._answer is not None:

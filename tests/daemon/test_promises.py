@@ -566,3 +566,43 @@ def test_a_clock_that_stops_without_stop_does_not_stall_a_quantized_answer(model
     assert not sim.engine.playing and len(sim.note_ons()) == 40 and balanced(sim.sent)
     ons = [t for t, _ in sim.note_ons()]
     assert max(b - a for a, b in zip(ons, ons[1:])) < 2.0  # no stall between two notes
+
+
+def test_releasing_thru_notes_under_a_flood_of_held_keys_never_rebuilds_the_schedule(model, monkeypatch):
+    from improvd.daemon import scheduler as scheduler_mod
+    sim = Sim(model, improvise_kw=dict(max_notes=2, max_hold=60.0, silence=30.0), midi=dict(thru=True))
+    keys = [(ch, p) for ch in range(16) for p in range(128)][:1500]
+    t = T0 + 0.1
+    for ch, p in keys:  # 1500 keys held at once
+        sim.at(t, mido.Message("note_on", note=p, velocity=90, channel=ch))
+        t += 0.0001
+    sim.run_until(t + 0.01)
+    assert len(sim.scheduler.sounding()) == 1500
+    rebuilds = []
+    real = scheduler_mod.heapq.heapify
+    monkeypatch.setattr(scheduler_mod.heapq, "heapify", lambda h: (rebuilds.append(len(h)), real(h))[1])
+    for ch, p in keys:
+        sim.at(t, mido.Message("note_off", note=p, channel=ch))
+        t += 0.0001
+    sim.run_until(t + 0.01)
+    # each release was a whole-heap rebuild under the scheduler's lock: O(held keys) per message, O(n^2) a flood
+    assert len(rebuilds) <= 16 and sum(rebuilds) <= 4 * 1500, (len(rebuilds), sum(rebuilds))
+    assert sim.scheduler.sounding() == frozenset() and sim.scheduler.pending() <= 64
+    assert balanced(sim.sent)
+
+
+def test_end_note_releases_a_sounding_note_now_and_a_future_one_never_starts():
+    from improvd.daemon.scheduler import Scheduler
+    clock = Clock(10.0)
+    sent = []
+    s = Scheduler(lambda m: sent.append((clock.t, m.type, m.note)), now=clock)
+    sounding = s.schedule_note(10.0, 20.0, 60, 90)
+    future = s.schedule_note(12.0, 13.0, 62, 90)
+    s.run_pending()
+    clock.t = 11.0
+    assert s.end_note(sounding) and s.end_note(future)
+    assert not s.end_note(sounding)  # once
+    clock.t = 30.0
+    s.run_pending()
+    assert sent == [(10.0, "note_on", 60), (11.0, "note_off", 60)]
+    assert s.pending() == 0 and s.sounding() == frozenset()
