@@ -361,13 +361,16 @@ class _Port:
                 self._rt.delete()
 
 
-SYSEX, MTC_QUARTER_FRAME, CLOCK_TICK, ACTIVE_SENSING = 0xF0, 0xF1, 0xF8, 0xFE
+SYSEX, MTC_QUARTER_FRAME, EOX, CLOCK_TICK, ACTIVE_SENSING = 0xF0, 0xF1, 0xF7, 0xF8, 0xFE
+# JACK: how often the EOX guard sends a lone EOX to improvd's own input (see `InputPort`), seconds.
+EOX_GUARD_S = 0.25
 
 
 def _ignored_status(clock: bool) -> frozenset[int]:
-    """Status bytes the poller drops: SysEx and active sensing; MIDI clock and MTC too unless the input takes the
-    clock (what rtmidi's `ignore_types(sysex=True, timing=not clock, active_sense=True)` would drop)."""
-    ignored = {SYSEX, ACTIVE_SENSING}
+    """Status bytes the poller drops: SysEx, a lone EOX (the EOX guard's) and active sensing; MIDI clock and MTC
+    too unless the input takes the clock (what rtmidi's `ignore_types(sysex=True, timing=not clock,
+    active_sense=True)` would drop)."""
+    ignored = {SYSEX, EOX, ACTIVE_SENSING}
     if not clock:
         ignored |= {MTC_QUARTER_FRAME, CLOCK_TICK}
     return frozenset(ignored)
@@ -392,6 +395,13 @@ class InputPort(_Port):
         idle_poll_s: how often once nothing came for `IDLE_AFTER_S` (an idle daemon costs a third of the CPU;
             only the reaction to the next message waits up to this long, its arrival time stays exact).
         start: start the poller thread (tests drive `poll_once` themselves).
+
+    An unterminated SysEx: rtmidi appends every message that comes after one to it until an EOX (0xF7) arrives
+    (python-rtmidi 1.5.8 on JACK: 4,000 notes sent after `F0 01 02 03` came as one 12,005-byte SysEx once an EOX
+    came), so the input goes deaf and rtmidi's buffer grows in JACK's process thread. MIDI ends a SysEx at any
+    status byte: the poller takes the messages out of such a SysEx (`recovered`), stamped with its arrival. On JACK,
+    an EOX guard (a MidiOut client connected to improvd's own input) sends a lone EOX every `EOX_GUARD_S`, so a
+    stuck SysEx ends within that; a lone EOX is otherwise dropped.
     """
 
     kind = "input"
@@ -409,6 +419,7 @@ class InputPort(_Port):
         self.idle_poll_s = float(idle_poll_s)
         self.dropped = 0
         self.invalid = 0  # messages whose bytes mido could not parse (dropped)
+        self.recovered = 0  # messages taken out of an unterminated SysEx that had swallowed them
         self._arrival = ArrivalClock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -416,14 +427,71 @@ class InputPort(_Port):
         rt.ignore_types(sysex=False, timing=False, active_sense=False)  # see the module's docstring
         self._ignored = _ignored_status(clock)
         super().__init__(rt, api, spec, port_name)
+        self._client_name = client_name
+        self._eox_due_s = 0.0
+        self._eox_guard = self._make_eox_guard()
         if start:
             self._thread = threading.Thread(target=self._poll_loop, name=f"improvd-{port_name.replace(' ', '-')}",
                                             daemon=True)
             self._thread.start()
 
+    def _own_port_name(self) -> str:
+        return self._target if self.virtual else self._port_name
+
+    def _make_eox_guard(self):
+        """JACK: a MidiOut connected to this input, for the lone EOX (see the class docstring). Without one (another
+        API, or improvd's own port cannot be told apart from another's) the input goes on without it."""
+        if self.api != "jack":
+            return None
+        own = f":{self._own_port_name()}"
+        try:
+            guard = rtmidi.MidiOut(API_BY_NAME["jack"], f"{self._client_name}-eox")
+        except (rtmidi.SystemError, RuntimeError) as err:
+            log.debug("no EOX guard for the MIDI %s: %s", self.kind, err)
+            return None
+        try:
+            mine = [i for i, name in enumerate(guard.get_ports())
+                    if name.startswith(self._client_name) and name.endswith(own)]
+            if len(mine) != 1:
+                log.debug("no EOX guard for the MIDI %s: %d JACK ports end with %r", self.kind, len(mine), own)
+                guard.delete()
+                return None
+            guard.open_port(mine[0], "eox")
+        except (rtmidi.InvalidPortError, rtmidi.SystemError, RuntimeError) as err:
+            log.debug("no EOX guard for the MIDI %s: %s", self.kind, err)
+            guard.delete()
+            return None
+        return guard
+
+    def _send_eox(self) -> None:
+        """Poller thread: a lone EOX every `EOX_GUARD_S`, so that an unterminated SysEx ends."""
+        now = time.monotonic()
+        if now < self._eox_due_s:
+            return
+        self._eox_due_s = now + EOX_GUARD_S
+        with self._lock:  # the main thread swaps the guard on a reconnection
+            if self._eox_guard is None or self.lost or self.closed:
+                return
+            try:
+                self._eox_guard.send_message([EOX])
+            except (rtmidi.SystemError, RuntimeError, ValueError) as err:
+                log.debug("the EOX guard could not send: %s", err)
+
+    def _reopened(self) -> None:
+        """The port is open again (a new JACK port): connect a new EOX guard to it."""
+        self._close_eox_guard(new=self._make_eox_guard())
+
+    def _close_eox_guard(self, *, server_gone: bool = False, new=None) -> None:
+        with self._lock:
+            guard, self._eox_guard = self._eox_guard, new
+        if guard is not None and not server_gone:
+            guard.close_port()
+            guard.delete()
+
     def _poll_loop(self) -> None:
         last_s = time.monotonic()
         while not self._stopping.is_set():
+            self._send_eox()
             try:
                 read = self.poll_once()
                 while read >= self.BATCH:
@@ -456,6 +524,9 @@ class InputPort(_Port):
             polled_s = self._now()  # after reading: every message read had arrived by now
             times = self._arrival.stamp([delta for _, delta in batch], polled_s)
             for t_s, (data, _) in zip(times, batch):
+                if data and data[0] == SYSEX and len(data) > 2 and any(b >= 0x80 for b in data[1:-1]):
+                    self._recover(t_s, data)
+                    continue
                 if data and data[0] in self._ignored:
                     continue
                 try:
@@ -469,10 +540,25 @@ class InputPort(_Port):
                     self.dropped += 1
         return len(batch)
 
+    def _recover(self, t_s: float, data: list[int]) -> None:
+        """A SysEx with status bytes inside: rtmidi appended what came after an unterminated SysEx to it (until an
+        EOX). MIDI ends a SysEx at any status byte, so the messages after it are parsed and delivered, stamped with
+        this message's arrival (their own times are lost with the SysEx), so that no note-off is lost."""
+        for msg in mido.parse_all(data):
+            status = msg.bytes()[0]
+            if status in self._ignored:
+                continue
+            self.recovered += 1
+            try:
+                self._sink.put_nowait((t_s, msg))
+            except queue.Full:
+                self.dropped += 1
+
     def close(self, *, server_gone: bool = False) -> None:
         self._stopping.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(1.0)
+        self._close_eox_guard(server_gone=server_gone)
         super().close(server_gone=server_gone)
 
 

@@ -532,8 +532,9 @@ class Service:
             if port is not None:
                 port.close(server_gone=leave_ports)
         if self.sink is not None:
-            log.info("input: %d messages received, %d dropped in overloads, %d invalid", self.sink.received,
-                     self.sink.dropped, getattr(self.input, "invalid", 0))
+            log.info("input: %d messages received, %d dropped in overloads, %d invalid, %d recovered from "
+                     "unterminated SysEx", self.sink.received, self.sink.dropped, getattr(self.input, "invalid", 0),
+                     getattr(self.input, "recovered", 0))
         if self.monitor is not None and not leave_ports:
             self.monitor.close()
         self._log_events()

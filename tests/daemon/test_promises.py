@@ -606,3 +606,26 @@ def test_end_note_releases_a_sounding_note_now_and_a_future_one_never_starts():
     s.run_pending()
     assert sent == [(10.0, "note_on", 60), (11.0, "note_off", 60)]
     assert s.pending() == 0 and s.sounding() == frozenset()
+
+
+# ---- also: an unterminated SysEx swallows what follows it ------------------------------------------------------
+
+def test_messages_swallowed_by_an_unterminated_sysex_are_recovered():
+    # rtmidi appends every event after an unterminated SysEx to it until an EOX (0xF7) comes (seen on JACK with
+    # python-rtmidi 1.5.8: 4000 notes came as one 12005-byte SysEx); MIDI ends a SysEx at any status byte.
+    sink = queue.Queue()
+    rt = _FakeRt(["kbd"], [([0x90, 60, 100], 0.0),
+                           ([0xF0, 0x41, 0x10, 0x90, 61, 100, 0xF8, 0x80, 60, 0, 0x80, 61, 0, 0xF7], 0.5),
+                           ([0xF0, 0x7E, 0x01, 0xF7], 0.1)])  # a proper SysEx: dropped, as before
+    port = ports.InputPort.__new__(ports.InputPort)
+    port._ignored = ports._ignored_status(True)
+    port._sink, port._now = sink, (lambda: 5.0)
+    port.dropped = port.invalid = port.recovered = 0
+    port._arrival = ports.ArrivalClock(drift=0.0)
+    ports._Port.__init__(port, rt, "jack", "kbd", "improvd in")
+    assert port.poll_once() == 3
+    got = [(t, m.type, getattr(m, "note", None)) for t, m in _drain(sink)]
+    assert [g[1:] for g in got] == [("note_on", 60), ("note_on", 61), ("clock", None), ("note_off", 60),
+                                    ("note_off", 61)]
+    assert all(t == pytest.approx(5.0 - 0.1) for t, *_ in got[1:])  # at the swallowing message's arrival
+    assert port.invalid == 0 and port.recovered == 4
