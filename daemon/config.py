@@ -37,6 +37,7 @@ class DataConfig:
 
     corpus: str = _opt("bach", choices=("bach",))
     cache_dir: str = _opt("~/.cache/improvd", path=True)
+    cache_max_mb: int = _opt(4096, lo=1, hi=1 << 24)
     val_fraction: float = _opt(0.15, lo=0.01, hi=0.9)
     seed: int = _opt(1234, lo=0)
     workers: int = _opt(0, lo=0, hi=256)
