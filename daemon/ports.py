@@ -450,8 +450,10 @@ class InputPort(_Port):
             log.debug("no EOX guard for the MIDI %s: %s", self.kind, err)
             return None
         try:
+            # improvd's own client is named client_name, or client_name-NN when JACK renamed a second one
+            client = re.compile(re.escape(self._client_name) + r"(-\d+)?")
             mine = [i for i, name in enumerate(guard.get_ports())
-                    if name.startswith(self._client_name) and name.endswith(own)]
+                    if name.endswith(own) and client.fullmatch(name[:-len(own)])]
             if len(mine) != 1:
                 log.debug("no EOX guard for the MIDI %s: %d JACK ports end with %r", self.kind, len(mine), own)
                 guard.delete()
