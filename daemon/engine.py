@@ -51,15 +51,18 @@ music); `notes_played` in the summary does not count them.
 Playing with a band (config [timing], [control], midi.thru/program, improvise.key):
 
 - MIDI clock: 'clock', 'start', 'continue', 'stop' and 'songpos' messages come through the same queue and feed a
-  `ClockTracker` (daemon/clock.py) when `timing.follow_clock`. Stop cancels the answer (its notes are released), releases the
-  thru notes sounding, and keeps improvd silent until Start or Continue (phrases are still heard and fed to the model); Start resets the
+  `ClockTracker` (daemon/clock.py) when `timing.follow_clock`. Stop cancels the answer (its notes are released),
+  releases the thru notes sounding, and keeps improvd silent until Start or Continue (phrases are still heard and
+  fed to the model); Start resets the
   bar (the grid's position 0 is the first tick after it).
 - Quantize (`timing.quantize`): a note's predicted onset is snapped to the nearest grid point (daemon/quantize.py),
   never earlier than now + `lead_s`, and a predicted step longer than `CHORD_S` never becomes a chord (it takes at
   least one grid step). The grid is the clock's while ticks arrive, else `timing.bpm`'s, else the player's pulse
   (timing.bpm = 0), anchored at the first onset of the phrase being answered. A note keeps its grid position, and its
   time is asked from the grid again when it is handed to the scheduler, so a tempo change is followed to the note.
-  The model is fed the real gaps.
+  When the clock's ticks stop without a Stop mid-answer, the answer goes on on the clock's last grid; a position
+  that would move a note more than `REGRID_STEPS` grid steps belongs to another grid, and the note is snapped again
+  from its time. The model is fed the real gaps.
 - Follow tempo (`timing.follow_tempo`, daemon/tempo.py): the time scale (player's median IOI / the model's) is
   measured on each phrase (continuous: on the player's last notes); the player's steps and durations are divided by
   it before they are fed, the model's multiplied by it (then clamped to step_range / duration_range) before they are

@@ -4,7 +4,7 @@
 `time.perf_counter`) and writes them as a type-1 MIDI file laid out as `daemon.midifile.write_notes` lays it out
 (960 ticks per quarter, one tempo meta at 120 bpm in a first track, then a "player" and an "improvd" track).
 
-Incremental encoding: a flush runs every `record.flush_seconds` (10 s) on the daemon's main thread, so its cost must
+Incremental encoding: a flush runs every `record.flush_seconds` (10 s) on the recorder's thread, so its cost must
 not grow with the recording. Re-pairing every note and rewriting the file with mido cost 0.5 s of CPU at 20k notes
 and 2.5 s at 100k (a 60-minute file at the shipped model's 47 notes/s holds about 170k). Instead each message is
 encoded to MIDI bytes (delta time, status, data) once, when `drain()` takes it, into a `bytearray` per track: a few
@@ -23,17 +23,19 @@ tick later. Events are written in time order (an event stamped before the track'
 tick), at one tick note-offs first.
 
 Writes are atomic (`daemon.atomic.atomic_writer`: a temporary file, fsynced, then a rename, and the directory
-fsynced). A recording file is `RECORDING_MODE` (0600) less the umask: readable by the user alone. The service flushes at least every `record.flush_seconds` while running and once at exit, so even
-`kill -9` or a power cut loses at most the last interval. A write that fails (a full disk) is logged once and
-retried at the next flush; the temporary file is removed, so a full disk does not fill up further. While writes
-fail, what the file holds is kept until it is due to rotate or holds `MAX_UNWRITTEN_BYTES`; then it is dropped
-(logged) and the recording goes on in a new file, so memory stays bounded however long the disk stays full. With `rotate_s`
-(`record.rotate_minutes`), once a file covers that long and has been written, the recorder goes on in a new file
-whose time 0 is that moment (notes still sounding continue in it from time 0).
+fsynced). A recording file is `RECORDING_MODE` (0600) less the umask: readable by the user alone. The service
+flushes at least every `record.flush_seconds` while running and once at exit, so even `kill -9` or a power cut
+loses at most the last interval. A write that fails (a full disk) is logged once and retried at the next flush; the
+temporary file is removed, so a full disk does not fill up further. While writes fail, what the file holds is kept
+until it is due to rotate or holds `MAX_UNWRITTEN_BYTES`; then it is dropped (logged) and the recording goes on in
+a new file, so memory stays bounded however long the disk stays full. With `rotate_s` (`record.rotate_minutes`),
+once a file covers that long and has been written, the recorder goes on in a new file whose time 0 is that moment
+(notes still sounding continue in it from time 0).
 
 Threads: `add_player` (the MIDI input's poller thread) and `add_improvd` (the scheduler's `on_sent` hook) only
-append to a deque; everything else runs on the main thread. Apart from the file write, the class is pure (the clock
-and the writer are injectable).
+append to a deque; everything else runs on the recorder's thread (the service's `_RecordWriter`), or on the main
+thread once that has ended. Apart from the file write, the class is pure (the clock and the writer are
+injectable).
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def _sync_directory(directory: Path) -> None:
 
 
 class _TrackEncoder:
-    """One track's note events, encoded to MIDI bytes as they come (main thread).
+    """One track's note events, encoded to MIDI bytes as they come (the recorder's thread).
 
     Events of the latest tick (`tick`) wait in `pending`, because more may come at that tick and note-offs are
     written first; a note-off deferred to keep a note one tick long waits in `deferred` (for `tick + 1`). Once a
@@ -356,7 +358,7 @@ class SessionRecorder:
         """A message improvd sent (scheduler thread, via its `on_sent` hook)."""
         self._incoming[IMPROVD].append((t_s, msg))
 
-    # ---- main thread -----------------------------------------------------------------------------------
+    # ---- the recorder's thread ---------------------------------------------------------------------------
     def drain(self) -> None:
         """Encode the appended note messages into their tracks."""
         for who, incoming in self._incoming.items():
