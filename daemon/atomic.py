@@ -2,7 +2,8 @@
 
 Called from whichever thread writes the file (the recorder's thread, the exporter). The process umask is only read
 (from /proc where it can be), never set: it is process-wide, and setting it even for a moment would give the files
-that other threads create meanwhile the wrong permissions.
+that other threads create meanwhile the wrong permissions. Where it cannot be read, a file keeps no more than the
+temporary file's 0600 of what was asked.
 """
 
 from __future__ import annotations
@@ -13,12 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-DEFAULT_UMASK = 0o022  # assumed where the umask cannot be read without setting it (no /proc/self/status)
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it (Linux 4.7+: the `Umask:` line of /proc/self/status);
-    `DEFAULT_UMASK` where it cannot be read."""
+def current_umask() -> int | None:
+    """The process umask, read without changing it (Linux 4.7+: the `Umask:` line of /proc/self/status); None
+    where it cannot be read so."""
     try:
         with open("/proc/self/status", encoding="ascii") as fh:
             for line in fh:
@@ -26,7 +24,7 @@ def current_umask() -> int:
                     return int(line.split(":", 1)[1].strip(), 8)
     except (OSError, ValueError):
         pass
-    return DEFAULT_UMASK
+    return None
 
 
 @contextlib.contextmanager
@@ -44,10 +42,11 @@ def atomic_writer(path: str | os.PathLike, *, mode: int = 0o666) -> Iterator[Bin
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode & ~current_umask())
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        umask = current_umask()
+        os.chmod(tmp, mode & ~umask if umask is not None else mode & 0o600)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -629,3 +629,11 @@ def test_messages_swallowed_by_an_unterminated_sysex_are_recovered():
                                     ("note_off", 61)]
     assert all(t == pytest.approx(5.0 - 0.1) for t, *_ in got[1:])  # at the swallowing message's arrival
     assert port.invalid == 0 and port.recovered == 4
+
+
+def test_where_the_umask_cannot_be_read_files_are_kept_private(tmp_path, monkeypatch):
+    from improvd.daemon import atomic
+    monkeypatch.setattr(atomic, "current_umask", lambda: None)  # no /proc (macOS): never wider than 0600
+    with atomic.atomic_writer(tmp_path / "model.onnx") as fh:
+        fh.write(b"x")
+    assert (tmp_path / "model.onnx").stat().st_mode & 0o777 == 0o600
