@@ -166,8 +166,8 @@ for line in sys.stdin:
             time.sleep(0.0002)
     # One complete SysEx last (0x7D: the non-commercial ID). A flood cycle JACK missed can lose the F7 that ended
     # one of the flood's unterminated SysEx starts; rtmidi's JACK input then takes every later message as part of
-    # that SysEx until an event ends with F7 (tests/e2e/test_input_e2e.py pins it), so the receiving end would
-    # go deaf for a reason that is not what the flood measures.
+    # that SysEx until an event ends with F7. improvd's EOX guard ends it within 0.25 s (tests/e2e/test_input_e2e.py);
+    # the complete SysEx ends it at once, so that the releases above come with their own times.
     time.sleep(0.005)
     send("sysex", [0xF0, 0x7D, 0xF7])
     print("done " + json.dumps({"sent": n, "seconds": round(elapsed, 3), "rate": round(n / elapsed, 1),

@@ -253,7 +253,7 @@ def main() -> int:
     if model_path is None:
         from tests.modelfactory import make_step_model
         model_path = tmp / "model.onnx"
-        twin = make_step_model(model_path, seed=3, context=1000)
+        twin = make_step_model(model_path, seed=3, context=256)  # the most a model may declare: no re-priming here
     server = JackServer().start(tmp)
     try:
         respond = respond_run(server, tmp, model_path, twin, args.phrases, args.cpu_seconds)

@@ -38,6 +38,7 @@ class DataConfig:
 
     corpus: str = _opt("bach", choices=("bach",))
     cache_dir: str = _opt("~/.cache/improvd", path=True)
+    cache_max_mb: int = _opt(4096, lo=1, hi=1 << 24)
     val_fraction: float = _opt(0.15, lo=0.01, hi=0.9)
     seed: int = _opt(1234, lo=0)
     workers: int = _opt(0, lo=0, hi=256)
@@ -358,7 +359,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         overrides: `section.key=value` strings, applied in order.
 
     Raises:
-        ConfigError: the file is missing or not TOML, or a key or value is not allowed.
+        ConfigError: the file is missing, unreadable, a directory, not UTF-8 or not TOML, or a key or value is not
+            allowed.
     """
     return load_config_with_origins(path, overrides)[0]
 
@@ -379,9 +381,21 @@ def load_config_with_origins(path: str | os.PathLike | None = None,
     raw: dict[str, Any] = {}
     if file is not None:
         try:
-            raw = tomllib.loads(file.read_text(encoding="utf-8"))
+            data = file.read_bytes()
         except FileNotFoundError as err:
             raise ConfigError(f"config file {str(file)!r} does not exist") from err
+        except IsADirectoryError as err:
+            raise ConfigError(f"config file {str(file)!r} is a directory, not a TOML file") from err
+        except OSError as err:
+            raise ConfigError(f"config file {str(file)!r} cannot be read: {err.strerror or err}") from err
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = data.count(b"\n", 0, err.start) + 1
+            raise ConfigError(f"config file {str(file)!r} is not UTF-8 text: byte 0x{data[err.start]:02x} at line "
+                              f"{line} (TOML files are UTF-8; save it as UTF-8)") from err
+        try:
+            raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {str(file)!r} is not valid TOML: {err}") from err
     source = str(file.resolve()) if file is not None else None

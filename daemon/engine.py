@@ -33,7 +33,9 @@ queued.
 
 Hot reload: `request_swap(config, model)` (main thread) is applied by the engine thread between phrases (when no
 answer is playing; in continuous mode at the next chunk boundary). The new Improviser is primed with the last notes
-the old one was fed.
+the old one was fed. A swap is all or nothing: when priming the new model fails, the running config and model stay.
+[midi] (ports, channels, thru, program) is read at start only: a swap keeps the running [midi], so the channels
+improvd plays and hears, and the thru notes sounding, are what they were (the service tells the user so).
 
 Hooks for a recorder, all called in the engine thread and expected to be quick: `on_answer(summary)` once per
 finished answer (keys: notes_heard, notes_played, inference_ms (mean feed + predict time per played note),
@@ -49,15 +51,18 @@ music); `notes_played` in the summary does not count them.
 Playing with a band (config [timing], [control], midi.thru/program, improvise.key):
 
 - MIDI clock: 'clock', 'start', 'continue', 'stop' and 'songpos' messages come through the same queue and feed a
-  `ClockTracker` (daemon/clock.py) when `timing.follow_clock`. Stop cancels the answer (its notes are released) and
-  keeps improvd silent until Start or Continue (phrases are still heard and fed to the model); Start resets the
+  `ClockTracker` (daemon/clock.py) when `timing.follow_clock`. Stop cancels the answer (its notes are released),
+  releases the thru notes sounding, and keeps improvd silent until Start or Continue (phrases are still heard and
+  fed to the model); Start resets the
   bar (the grid's position 0 is the first tick after it).
 - Quantize (`timing.quantize`): a note's predicted onset is snapped to the nearest grid point (daemon/quantize.py),
   never earlier than now + `lead_s`, and a predicted step longer than `CHORD_S` never becomes a chord (it takes at
   least one grid step). The grid is the clock's while ticks arrive, else `timing.bpm`'s, else the player's pulse
   (timing.bpm = 0), anchored at the first onset of the phrase being answered. A note keeps its grid position, and its
   time is asked from the grid again when it is handed to the scheduler, so a tempo change is followed to the note.
-  The model is fed the real gaps.
+  When the clock's ticks stop without a Stop mid-answer, the answer goes on on the clock's last grid; a position
+  that would move a note more than `REGRID_STEPS` grid steps belongs to another grid, and the note is snapped again
+  from its time. The model is fed the real gaps.
 - Follow tempo (`timing.follow_tempo`, daemon/tempo.py): the time scale (player's median IOI / the model's) is
   measured on each phrase (continuous: on the player's last notes); the player's steps and durations are divided by
   it before they are fed, the model's multiplied by it (then clamped to step_range / duration_range) before they are
@@ -110,8 +115,10 @@ from improvd.daemon.window import HeardNote, NoteTracker
 log = logging.getLogger("improvd.engine")
 
 _TICK = object()
+_THRU = object()  # the scheduler owner of the thru notes (each is ended by its note id)
 MAX_BATCH = 1000  # input items taken in one go before timers are looked at (bounded under a flood)
 CHORD_S = 0.03  # a predicted step longer than this is not a chord: quantized, it takes at least one grid step
+REGRID_STEPS = 4  # a note's grid position that moves it more than this many grid steps belongs to another grid
 TEMPO_NOTES = 8  # continuous mode: the player's last notes the time scale is measured on
 STATES = ("idle", "listening", "answering")
 ALL_NOTES_OFF = 123
@@ -183,8 +190,9 @@ class Engine:
         self._stopped = False  # transport Stop: silent until Start/Continue
         self._time_scale = 1.0
         self._grid_anchor_s: float | None = None
+        self._clock_grid = None  # the clock's grid when it was last running (kept while its ticks stop mid-answer)
         self._pulse_beat_s: float | None = None
-        self._thru: dict[tuple[int, int], object] = {}  # (channel, pitch) -> scheduler owner of a thru note
+        self._thru: dict[tuple[int, int], int] = {}  # (channel, pitch) -> the scheduler's note id of a thru note
         self._state: str | None = None
         self._configure(config, model)
         self._improviser = Improviser(model, self._decoding(), rng=self._rng)
@@ -386,6 +394,7 @@ class Engine:
         if kind == "stop":
             self._stopped = True
             log.debug("transport: stop; improvd is silent until start or continue")
+            self._release_thru()
             if self._answer is not None:
                 self._interrupt(self._answer)
         elif kind in ("start", "continue"):
@@ -437,6 +446,12 @@ class Engine:
             self._interrupt(a)
         log.info("panic: %d sounding notes released", released)
 
+    def _release_thru(self) -> None:
+        """Release the thru notes sounding now (transport Stop); a key's later release then sends nothing."""
+        for note_id in self._thru.values():
+            self._scheduler.end_note(note_id)
+        self._thru.clear()
+
     def _pass_thru(self, msg: mido.Message) -> None:
         key = (msg.channel, msg.note)
         if msg.type == "note_on" and msg.velocity > 0:
@@ -444,16 +459,14 @@ class Engine:
                 return
             old = self._thru.pop(key, None)
             if old is not None:
-                self._scheduler.cancel(old)
-            owner = object()
+                self._scheduler.end_note(old)
             now = self._now()
-            self._scheduler.schedule_note(now, now + self._imp.max_hold, msg.note, msg.velocity,
-                                          channel=msg.channel, owner=owner)
-            self._thru[key] = owner
+            self._thru[key] = self._scheduler.schedule_note(now, now + self._imp.max_hold, msg.note, msg.velocity,
+                                                            channel=msg.channel, owner=_THRU)
         else:
-            owner = self._thru.pop(key, None)
-            if owner is not None:
-                self._scheduler.cancel(owner)
+            note_id = self._thru.pop(key, None)
+            if note_id is not None:
+                self._scheduler.end_note(note_id)  # O(log n): a flood of releases rebuilds no heap
 
     def _update_state(self) -> None:
         if self._answer is not None:
@@ -527,6 +540,7 @@ class Engine:
             self._pulse_beat_s = tempo.beat_from_ioi(ioi)
         if phrase:
             self._grid_anchor_s = phrase[0].onset_s
+        self._clock_grid = None  # a new answer takes the clock's grid only while its ticks arrive
         for note in phrase:
             row = self._player_row(note)
             self._feed(row, note.onset_s)
@@ -592,10 +606,16 @@ class Engine:
         ticks = self._quantize_ticks
         if ticks is None:
             return None, 0
-        if self._config.timing.follow_clock and self._clock.running(now):
-            grid = self._clock.grid()
-            if grid is not None:
-                return grid, ticks
+        if self._config.timing.follow_clock:
+            if self._clock.running(now):
+                grid = self._clock.grid()
+                if grid is not None:
+                    self._clock_grid = grid
+                    return grid, ticks
+            elif self._clock_grid is not None and self._answer is not None:
+                # The clock stopped without a Stop (a cable pulled, a crashed sequencer): the answer goes on on the
+                # clock's last grid, its tempo and phase, rather than jump to another grid mid-answer.
+                return self._clock_grid, ticks
         anchor = self._grid_anchor_s if self._grid_anchor_s is not None else now
         bpm = self._config.timing.bpm
         if bpm > 0:
@@ -614,6 +634,10 @@ class Engine:
         if grid is None:
             return
         position = a.next[3]
+        if abs(grid.time_of(position) - a.next[0]) > REGRID_STEPS * ticks * grid.tick_s:
+            # The position belongs to another grid (the clock started or came back after a gap mid-answer): keep
+            # the note's time, on the grid there is now.
+            position = snap(grid, a.next[0], ticks, now + self.lead_s)
         if grid.time_of(position) < now + self.lead_s:
             position = snap(grid, now + self.lead_s, ticks, now + self.lead_s)
         a.next = (grid.time_of(position), a.next[1], a.next[2], position)
@@ -733,20 +757,32 @@ class Engine:
             self._emit_summary(a, interrupted=True)
 
     def _apply_swap(self) -> None:
+        """Take the pending config and model, all or nothing: a model that fails while being primed leaves the
+        running config and model in place (logged). [midi] and [record] are not taken: they are read at start only
+        (the service says so), so the channels, thru and the notes they sound stay as they are."""
         with self._swap_lock:
             pending, self._pending_swap = self._pending_swap, None
         if pending is None:
             return
         config, model = pending
+        config = config.replace(midi=self._config.midi, record=self._config.record)
+        rng = self._make_rng(config.improvise.seed) if config.improvise.seed != self._config.improvise.seed \
+            else self._rng
+        imp = dataclasses.replace(config.improvise, **self._live)
+        auto_key = self._auto_key if imp.key.strip().lower() == "auto" else None
         history = self._improviser.history
-        if config.improvise.seed != self._config.improvise.seed:
-            self._rng = self._make_rng(config.improvise.seed)
-        imp = config.improvise
+        try:
+            improviser = Improviser(model, Decoding.from_config(
+                imp, scale_pcs=auto_key.pitch_classes if auto_key is not None else None), rng=rng)
+            if len(history):
+                improviser.prime(history[-model.context:])
+        except Exception as err:
+            log.error("reload failed: the new model %s could not be primed (%s: %s); improvd keeps the running "
+                      "config and model", model.path, type(err).__name__, err)
+            return
+        self._rng = rng
         self._tracker.configure([c - 1 for c in config.midi.input_channels], imp.window, imp.max_hold)
         self._configure(config, model)
-        improviser = Improviser(model, self._decoding(), rng=self._rng)
-        if len(history):
-            improviser.prime(history[-model.context:])
         self._model, self._improviser = model, improviser
         log.info("now playing %s (mode %s)", model.path, self._imp.mode)
 

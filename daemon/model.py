@@ -28,6 +28,12 @@ FORMAT_TAG = "step-1"
 VALID_FEATURES = (("pitch", "step", "duration"), ("pitch", "step", "duration", "velocity"))
 REQUIRED_OUTPUTS = ("pitch_logits", "step", "duration", "state_out")
 NUM_PITCHES = 128
+# The most notes of context (`improvd.context`) a model may declare. Every C notes the improviser re-primes: it
+# replays the last C notes from the zero state in one go, inside the engine's hand-off, which must fit within the
+# 50 ms a note is handed ahead of its onset (Engine lookahead_s); the shipped model's step costs ~100 us on an idle
+# core (~250-350 us measured on a shared, loaded one), so 256 steps are ~25 ms there. Each handed note's snapshot
+# also copies the last C notes. improvd's presets use 25.
+MAX_CONTEXT = 256
 # Safe stand-ins for non-finite outputs: the decoder clamps step and duration up to their configured lower bounds.
 SAFE_STEP_S = 0.0
 SAFE_DURATION_S = 0.0
@@ -114,8 +120,9 @@ class StepModel:
             context = int(raw_context)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise self._fail(f"improvd.context = {raw_context!r}, expected a positive integer") from None
-        if context < 1:
-            raise self._fail(f"improvd.context = {raw_context!r}, expected a positive integer")
+        if not 1 <= context <= MAX_CONTEXT:
+            raise self._fail(f"improvd.context = {raw_context!r}, expected a positive integer at most {MAX_CONTEXT} "
+                             f"(re-priming replays that many notes in one go while improvd plays)")
         self._context = context
         raw_card = meta.get("improvd.card")
         if raw_card is None:

@@ -277,6 +277,7 @@ class _Port:
         self._lock = threading.Lock()  # open/close (main thread) against send (scheduler thread)
         self.connected_to: str | None = None
         self.lost = False
+        self.losing = False  # the port it is connected to went away; what sounds is being released
         self.closed = False
         self._reopen_failing = False
         try:
@@ -314,10 +315,15 @@ class _Port:
                 return None
             log.warning("MIDI %s %r went away; improvd keeps running and reconnects when it returns",
                         self.kind, self.connected_to)
-            self._losing()
             with self._lock:
-                self.lost = True
-                self._rt.close_port()
+                self.losing = True  # from here on, nothing new starts through this port (see OutputPort.send)
+            try:
+                self._losing()
+            finally:
+                with self._lock:
+                    self.lost = True
+                    self.losing = False
+                    self._rt.close_port()
             return "lost"
         try:
             name = match_port(self._target, names, kind=self.kind)
@@ -355,13 +361,16 @@ class _Port:
                 self._rt.delete()
 
 
-SYSEX, MTC_QUARTER_FRAME, CLOCK_TICK, ACTIVE_SENSING = 0xF0, 0xF1, 0xF8, 0xFE
+SYSEX, MTC_QUARTER_FRAME, EOX, CLOCK_TICK, ACTIVE_SENSING = 0xF0, 0xF1, 0xF7, 0xF8, 0xFE
+# JACK: how often the EOX guard sends a lone EOX to improvd's own input (see `InputPort`), seconds.
+EOX_GUARD_S = 0.25
 
 
 def _ignored_status(clock: bool) -> frozenset[int]:
-    """Status bytes the poller drops: SysEx and active sensing; MIDI clock and MTC too unless the input takes the
-    clock (what rtmidi's `ignore_types(sysex=True, timing=not clock, active_sense=True)` would drop)."""
-    ignored = {SYSEX, ACTIVE_SENSING}
+    """Status bytes the poller drops: SysEx, a lone EOX (the EOX guard's) and active sensing; MIDI clock and MTC
+    too unless the input takes the clock (what rtmidi's `ignore_types(sysex=True, timing=not clock,
+    active_sense=True)` would drop)."""
+    ignored = {SYSEX, EOX, ACTIVE_SENSING}
     if not clock:
         ignored |= {MTC_QUARTER_FRAME, CLOCK_TICK}
     return frozenset(ignored)
@@ -386,11 +395,18 @@ class InputPort(_Port):
         idle_poll_s: how often once nothing came for `IDLE_AFTER_S` (an idle daemon costs a third of the CPU;
             only the reaction to the next message waits up to this long, its arrival time stays exact).
         start: start the poller thread (tests drive `poll_once` themselves).
+
+    An unterminated SysEx: rtmidi appends every message that comes after one to it until an EOX (0xF7) arrives
+    (python-rtmidi 1.5.8 on JACK: 4,000 notes sent after `F0 01 02 03` came as one 12,005-byte SysEx once an EOX
+    came), so the input goes deaf and rtmidi's buffer grows in JACK's process thread. MIDI ends a SysEx at any
+    status byte: the poller takes the messages out of such a SysEx (`recovered`), stamped with its arrival. On JACK,
+    an EOX guard (a MidiOut client connected to improvd's own input) sends a lone EOX every `EOX_GUARD_S`, so a
+    stuck SysEx ends within that; a lone EOX is otherwise dropped.
     """
 
     kind = "input"
     QUEUE_LIMIT = 8192  # rtmidi's own queue, in messages: 0.8 s of a 10,000-message-a-second flood unread
-    BATCH = 1024  # messages read per lock hold, so that `check()` and `close()` never wait long
+    BATCH = 1024  # messages read and delivered per lock hold, so that `check()` and `close()` never wait long
     IDLE_AFTER_S = 2.0  # no message for this long: poll every `idle_poll_s`
 
     def __init__(self, api: str, spec: str, sink: "queue.Queue", *, client_name: str = "improvd",
@@ -403,6 +419,7 @@ class InputPort(_Port):
         self.idle_poll_s = float(idle_poll_s)
         self.dropped = 0
         self.invalid = 0  # messages whose bytes mido could not parse (dropped)
+        self.recovered = 0  # messages taken out of an unterminated SysEx that had swallowed them
         self._arrival = ArrivalClock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -410,14 +427,73 @@ class InputPort(_Port):
         rt.ignore_types(sysex=False, timing=False, active_sense=False)  # see the module's docstring
         self._ignored = _ignored_status(clock)
         super().__init__(rt, api, spec, port_name)
+        self._client_name = client_name
+        self._eox_due_s = 0.0
+        self._eox_guard = self._make_eox_guard()
         if start:
             self._thread = threading.Thread(target=self._poll_loop, name=f"improvd-{port_name.replace(' ', '-')}",
                                             daemon=True)
             self._thread.start()
 
+    def _own_port_name(self) -> str:
+        return self._target if self.virtual else self._port_name
+
+    def _make_eox_guard(self):
+        """JACK: a MidiOut connected to this input, for the lone EOX (see the class docstring). Without one (another
+        API, or improvd's own port cannot be told apart from another's) the input goes on without it."""
+        if self.api != "jack":
+            return None
+        own = f":{self._own_port_name()}"
+        try:
+            guard = rtmidi.MidiOut(API_BY_NAME["jack"], f"{self._client_name}-eox")
+        except (rtmidi.SystemError, RuntimeError) as err:
+            log.debug("no EOX guard for the MIDI %s: %s", self.kind, err)
+            return None
+        try:
+            # improvd's own client is named client_name, or client_name-NN when JACK renamed a second one
+            client = re.compile(re.escape(self._client_name) + r"(-\d+)?")
+            mine = [i for i, name in enumerate(guard.get_ports())
+                    if name.endswith(own) and client.fullmatch(name[:-len(own)])]
+            if len(mine) != 1:
+                log.debug("no EOX guard for the MIDI %s: %d JACK ports end with %r", self.kind, len(mine), own)
+                guard.delete()
+                return None
+            guard.open_port(mine[0], "eox")
+        except (rtmidi.InvalidPortError, rtmidi.SystemError, RuntimeError) as err:
+            log.debug("no EOX guard for the MIDI %s: %s", self.kind, err)
+            guard.delete()
+            return None
+        return guard
+
+    def _send_eox(self) -> None:
+        """Poller thread: a lone EOX every `EOX_GUARD_S`, so that an unterminated SysEx ends."""
+        now = time.monotonic()
+        if now < self._eox_due_s:
+            return
+        self._eox_due_s = now + EOX_GUARD_S
+        with self._lock:  # the main thread swaps the guard on a reconnection
+            if self._eox_guard is None or self.lost or self.closed:
+                return
+            try:
+                self._eox_guard.send_message([EOX])
+            except (rtmidi.SystemError, RuntimeError, ValueError) as err:
+                log.debug("the EOX guard could not send: %s", err)
+
+    def _reopened(self) -> None:
+        """The port is open again (a new JACK port): connect a new EOX guard to it."""
+        self._close_eox_guard(new=self._make_eox_guard())
+
+    def _close_eox_guard(self, *, server_gone: bool = False, new=None) -> None:
+        with self._lock:
+            guard, self._eox_guard = self._eox_guard, new
+        if guard is not None and not server_gone:
+            guard.close_port()
+            guard.delete()
+
     def _poll_loop(self) -> None:
         last_s = time.monotonic()
         while not self._stopping.is_set():
+            self._send_eox()
             try:
                 read = self.poll_once()
                 while read >= self.BATCH:
@@ -434,6 +510,9 @@ class InputPort(_Port):
         """Poller thread: read what rtmidi has queued (at most `BATCH`), stamp, parse, enqueue; returns how many
         messages were read. Invalid bytes are dropped and counted."""
         batch = []
+        # The batch is delivered under the lock it was read under: the watchdog (`check`) cannot mark the port lost
+        # and the service release the held keys between the read and the delivery (a key-down delivered after its
+        # release would be held until max_hold).
         with self._lock:
             if self.closed or self.lost:
                 return 0
@@ -442,28 +521,46 @@ class InputPort(_Port):
                 if item is None:
                     break
                 batch.append(item)
-        if not batch:
-            return 0
-        polled_s = self._now()  # after reading: every message read had arrived by now
-        times = self._arrival.stamp([delta for _, delta in batch], polled_s)
-        for t_s, (data, _) in zip(times, batch):
-            if data and data[0] in self._ignored:
+            if not batch:
+                return 0
+            polled_s = self._now()  # after reading: every message read had arrived by now
+            times = self._arrival.stamp([delta for _, delta in batch], polled_s)
+            for t_s, (data, _) in zip(times, batch):
+                if data and data[0] == SYSEX and len(data) > 2 and any(b >= 0x80 for b in data[1:-1]):
+                    self._recover(t_s, data)
+                    continue
+                if data and data[0] in self._ignored:
+                    continue
+                try:
+                    msg = mido.Message.from_bytes(data)
+                except (ValueError, TypeError, IndexError):
+                    self.invalid += 1
+                    continue
+                try:
+                    self._sink.put_nowait((t_s, msg))
+                except queue.Full:
+                    self.dropped += 1
+        return len(batch)
+
+    def _recover(self, t_s: float, data: list[int]) -> None:
+        """A SysEx with status bytes inside: rtmidi appended what came after an unterminated SysEx to it (until an
+        EOX). MIDI ends a SysEx at any status byte, so the messages after it are parsed and delivered, stamped with
+        this message's arrival (their own times are lost with the SysEx), so that no note-off is lost."""
+        for msg in mido.parse_all(data):
+            status = msg.bytes()[0]
+            if status in self._ignored:
                 continue
-            try:
-                msg = mido.Message.from_bytes(data)
-            except (ValueError, TypeError, IndexError):
-                self.invalid += 1
-                continue
+            self.recovered += 1
             try:
                 self._sink.put_nowait((t_s, msg))
             except queue.Full:
                 self.dropped += 1
-        return len(batch)
 
     def close(self, *, server_gone: bool = False) -> None:
         self._stopping.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(1.0)
+        self._close_eox_guard(server_gone=server_gone)
         super().close(server_gone=server_gone)
 
 
@@ -492,9 +589,11 @@ class OutputPort(_Port):
             log.exception("releasing the notes of a lost output failed")
 
     def send(self, msg: mido.Message) -> None:
-        """Write one message now (scheduler thread)."""
+        """Write one message now (scheduler thread). While the port is being lost (`on_lost` releasing what
+        sounds), a note-on is dropped: it would reach improvd's other connections, and its note-off would be
+        dropped once the port is lost."""
         with self._lock:
-            if self.lost or self.closed:
+            if self.lost or self.closed or (self.losing and msg.type == "note_on" and msg.velocity > 0):
                 return
             self._rt.send_message(msg.bytes())
             self.sent += 1

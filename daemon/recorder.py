@@ -4,7 +4,7 @@
 `time.perf_counter`) and writes them as a type-1 MIDI file laid out as `daemon.midifile.write_notes` lays it out
 (960 ticks per quarter, one tempo meta at 120 bpm in a first track, then a "player" and an "improvd" track).
 
-Incremental encoding: a flush runs every `record.flush_seconds` (10 s) on the daemon's main thread, so its cost must
+Incremental encoding: a flush runs every `record.flush_seconds` (10 s) on the recorder's thread, so its cost must
 not grow with the recording. Re-pairing every note and rewriting the file with mido cost 0.5 s of CPU at 20k notes
 and 2.5 s at 100k (a 60-minute file at the shipped model's 47 notes/s holds about 170k). Instead each message is
 encoded to MIDI bytes (delta time, status, data) once, when `drain()` takes it, into a `bytearray` per track: a few
@@ -23,20 +23,25 @@ tick later. Events are written in time order (an event stamped before the track'
 tick), at one tick note-offs first.
 
 Writes are atomic (`daemon.atomic.atomic_writer`: a temporary file, fsynced, then a rename, and the directory
-fsynced). The service flushes at least every `record.flush_seconds` while running and once at exit, so even
-`kill -9` or a power cut loses at most the last interval. A write that fails (a full disk) is logged once and
-retried at the next flush; the temporary file is removed, so a full disk does not fill up further. With `rotate_s`
-(`record.rotate_minutes`), once a file covers that long and has been written, the recorder goes on in a new file
-whose time 0 is that moment (notes still sounding continue in it from time 0).
+fsynced). A recording file is `RECORDING_MODE` (0600) less the umask: readable by the user alone. The service
+flushes at least every `record.flush_seconds` while running and once at exit, so even `kill -9` or a power cut
+loses at most the last interval. A write that fails (a full disk) is logged once and retried at the next flush; the
+temporary file is removed, so a full disk does not fill up further. While writes fail, what the file holds is kept
+until it is due to rotate or holds `MAX_UNWRITTEN_BYTES`; then it is dropped (logged) and the recording goes on in
+a new file, so memory stays bounded however long the disk stays full. With `rotate_s` (`record.rotate_minutes`),
+once a file covers that long and has been written, the recorder goes on in a new file whose time 0 is that moment
+(notes still sounding continue in it from time 0).
 
 Threads: `add_player` (the MIDI input's poller thread) and `add_improvd` (the scheduler's `on_sent` hook) only
-append to a deque; everything else runs on the main thread. Apart from the file write, the class is pure (the clock
-and the writer are injectable).
+append to a deque; everything else runs on the recorder's thread (the service's `_RecordWriter`), or on the main
+thread once that has ended. Apart from the file write, the class is pure (the clock and the writer are
+injectable).
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import io
 import logging
 import os
@@ -51,6 +56,7 @@ import mido
 from improvd.daemon import midifile
 from improvd.daemon import notes as nt
 from improvd.daemon.atomic import atomic_writer
+from improvd.daemon.errors import ConfigError
 
 log = logging.getLogger("improvd.record")
 
@@ -60,6 +66,14 @@ _NOTE_TYPES = ("note_on", "note_off")
 _NOTE_OFF, _NOTE_ON = 0, 1  # event kinds; sorting by kind puts note-offs first at a tick
 _SECONDS_PER_TICK = midifile.TEMPO_US / 1e6 / midifile.TICKS_PER_BEAT
 _END_OF_TRACK = b"\x00\xff\x2f\x00"
+# While writes fail, a file's encoded notes are kept (to be written once the disk takes them) up to this size
+# (about 500,000 notes, three hours at the shipped model's 47 notes/s) or the rotation, whichever comes first;
+# then they are dropped and the recording goes on in a new file, so that memory stays bounded.
+MAX_UNWRITTEN_BYTES = 4 * 1024 * 1024
+# A recording is what the player played: the user's own. Files are 0600 less the umask (never wider), and a
+# record.dir improvd creates is 0700 less the umask.
+RECORDING_MODE = 0o600
+RECORDING_DIR_MODE = 0o700
 
 
 def _vlq(value: int) -> bytes:
@@ -116,8 +130,8 @@ def _encode(out: bytearray, events: list[tuple[int, int, int, int]], channel: in
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    """Replace `path` by `data`, whole or not at all (`daemon.atomic.atomic_writer`)."""
-    with atomic_writer(path) as fh:
+    """Replace `path` by `data`, whole or not at all (`daemon.atomic.atomic_writer`), readable by its owner only."""
+    with atomic_writer(path, mode=RECORDING_MODE) as fh:
         fh.write(data)
 
 
@@ -136,7 +150,7 @@ def _sync_directory(directory: Path) -> None:
 
 
 class _TrackEncoder:
-    """One track's note events, encoded to MIDI bytes as they come (main thread).
+    """One track's note events, encoded to MIDI bytes as they come (the recorder's thread).
 
     Events of the latest tick (`tick`) wait in `pending`, because more may come at that tick and note-offs are
     written first; a note-off deferred to keep a note one tick long waits in `deferred` (for `tick + 1`). Once a
@@ -259,6 +273,29 @@ class _TrackEncoder:
         self.notes = sum(due.values())
 
 
+def check_directory(directory: str | os.PathLike) -> Path:
+    """Make `record.dir` (with its parents) and check that improvd can create files in it (start-up, main thread).
+
+    Returns:
+        The directory, `~` expanded.
+
+    Raises:
+        ConfigError: it cannot be made or written, naming it and why (a parent that is a file or unreadable, a
+            read-only file system).
+    """
+    path = Path(directory).expanduser()
+    try:
+        path.mkdir(mode=RECORDING_DIR_MODE, parents=True, exist_ok=True)
+        if not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES) + " (improvd cannot create files there)")
+    except OSError as err:
+        raise ConfigError(f"record.dir {str(path)!r} cannot be used: {err.strerror or err}; give a directory improvd "
+                          f"can write to, or record.dir = \"\" for no recording") from err
+    return path
+
+
 class SessionRecorder:
     """One session's recording.
 
@@ -299,10 +336,17 @@ class SessionRecorder:
     def _unique_name(self) -> str:
         stem = "improvd-" + time.strftime("%Y%m%d-%H%M%S")
         name, k = f"{stem}.mid", 1
-        while (self.directory / name).exists():
+        while self._exists(self.directory / name):
             k += 1
             name = f"{stem}-{k}.mid"
         return name
+
+    @staticmethod
+    def _exists(path: Path) -> bool:
+        try:
+            return path.exists()
+        except OSError:  # the directory became unreadable: the write will fail and say so
+            return False
 
     # ---- called from other threads: append only --------------------------------------------------------
     def add_player(self, t_s: float, msg: mido.Message) -> None:
@@ -314,7 +358,7 @@ class SessionRecorder:
         """A message improvd sent (scheduler thread, via its `on_sent` hook)."""
         self._incoming[IMPROVD].append((t_s, msg))
 
-    # ---- main thread -----------------------------------------------------------------------------------
+    # ---- the recorder's thread ---------------------------------------------------------------------------
     def drain(self) -> None:
         """Encode the appended note messages into their tracks."""
         for who, incoming in self._incoming.items():
@@ -385,6 +429,7 @@ class SessionRecorder:
             if not self._failing:
                 log.error("cannot write the recording %s: %s (improvd keeps playing and tries again)", self.path, err)
             self._failing = True
+            self._drop_unwritable(now_s)
             return False
         if self._failing:
             log.warning("the recording %s is written again", self.path)
@@ -393,6 +438,27 @@ class SessionRecorder:
         if self.rotate_s is not None and now_s - self.start_s >= self.rotate_s:
             self._rotate(now_s)
         return True
+
+    @property
+    def buffered_bytes(self) -> int:
+        """The encoded notes of the current file held in memory, in bytes."""
+        return sum(len(track.data) for track in self._tracks.values())
+
+    def _drop_unwritable(self, now_s: float) -> None:
+        """After a failed write: once the file is due to rotate or holds `MAX_UNWRITTEN_BYTES`, what it holds is
+        dropped (said in the log) and the recording goes on in a new file from `now_s`; memory stays bounded."""
+        rotate_due = self.rotate_s is not None and now_s - self.start_s >= self.rotate_s
+        if not rotate_due and self.buffered_bytes < MAX_UNWRITTEN_BYTES:
+            return
+        counts = ", ".join(f"{who} {track.notes} notes" for who, track in self._tracks.items())
+        minutes = (now_s - self.start_s) / 60
+        for track in self._tracks.values():
+            track.rotate()
+        dropped, self.start_s = self.path, now_s
+        self.path = self.directory / self._unique_name()
+        self._changed = False
+        log.error("the recording %s could not be written (%.0f min, %s): dropped to keep memory bounded; improvd "
+                  "goes on recording in %s once the disk takes it", dropped, minutes, counts, self.path)
 
     def _rotate(self, now_s: float) -> None:
         """Go on in a new file from `now_s`: everything so far is in the file just written."""

@@ -9,7 +9,9 @@ clock (`now`, `time.perf_counter` by default), so errors never add up.
 Every note-on gets its note-off, on every path. The scheduler knows which (channel, pitch) sound and which note
 instance each belongs to: a re-trigger of a sounding pitch sends that note's note-off first (and the old note's own
 note-off, when due, is then skipped so it cannot cut the new one short); `cancel` drops pending events and releases
-sounding notes at once; `stop` releases everything in a `finally`.
+sounding notes at once (a whole-heap rebuild); `end_note` ends one note in O(log n) (its pending events are
+marked dead and skipped; the heap is compacted once they are half of it); `stop` releases everything in a
+`finally`.
 
 Lateness (send time - due time) of every sent event is kept in a bounded ring buffer for `stats()`; events later
 than `late_s` (2 ms) are logged at debug level. `stats()` copies the buffer under the lock and computes its
@@ -35,6 +37,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -47,6 +50,7 @@ import numpy as np
 log = logging.getLogger("improvd.scheduler")
 
 _ON, _OFF, _MSG = "on", "off", "msg"
+_COMPACT_MIN = 64  # events ended early (`end_note`) the heap may hold before it is compacted
 
 
 @dataclass
@@ -58,6 +62,14 @@ class _Event:
     note_id: int = -1
     owner: object = None
     message: mido.Message | None = None
+    dead: bool = False  # ended early by `end_note`: skipped when due, dropped when the heap is compacted
+    done: bool = False  # sent (a note-on) or skipped
+
+
+def _check_deadline(due_s: float, what: str) -> None:
+    """A deadline must be a finite number: a NaN in the heap breaks its order and can hold every event behind it."""
+    if not math.isfinite(due_s):
+        raise ValueError(f"a {what} deadline must be a finite time in seconds, got {due_s!r}")
 
 
 def _default_wait(cond: threading.Condition, timeout_s: float | None) -> None:
@@ -97,6 +109,8 @@ class Scheduler:
         self._seq = itertools.count()
         self._note_ids = itertools.count()
         self._sounding: dict[tuple[int, int], tuple[int, object]] = {}  # (channel, pitch) -> (note_id, owner)
+        self._notes: dict[int, tuple[_Event, _Event]] = {}  # note_id -> (note-on, note-off) while the off is pending
+        self._dead = 0  # events in the heap ended early by `end_note`
         self._generation = 0  # bumped by every change that may move the next deadline
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -131,15 +145,50 @@ class Scheduler:
         if not 0 <= pitch <= 127 or not 1 <= velocity <= 127 or not 0 <= channel <= 15:
             raise ValueError(f"note out of range: pitch {pitch} (0..127), velocity {velocity} (1..127), "
                              f"channel {channel} (0..15)")
+        _check_deadline(onset_s, "note-on")
+        _check_deadline(off_s, "note-off")
         note_id = next(self._note_ids)
+        on = _Event(_ON, channel, int(pitch), int(velocity), note_id, owner)
+        off = _Event(_OFF, channel, int(pitch), 0, note_id, owner)
         with self._cond:
-            self._push(onset_s, _Event(_ON, channel, int(pitch), int(velocity), note_id, owner))
-            self._push(max(off_s, onset_s), _Event(_OFF, channel, int(pitch), 0, note_id, owner))
+            self._push(onset_s, on)
+            self._push(max(off_s, onset_s), off)
+            self._notes[note_id] = (on, off)
             self._changed()
         return note_id
 
+    def end_note(self, note_id: int) -> bool:
+        """End one note now: its note-off is sent at once (or, not started yet, it never starts). O(log n): its
+        pending events are marked and skipped, and the heap is compacted only once they are half of it, so a
+        flood of releases (thru under a flood of held keys) costs no whole-heap rebuild each.
+
+        Returns:
+            False when the note had already ended (or was cancelled).
+        """
+        with self._cond:
+            pair = self._notes.pop(note_id, None)
+            if pair is None:
+                return False
+            on, off = pair
+            off.dead = True
+            self._dead += 1
+            if on.done:
+                self._push(self._now(), _Event(_OFF, off.channel, off.pitch, 0, note_id, off.owner))
+            else:
+                on.dead = True
+                self._dead += 1
+            if self._dead > _COMPACT_MIN and 2 * self._dead > len(self._heap):
+                self._heap = [item for item in self._heap if not item[2].dead]
+                heapq.heapify(self._heap)
+                self._dead = 0
+            self._changed()
+            if not self.running:
+                self.run_pending()
+        return True
+
     def schedule_message(self, due_s: float, message: mido.Message, owner: object = None) -> None:
         """Schedule any other message (not a note) at `due_s`."""
+        _check_deadline(due_s, "message")
         with self._cond:
             self._push(due_s, _Event(_MSG, owner=owner, message=message))
             self._changed()
@@ -153,9 +202,13 @@ class Scheduler:
             The number of sounding notes released.
         """
         with self._cond:
-            keep = [item for item in self._heap if owner is not None and item[2].owner is not owner]
+            keep = [item for item in self._heap if owner is not None and item[2].owner is not owner
+                    and not item[2].dead]
             self._heap = keep
             heapq.heapify(self._heap)
+            self._dead = 0
+            self._notes = {} if owner is None else {
+                nid: pair for nid, pair in self._notes.items() if pair[1].owner is not owner}
             now = self._now()
             releasing = [(key, nid, own) for key, (nid, own) in self._sounding.items()
                          if owner is None or own is owner]
@@ -170,6 +223,8 @@ class Scheduler:
         """Drop every pending event and send a note-off for every sounding note now, from the calling thread."""
         with self._cond:
             self._heap.clear()
+            self._notes.clear()
+            self._dead = 0
             self._changed()
             now = self._now()
             for (channel, pitch), (note_id, owner) in list(self._sounding.items()):
@@ -252,6 +307,9 @@ class Scheduler:
         with self._cond:
             while self._heap and self._heap[0][0] <= self._now():
                 due, _, event = heapq.heappop(self._heap)
+                if event.dead:
+                    self._dead -= 1
+                    continue
                 self._process(due, event)
             return self._heap[0][0] if self._heap else None
 
@@ -268,6 +326,7 @@ class Scheduler:
         if event.kind == _MSG:
             self._emit(due_s, event.message)
         elif event.kind == _ON:
+            event.done = True
             sounding = self._sounding.get(key)
             if sounding is not None:  # re-trigger: end the sounding note first
                 self._emit(due_s, mido.Message("note_off", channel=event.channel, note=event.pitch, velocity=0))
@@ -276,6 +335,9 @@ class Scheduler:
                                               velocity=event.velocity)):
                 self._sounding[key] = (event.note_id, event.owner)
         else:
+            pair = self._notes.get(event.note_id)
+            if pair is not None and pair[1] is event:
+                del self._notes[event.note_id]
             sounding = self._sounding.get(key)
             if sounding is None or sounding[0] != event.note_id:
                 return  # released already (re-trigger or cancel), or never sounded
@@ -317,9 +379,9 @@ class Scheduler:
 
     # ---- introspection -----------------------------------------------------------------------------------
     def pending(self) -> int:
-        """Events waiting to be sent."""
+        """Events waiting to be sent (not counting those `end_note` ended)."""
         with self._cond:
-            return len(self._heap)
+            return len(self._heap) - self._dead
 
     def sounding(self) -> frozenset[tuple[int, int]]:
         """(channel, pitch) of the notes sounding now."""

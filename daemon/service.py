@@ -12,7 +12,10 @@ watches: it waits on an event with a short timeout, and on each tick
 - polls the port lists every 0.5 s: a port improvd is connected to that goes away is logged once and reconnected
   when a port of that name returns; if the JACK server itself goes away, improvd says so and exits with status 3
   so that a service manager restarts it;
-- writes the session recording (`record.dir`) at least every `record.flush_seconds` (10 s);
+- starts a reload on a thread of its own, so that a slow model load never delays a stop;
+- leaves the session recording (`record.dir`) to the recorder's thread, which writes it at least every
+  `record.flush_seconds` (10 s): a slow or hung disk never delays a stop (at stop, the last write gets
+  `RECORD_STOP_WAIT_S`, after every note is released);
 - logs an input overload (the engine more than `INPUT_QUEUE_LIMIT` messages behind: new input is dropped, but
   never the release of a key that was let through) once when it starts and once when it ends;
 - on SIGUSR1, logs the lateness of the events sent since the previous SIGUSR1 (`window stats:`) and the memory
@@ -25,7 +28,8 @@ threads), the GIL switch interval is short, and the objects that exist after sta
 collector's reach (`gc.freeze`), so that a full collection cannot stall the scheduler for milliseconds.
 
 Threads (DESIGN.md §5): the MIDI input's poller stamps and enqueues, the engine thread decides what to play, the
-scheduler thread alone writes to the output port, and this main thread does everything else.
+scheduler thread alone writes to the output port, the recorder's thread writes the recording, a reload loads on a
+thread of its own, and this main thread does everything else.
 """
 
 from __future__ import annotations
@@ -44,13 +48,16 @@ import mido
 from improvd.daemon import ports
 from improvd.daemon.config import Config, load_config
 from improvd.daemon.errors import ImprovdError, ModelError
-from improvd.daemon.recorder import SessionRecorder
+from improvd.daemon.recorder import SessionRecorder, check_directory
 
 log = logging.getLogger("improvd")
 
 TICK_S = 0.1
 PORT_CHECK_S = 0.5
 STOP_TIMEOUT_S = 0.5
+# At stop, how long the recording's last write may take (the notes are released before it): a disk that does not
+# answer by then keeps what the previous write put there, and improvd exits well within systemd's 5 s.
+RECORD_STOP_WAIT_S = 0.4
 EXIT_SERVER_GONE = 3
 # How long a Python thread may hold the GIL while another waits for it (CPython's default is 5 ms). The engine, the
 # scheduler and the MIDI input poller share one interpreter; a short interval lets the scheduler send a release or a
@@ -136,6 +143,47 @@ class _InputSink:
             if self._recorder is not None:
                 self._recorder.add_player(*item)
         return len(keys)
+
+
+class _RecordWriter:
+    """The recording's own thread ("improvd-recorder"): encodes what was heard and sent every `TICK_S`, writes the
+    file every `interval_s` and once more at stop. The writes (each with its fsyncs) never run on the main thread,
+    so a slow or hung disk cannot hold the thread that handles signals and port checks. Every `SessionRecorder`
+    method but `add_player` / `add_improvd` runs here while the thread lives.
+    """
+
+    def __init__(self, recorder: SessionRecorder, interval_s: float) -> None:
+        self.recorder = recorder
+        self.interval_s = float(interval_s)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="improvd-recorder", daemon=True)
+        self.written: bool | None = None  # the last write's result, once the thread has ended
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(TICK_S):
+            try:
+                self.recorder.drain()
+                if self.recorder.due(self.interval_s):
+                    self.recorder.flush()
+            except Exception:  # a bug here must not end the recording for the rest of the session
+                log.exception("the recording thread failed; it goes on")
+        try:
+            self.written = self.recorder.flush()
+        except Exception:
+            log.exception("the last write of the recording failed")
+            self.written = False
+
+    def stop(self, timeout: float) -> bool:
+        """Ask for the last write and wait up to `timeout` s; True when the thread ended (then `written` says
+        whether the file was written), False when the disk holds it still."""
+        self._stopping.set()
+        if self._thread.ident is None:
+            self._thread.start()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 def _describe_message(msg) -> str:
@@ -257,6 +305,8 @@ class Service:
         self._last_drop_s = 0.0
         self._flush_s = config.record.flush_seconds  # [record] is read at start only
         self._server_gone = False
+        self._writer: _RecordWriter | None = None
+        self._reloading: threading.Thread | None = None
 
     # ---- start-up ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -265,6 +315,8 @@ class Service:
         from improvd.daemon.scheduler import Scheduler
 
         config = self.config
+        if config.record.dir:  # a cheap check first: an unusable record.dir fails before the model is loaded
+            record_dir = check_directory(config.record.dir)
         model = _load_model(config)
         _warm_up_numpy()
         api = ports.choose_api(config.midi.api)
@@ -273,7 +325,7 @@ class Service:
             self.monitor = ports.JackMonitor(f"{config.midi.client_name}-monitor")
         if config.record.dir:
             self.recorder = SessionRecorder(
-                config.record.dir, start_s=self.start_s, now=self.now,
+                record_dir, start_s=self.start_s, now=self.now,
                 player_channels=tuple(c - 1 for c in config.midi.input_channels),
                 output_channel=config.midi.output_channel - 1, rotate_s=config.record.rotate_minutes * 60.0)
         self.output = ports.OutputPort(api, config.midi.output, client_name=config.midi.client_name)
@@ -347,18 +399,21 @@ class Service:
     def run(self) -> int:
         """Watch until a stop signal or the loss of the JACK server; returns the exit status."""
         next_check = self.now() + PORT_CHECK_S
+        if self.recorder is not None and self._writer is None:
+            self._writer = _RecordWriter(self.recorder, self._flush_s)
+            self._writer.start()
         while True:
             self.wake.wait(TICK_S)
             self.wake.clear()
             if self.stop_requested:
                 log.info("stopping")
                 return 0
-            if self.reload_requested:
+            if self.reload_requested and not (self._reloading is not None and self._reloading.is_alive()):
+                # Off the main thread: reading the config and loading and warming up a model can take seconds.
+                # A request while one runs waits for it (the flag stays set).
                 self.reload_requested = False
-                self.reload()
-            if self.stop_requested:
-                log.info("stopping")
-                return 0
+                self._reloading = threading.Thread(target=self.reload, name="improvd-reload", daemon=True)
+                self._reloading.start()
             if self.monitor is not None and self.monitor.gone.is_set():
                 self._server_gone = True
                 log.error("the JACK server went away; improvd exits (status %d) so that it can be restarted "
@@ -372,10 +427,6 @@ class Service:
             if self.now() >= next_check:
                 next_check = self.now() + PORT_CHECK_S
                 self._check_ports()
-            if self.recorder is not None:
-                self.recorder.drain()
-                if self.recorder.due(self._flush_s):
-                    self.recorder.flush()
 
     def _check_ports(self) -> None:
         for port in (self.input, self.clock_input, self.output):
@@ -429,7 +480,10 @@ class Service:
             log.debug("%-5s t=%.6f s %s", what, t_s - self.start_s, _describe_message(msg))
 
     def reload(self) -> bool:
-        """SIGHUP: the config file again (with the same overrides) and its model, swapped in between phrases."""
+        """SIGHUP: the config file again (with the same overrides) and its model, swapped in between phrases.
+
+        `run` calls it on a thread of its own ("improvd-reload"), so the main thread stays free to stop. [midi] and
+        [record] are read at start only: the running ones are kept (and the engine keeps its [midi] too)."""
         log.info("reloading %s", self.config.source or "(built-in defaults)")
         try:
             new_config = load_config(self.config.source, self.overrides)
@@ -442,6 +496,7 @@ class Service:
             return False
         if new_config.midi != self.config.midi or new_config.record != self.config.record:
             log.warning("changes to [midi] and [record] take effect when improvd restarts")
+        new_config = new_config.replace(midi=self.config.midi, record=self.config.record)
         self.engine.request_swap(new_config, new_model)
         self.config = new_config
         log.info("reloaded: model %s, mode %s, temperature %s (in effect from the next phrase)",
@@ -477,13 +532,19 @@ class Service:
             if port is not None:
                 port.close(server_gone=leave_ports)
         if self.sink is not None:
-            log.info("input: %d messages received, %d dropped in overloads, %d invalid", self.sink.received,
-                     self.sink.dropped, getattr(self.input, "invalid", 0))
+            log.info("input: %d messages received, %d dropped in overloads, %d invalid, %d recovered from "
+                     "unterminated SysEx", self.sink.received, self.sink.dropped, getattr(self.input, "invalid", 0),
+                     getattr(self.input, "recovered", 0))
         if self.monitor is not None and not leave_ports:
             self.monitor.close()
         self._log_events()
         if self.recorder is not None:
-            if self.recorder.flush():
+            writer = self._writer or _RecordWriter(self.recorder, self._flush_s)
+            if not writer.stop(RECORD_STOP_WAIT_S):
+                log.error("the recording's last write did not finish within %.1f s (the disk does not answer): the "
+                          "last interval is not written; %s holds what the previous write put there",
+                          RECORD_STOP_WAIT_S, self.recorder.path)
+            elif writer.written:
                 log.info("recording written to %s (%s)", self.recorder.path,
                          ", ".join(f"{k} {v} notes" for k, v in self.recorder.note_counts.items()))
 

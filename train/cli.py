@@ -46,7 +46,8 @@ def load_data(source: dict, config: Config, progress: bool) -> td.Collection:
     else:
         from improvd.train.corpus import bach_midi_dir
         paths = td.find_midi_files(bach_midi_dir(config.data.cache_dir, config.data.workers, progress))
-    collection = td.load_collection(paths, config.data.cache_dir, config.data.workers, progress)
+    collection = td.load_collection(paths, config.data.cache_dir, config.data.workers, progress,
+                                    max_bytes=config.data.cache_max_mb * 2**20)
     s = collection.summary()
     log.info("data: %d files, %d notes, %d skipped, %d from cache", s["files"], s["notes"], s["skipped"],
              s["from_cache"])

@@ -11,6 +11,11 @@ will hear. Three layers of cache live under `cache_dir/notes-v2/`:
   per-file lengths beside it. Training reads windows straight from the map: resident memory does not grow with
   the number of files (the kernel pages notes in and out), only a few bytes of bookkeeping per file do.
 
+The cache is bounded by `data.cache_max_mb`: once a run's entries are in, the least recently used per-file entries
+and packs go (an entry's mtime is set each time a run uses it), never the run's own nor any used in the last
+`PRUNE_GRACE_S` (another run may be packing them). Temporary files of interrupted runs (`*.<pid>.tmp`, a pack's
+the size of the data set) are removed at the next run once their process is gone or untouched for `STALE_TMP_S`.
+
 Bad files never stop a run: they are counted and named with their reason, one line each.
 """
 
@@ -23,6 +28,7 @@ import math
 import mmap
 import os
 import random
+import re
 import sqlite3
 import tempfile
 import time
@@ -43,6 +49,9 @@ MIDI_SUFFIXES = (".mid", ".midi")
 CACHE_VERSION = "notes-v2"  # bump when parsing or skip reasons change
 INDEX_NAME = "index.sqlite"
 PACKS_KEPT = 4              # packs (one per distinct set of files) kept in the cache, most recently used first
+PRUNE_GRACE_S = 600.0       # cache entries used this recently are never evicted (another run may be packing them)
+STALE_TMP_S = 3600.0        # a `*.<pid>.tmp` untouched this long is an interrupted run's, even if its pid lives
+_TMP_PID = re.compile(r"\.(\d+)\.tmp$")
 RACY_S = 2.0                # files modified this recently are not trusted to the index (mtime granularity)
 MELODY_GRAM = 8            # intervals per melody n-gram used to find shared tunes
 MELODY_SHARE = 0.3         # share of the smaller file's n-grams two files must share to be grouped
@@ -234,14 +243,103 @@ def _parse_one(args: tuple[str, str]) -> tuple[str, str, str | None, bool, tuple
     return path, digest, reason, False, key
 
 
+def _touch(path: Path) -> bool:
+    """Mark a cache entry used now (its mtime: the size limit evicts the least recently used); False if it is not
+    there. A cache the user cannot write to is still read."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return path.exists()
+    return True
+
+
 def _cached_outcome(cache: Path, digest: str) -> str | None | bool:
-    """None if the file's notes are cached, its skip reason if it is cached as bad, False if not cached."""
-    if (cache / f"{digest}.npy").exists():
+    """None if the file's notes are cached, its skip reason if it is cached as bad, False if not cached; marks the
+    entry used."""
+    if _touch(cache / f"{digest}.npy"):
         return None
     bad = cache / f"{digest}.skip.json"
-    if bad.exists():
+    if _touch(bad):
         return json.loads(bad.read_text())["reason"]
     return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid < 2 ** 22  # another user's process (or a pid beyond any pid_max: none)
+    return True
+
+
+def remove_interrupted(cache: Path) -> int:
+    """Remove what interrupted runs left in the cache (`<sha>.<pid>.tmp`, `packs/<key>.<pid>.tmp`, the size of
+    the data set): a temporary file whose process is gone, or untouched for `STALE_TMP_S`. Returns how many."""
+    removed = 0
+    now = time.time()
+    for folder in (cache, cache / "packs"):
+        if not folder.is_dir():
+            continue
+        for path in folder.glob("*.tmp"):
+            m = _TMP_PID.search(path.name)
+            if m is None:
+                continue
+            try:
+                stale = now - path.stat().st_mtime > STALE_TMP_S
+                if stale or not _pid_alive(int(m.group(1))):
+                    path.unlink()
+                    removed += 1
+            except OSError:  # gone meanwhile (its run finished), or not ours to remove
+                pass
+    if removed:
+        log.info("removed %d temporary file(s) left in the cache by interrupted runs", removed)
+    return removed
+
+
+def prune_cache(cache: Path, max_bytes: int, keep: set[str]) -> int:
+    """Keep the cache within `max_bytes` (`data.cache_max_mb`): per-file entries and packs go, least recently used
+    first, but never those in `keep` (this run's: digests and its pack key) nor any used within `PRUNE_GRACE_S`.
+    The index stays (a row whose entry went is parsed again). Returns the bytes freed."""
+    groups: dict[str, list[Path]] = {}
+    for path in list(cache.glob("*.npy")) + list(cache.glob("*.skip.json")):
+        groups.setdefault(path.name.split(".", 1)[0], []).append(path)
+    for path in (cache / "packs").glob("*"):
+        if not _TMP_PID.search(path.name):
+            groups.setdefault("pack:" + path.name.split(".", 1)[0], []).append(path)
+    entries = []
+    total = 0
+    for name, paths in groups.items():
+        try:
+            stats = [p.stat() for p in paths]
+        except OSError:
+            continue
+        size = sum(st.st_size for st in stats)
+        total += size
+        entries.append((max(st.st_mtime for st in stats), size, name, paths))
+    if total <= max_bytes:
+        return 0
+    freed = 0
+    newest = time.time() - PRUNE_GRACE_S
+    for mtime, size, name, paths in sorted(entries, key=lambda e: e[0]):
+        if total - freed <= max_bytes:
+            break
+        if name.split(":")[-1] in keep or mtime > newest:
+            continue
+        for path in paths:
+            try:
+                path.unlink()
+            except OSError:  # another run removed it first, or still maps it (fine on POSIX)
+                pass
+        freed += size
+    if total - freed > max_bytes:
+        log.warning("the cache %s holds %.0f MB, over data.cache_max_mb (%.0f MB): what this run uses (or runs "
+                    "used in the last %.0f min) is kept", cache, (total - freed) / 2**20, max_bytes / 2**20,
+                    PRUNE_GRACE_S / 60)
+    return freed
 
 
 class FileIndex:
@@ -273,7 +371,7 @@ class FileIndex:
 
 
 def load_collection(paths: list[Path], cache_dir: str | os.PathLike, workers: int = 0,
-                    progress: bool = True) -> Collection:
+                    progress: bool = True, max_bytes: int | None = None) -> Collection:
     """Parse `paths` (in worker processes, cached by content, indexed by stat) into a `Collection`.
 
     Only new or changed files are read: an indexed file whose size, mtime, ctime and inode are unchanged is
@@ -285,11 +383,14 @@ def load_collection(paths: list[Path], cache_dir: str | os.PathLike, workers: in
         cache_dir: improvd's cache folder; notes go to `cache_dir/notes-v2/`.
         workers: worker processes; 0 = one per core; 1 = in this process.
         progress: show progress bars (with rate and ETA).
+        max_bytes: the cache's size limit (`data.cache_max_mb`); None = no limit. The least recently used
+            entries go once this run's are in (`prune_cache`).
     """
     from tqdm import tqdm
 
     cache = Path(cache_dir).expanduser() / CACHE_VERSION
     cache.mkdir(parents=True, exist_ok=True)
+    remove_interrupted(cache)
     index = FileIndex(cache / INDEX_NAME)
     out = Collection()
     names = [str(p) for p in paths]
@@ -347,11 +448,19 @@ def load_collection(paths: list[Path], cache_dir: str | os.PathLike, workers: in
             out.files.append(FileNotes(path, digest, None))
             digests.append(digest)
     out.notes = load_pack(cache, digests, progress)
+    if max_bytes is not None:
+        keep = {digest for digest, _ in results.values() if digest} | {pack_key(digests)}
+        prune_cache(cache, max_bytes, keep)
     for i, f in enumerate(out.files):
         f.notes = out.notes[i]
     for s in out.skipped:
         log.warning("skipped %s: %s", s.path, s.reason)
     return out
+
+
+def pack_key(digests: list[str]) -> str:
+    """The name of the pack of the files `digests` (in order)."""
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:32]
 
 
 def load_pack(cache: Path, digests: list[str], progress: bool = False) -> NoteSet:
@@ -364,7 +473,7 @@ def load_pack(cache: Path, digests: list[str], progress: bool = False) -> NoteSe
 
     packs = cache / "packs"
     packs.mkdir(exist_ok=True)
-    key = hashlib.sha256("\n".join(digests).encode()).hexdigest()[:32]
+    key = pack_key(digests)
     data, meta = packs / f"{key}.f32", packs / f"{key}.lengths.npy"
     if not (data.exists() and meta.exists()):
         lengths = np.zeros(len(digests), dtype=np.int64)

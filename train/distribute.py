@@ -39,6 +39,7 @@ class Cluster:
                                                      and not self.has_chief)
 
     has_chief: bool = False
+    address: str | None = None  # this task's "host:port" in TF_CONFIG (where TensorFlow's gRPC server listens)
 
 
 def read_tf_config(env: dict | None = None) -> Cluster:
@@ -56,6 +57,8 @@ def read_tf_config(env: dict | None = None) -> Cluster:
         task = cfg.get("task", {})
         workers = len(cluster.get("worker", [])) + len(cluster.get("chief", []))
         task_type, index = task.get("type"), int(task.get("index", 0))
+        addresses = cluster.get(task_type, []) if isinstance(task_type, str) else []
+        address = str(addresses[index]) if 0 <= index < len(addresses) else None
     except (ValueError, AttributeError, TypeError) as err:
         raise ValueError(f"TF_CONFIG is not valid: {err}; expected JSON like "
                          '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
@@ -63,7 +66,23 @@ def read_tf_config(env: dict | None = None) -> Cluster:
     if workers > 1 and task_type not in ("chief", "worker"):
         raise ValueError(f"TF_CONFIG task type {task_type!r}: expected 'chief' or 'worker' (there is no parameter "
                          "server in synchronous training)")
-    return Cluster(max(1, workers), task_type, index, has_chief=bool(cluster.get("chief")))
+    return Cluster(max(1, workers), task_type, index, has_chief=bool(cluster.get("chief")), address=address)
+
+
+def server_warning(cluster: Cluster) -> str | None:
+    """What a multi-worker run must say before it starts TensorFlow's gRPC server (None for one worker).
+
+    The server has no authentication and no encryption, and listens on every network interface at the port of
+    this task's TF_CONFIG address, whatever host the address names (measured with `ss -ltnp`: `*:23456` for
+    `127.0.0.1:23456`). Anyone who reaches it can run TensorFlow operations in this process: read and write files
+    as this user.
+    """
+    if cluster.workers <= 1:
+        return None
+    port = cluster.address.rsplit(":", 1)[-1] if cluster.address and ":" in cluster.address else "?"
+    return (f"TensorFlow's gRPC server now listens on port {port} of every network interface, unauthenticated and "
+            f"unencrypted: anyone who can reach it can run TensorFlow operations as this user. Keep the workers on "
+            f"a private network and firewall port {port} to them (docs/training.md, 'The gRPC server is open').")
 
 
 def make_strategy(cluster: Cluster):
@@ -74,6 +93,7 @@ def make_strategy(cluster: Cluster):
     import tensorflow as tf
 
     if cluster.workers > 1:
+        log.warning("%s", server_warning(cluster))
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         patch_keras_for_multi_worker()
         log.info("MultiWorkerMirroredStrategy: %d workers, %d replicas in sync; this is %s %d%s", cluster.workers,

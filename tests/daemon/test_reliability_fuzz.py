@@ -137,6 +137,26 @@ def test_any_config_file_gives_a_config_or_a_config_error(tmp_path, text):
     _check_valid(config)
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.one_of(
+    st.binary(max_size=200),
+    st.builds(lambda head, junk, tail: head + junk + tail,
+              st.sampled_from([b"", b"[improvise]\ntemperature = 0.5\n", b"[midi]\ninput = \"", b"# comment "]),
+              st.binary(min_size=1, max_size=20),
+              st.sampled_from([b"", b"\n", b"\"\n", b"\n[model]\npath = \"m.onnx\"\n"]))))
+def test_any_bytes_as_a_config_file_give_a_config_or_a_config_error(tmp_path, data):
+    """Raw bytes, not only text: invalid UTF-8 (a file saved as latin-1, a binary file given by mistake) is a
+    ConfigError naming the file, never a UnicodeDecodeError."""
+    path = tmp_path / "c.toml"
+    path.write_bytes(data)
+    try:
+        config = load_config(path)
+    except ConfigError as err:
+        assert "c.toml" in str(err)
+        return
+    _check_valid(config)
+
+
 # ---- the note tracker ------------------------------------------------------------------------------------------
 
 events = st.lists(st.tuples(

@@ -100,6 +100,7 @@ def test_two_workers_train_together(tmp_path):
     out = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
     for i, proc in enumerate(procs):
         assert proc.returncode == 0, f"worker {i} failed:\n{out[i][-4000:]}"
+        assert f"listens on port {ports[i]} of every network interface, unauthenticated" in out[i]
 
     # The same weights on each worker after training.
     sums = [next(line.split()[-1] for line in text.splitlines() if "trained weights sha256" in line)
