@@ -629,9 +629,8 @@ class Engine:
             row[nt.DURATION] = min(max(row[nt.DURATION] * self._time_scale, imp.duration_range[0]),
                                    imp.duration_range[1])
         now = self._now()
-        onset, moved, position = self._place(a, row, now)
-        if a.handed == 0:
-            onset, moved, position = self._enter_on_clock(onset, moved, position, now)
+        entry = self._clock_entry(row, now) if a.handed == 0 else None
+        onset, moved, position = entry if entry is not None else self._place(a, row, now)
         delayed = False
         if a.texture.polyphony is not None:
             later = a.voices.earliest_onset(onset, a.texture.polyphony)
@@ -641,16 +640,18 @@ class Engine:
         a.next_flags = (delayed, rechosen)
         return onset, row, moved, position
 
-    def _enter_on_clock(self, onset: float, moved: bool, position: int | None, now: float
-                        ) -> tuple[float, bool, int | None]:
-        """The first note of an answer while a MIDI clock runs: on the next beat, or the next point of a quantize
-        grid coarser than a beat (daemon/turns.py)."""
+    def _clock_entry(self, row: np.ndarray, now: float) -> tuple[float, bool, int] | None:
+        """The first note of an answer while a MIDI clock runs: at its predicted onset (or now, if that has passed)
+        moved to the next beat, or the next point of a quantize grid coarser than a beat (daemon/turns.py); None
+        without a running clock."""
         if not (self._config.timing.follow_clock and self._clock.running(now)):
-            return onset, moved, position
+            return None
         grid = self._clock.grid()
         if grid is None:
-            return onset, moved, position
-        t = max(onset, now + self.lead_s)
+            return None
+        t = now + self.lead_s
+        if self._last_fed_onset_s is not None:
+            t = max(t, self._last_fed_onset_s + row[nt.STEP])
         entry = snap(grid, t, turns.entry_ticks(self._quantize_ticks), t)
         return grid.time_of(entry), True, entry
 
