@@ -156,6 +156,17 @@ CONTROL_FUNCTIONS = ("temperature", "top_p", "max_notes", "key_strength", "mode"
 
 
 @dataclass(frozen=True)
+class OscConfig:
+    """OSC control and state messages over UDP (daemon/osc.py); off by default."""
+
+    enabled: bool = _opt(False)
+    listen: str = _opt("127.0.0.1")
+    port: int = _opt(9000, lo=1, hi=65535)
+    allow_network: bool = _opt(False)
+    send_to: str = _opt("")
+
+
+@dataclass(frozen=True)
 class RecordConfig:
     """Session recordings."""
 
@@ -183,6 +194,7 @@ class Config:
     improvise: ImproviseConfig = field(default_factory=ImproviseConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    osc: OscConfig = field(default_factory=OscConfig)
     record: RecordConfig = field(default_factory=RecordConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str | None = None
@@ -288,6 +300,12 @@ def _check_special(name: str, section: Any) -> None:
         if 0 < section.bpm < 20:
             raise ConfigError(f"timing.bpm = {section.bpm!r} is out of range: allowed 0 (follow the player's pulse) "
                               f"or 20..400")
+    elif name == "osc":
+        from improvd.daemon.oscaddr import check_osc  # here: kept out of a bare config load
+        try:
+            check_osc(section)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     elif name == "control":
         if len(section.state_values) != 3:
             raise ConfigError(f"control.state_values = {list(section.state_values)!r} is not valid: expected three "

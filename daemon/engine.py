@@ -99,7 +99,7 @@ from improvd.daemon import notes as nt
 from improvd.daemon import tempo, turns
 from improvd.daemon.clock import CLOCK_TYPES, ClockTracker
 from improvd.daemon.config import Config, ImproviseConfig
-from improvd.daemon.control import ControlMap
+from improvd.daemon.control import Action, ControlMap
 from improvd.daemon.improviser import Decoding, Improviser
 from improvd.daemon.keys import Key, estimate_key, parse_key
 from improvd.daemon.model import StepModel
@@ -289,6 +289,10 @@ class Engine:
             if self._thread.is_alive():
                 log.warning("the engine thread did not stop within %.1f s", timeout)
 
+    def control(self, action: Action) -> None:
+        """Apply a control action (from OSC, daemon/oscmap.py) in the engine thread, as a CC's; any thread."""
+        self.input_queue.put((self._now(), action))
+
     def request_swap(self, config: Config, model: StepModel) -> None:
         """Use `config` and `model` from the next phrase on (hot reload); a later request replaces this one."""
         with self._swap_lock:
@@ -380,6 +384,9 @@ class Engine:
             t_s = float(t_s)
         except (TypeError, ValueError):
             t_s, msg = math.nan, None
+        if isinstance(msg, Action):
+            self._apply_action(msg, "OSC")
+            return
         if not isinstance(msg, mido.Message) or not math.isfinite(t_s):
             log.debug("ignoring a malformed input item %r", item)
             return
@@ -424,17 +431,32 @@ class Engine:
         log.debug("CC %d = %d on channel %d%s", msg.control, msg.value, msg.channel + 1,
                   f" ({function})" if function else " (not mapped)")
         for action in actions:
-            if action.function == "panic":
-                self._panic()
-            elif action.function == "reload":
-                log.info("reload requested by CC %d", msg.control)
-                self._hook(self.on_reload_request)
-            elif action.function == "mute":
-                if action.value and not self._muted and self._answer is not None:
-                    self._interrupt(self._answer)
-                self._muted = bool(action.value)
-            else:
-                self._set_live(action.function, action.value)
+            self._apply_action(action, f"CC {msg.control}")
+
+    def _apply_action(self, action: Action, source: str) -> None:
+        """A control action (a CC's, or OSC's) in the engine thread."""
+        if action.function == "panic":
+            self._panic()
+        elif action.function == "reload":
+            log.info("reload requested by %s", source)
+            self._hook(self.on_reload_request)
+        elif action.function == "forget":
+            self._forget()
+        elif action.function == "mute":
+            if action.value and not self._muted and self._answer is not None:
+                self._interrupt(self._answer)
+            self._muted = bool(action.value)
+        else:
+            self._set_live(action.function, action.value)
+        log.debug("%s: %s%s", source, action.function, "" if action.value is None else f" = {action.value!r}")
+
+    def _forget(self) -> None:
+        """The forget control: forget what this session taught improvd. The session memory is issue 15's; until it
+        is connected (`on_forget_request`), there is none to forget."""
+        if self.on_forget_request is None:
+            log.info("forget: no session memory")
+        else:
+            self._hook(self.on_forget_request)
 
     def _set_live(self, name: str, value) -> None:
         self._live[name] = value
@@ -890,6 +912,9 @@ class Engine:
 
     def _refresh_improvise(self) -> None:
         self._imp = dataclasses.replace(self._config.improvise, **self._live)
+        self._answer_length = turns.parse_answer_length(self._imp.answer_length)
+        if self._imp.key.strip().lower() != "auto":
+            self._auto_key = None
         self._improviser.decoding = self._decoding()
 
     def _decoding(self) -> Decoding:
