@@ -161,7 +161,7 @@ class OscConfig:
 
     enabled: bool = _opt(False)
     listen: str = _opt("127.0.0.1")
-    port: int = _opt(9000, lo=1, hi=65535)
+    port: int = _opt(9000, lo=0, hi=65535)
     allow_network: bool = _opt(False)
     send_to: str = _opt("")
 
