@@ -1,5 +1,5 @@
 """OSC control: the addresses improvd answers to, their arguments in natural units, and what they become (pure: no
-socket, no thread; daemon/osc.py receives the datagrams and calls `parse`).
+network I/O, no thread; daemon/osc.py receives the datagrams and calls `parse`).
 
 | address | argument | does |
 | --- | --- | --- |
