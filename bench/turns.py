@@ -1,10 +1,11 @@
 """Turn-taking of `improvd run` over JACK (dummy driver, 48 kHz, 64-frame periods): when answers start and how long
 they last, for fixed and pulse-measured phrase ends; prints JSON.
 
-    .venv/bin/python bench/turns.py [--settings fixed,auto] [--articulations legato,detached] [--model M.onnx]
+    .venv/bin/python bench/turns.py [--settings fixed,auto] [--articulations legato,detached,staccato]
+                                    [--model M.onnx]
 
 A player process plays scripted calls (tests/e2e/turns_measure.py: 8 notes at 60, 100 and 160 bpm, quarters and
-eighths, legato and detached, with and without a held last note); `jack_midi_dump -a`, an independent client,
+eighths, legato, detached and staccato, with and without a held last note); `jack_midi_dump -a`, an independent client,
 timestamps the calls and improvd's answers on the server's clock. Each call is played once improvd's answer to the
 previous one is over. Per setting of `[improvise]` and per tempo it reports:
 
@@ -13,7 +14,8 @@ previous one is over. Per setting of `[improvise]` and per tempo it reports:
 - `ratio_median`: answer length (first note-on to last note-off) / call length (first onset to last release).
 
 Settings: `fixed` = silence 0.6 s, answer_length "max", max_notes 32 (the defaults before turn-taking), `auto` =
-silence "auto", answer_length "match", max_notes 64 (a cap only); both max_seconds 8. The model is the shipped models/bach.onnx
+silence "auto", answer_length "match", max_notes 128 (a cap only: the shipped model plays about 7 notes a second);
+both max_seconds 8. The model is the shipped models/bach.onnx
 (temperature 0.9, seed 3) unless --model is given. Needs jackd2 and its example clients.
 """
 
@@ -36,7 +38,7 @@ from tests.e2e.turns_measure import calls, measure, summarize  # noqa: E402
 PLAYER_CH, IMPROVD_CH = 1, 0
 SETTINGS = {
     "fixed": {"silence": 0.6, "answer_length": "max", "max_notes": 32, "max_seconds": 8.0},
-    "auto": {"silence": "auto", "answer_length": "match", "max_notes": 64, "max_seconds": 8.0},
+    "auto": {"silence": "auto", "answer_length": "match", "max_notes": 128, "max_seconds": 8.0},
 }
 
 
@@ -90,7 +92,7 @@ def run_setting(server: JackServer, tmp: Path, model: Path, name: str, improvise
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--settings", default="fixed,auto", help="comma-separated: " + ", ".join(SETTINGS))
-    parser.add_argument("--articulations", default="legato,detached")
+    parser.add_argument("--articulations", default="legato,detached,staccato")
     parser.add_argument("--model", default=str(REPO / "models" / "bach.onnx"))
     args = parser.parse_args()
     result = {"command": " ".join([Path(sys.executable).name, *sys.argv]),

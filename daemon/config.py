@@ -96,11 +96,11 @@ class ImproviseConfig:
     """What improvd plays and when."""
 
     mode: str = _opt("respond", choices=("respond", "continuous"))
-    silence: float | str = _opt(0.6, lo=0.05, hi=60.0, words=("auto",))
-    answer_length: str = _opt("max")
+    silence: float | str = _opt("auto", lo=0.05, hi=60.0, words=("auto",))
+    answer_length: str = _opt("match")
     polyphony: int | str = _opt(0, lo=0, hi=16, words=("match",))
     register: str = _opt("free", choices=("free", "match"))
-    max_notes: int = _opt(32, lo=1, hi=10000)
+    max_notes: int = _opt(128, lo=1, hi=10000)
     max_seconds: float = _opt(8.0, lo=0.1, hi=3600.0)
     temperature: float = _opt(0.9, lo=0.0, hi=10.0)
     top_p: float = _opt(0.95, lo=0.01, hi=1.0)

@@ -283,7 +283,8 @@ def test_nonfinite_outputs_during_play_are_replaced_and_logged_once(tmp_path, ca
     model = StepModel(ref.path)  # loaded directly: the daemon's check at load would refuse it
     sent = []
     scheduler = Scheduler(lambda m: sent.append(m))
-    imp = ImproviseConfig(temperature=0.0, silence=0.05, max_notes=4, velocity="fixed", fixed_velocity=80,
+    imp = ImproviseConfig(temperature=0.0, silence=0.05, max_notes=4, answer_length="max", velocity="fixed",
+                          fixed_velocity=80,
                           pitch_range=(40, 80), duration_range=(0.02, 1.0))
     engine = Engine(Config(improvise=imp, midi=MidiConfig()), model, scheduler)
     scheduler.start()
