@@ -140,7 +140,7 @@ class _Answer:
     texture: Texture = Texture()  # improvise.polyphony / register for this answer
     voices: Voices = field(default_factory=Voices)  # its notes, for the polyphony bound
     counts: TextureCounts = field(default_factory=TextureCounts)
-    next_flags: tuple[bool, bool] = (False, False)  # the next note: (onset delayed, pitch re-chosen)
+    next_flags: tuple[float, bool] = (0.0, False)  # the next note: (onset delayed by, s; pitch re-chosen)
 
 
 def _describe_budget(budget: turns.Budget) -> str | None:
@@ -653,13 +653,13 @@ class Engine:
         now = self._now()
         entry = self._clock_entry(row, now) if a.handed == 0 else None
         onset, moved, position = entry if entry is not None else self._place(a, row, now)
-        delayed = False
+        delay = 0.0
         if a.texture.polyphony is not None:
             later = a.voices.earliest_onset(onset, a.texture.polyphony)
             if later > onset:  # as many notes as allowed sound: wait for a release (daemon/texture.py)
-                delayed = True
-                onset, moved, position = self._delay_to(later, now)
-        a.next_flags = (delayed, rechosen)
+                delayed_to, moved, position = self._delay_to(later, now)
+                delay, onset = delayed_to - onset, delayed_to
+        a.next_flags = (delay, rechosen)
         return onset, row, moved, position
 
     def _clock_entry(self, row: np.ndarray, now: float) -> tuple[float, bool, int] | None:
@@ -788,8 +788,8 @@ class Engine:
                 row[nt.DURATION] = cut
         a.voices.prune(onset_s - 1.0)
         a.voices.add(onset_s, onset_s + duration_s)
-        a.counts.add(delayed=a.next_flags[0], rechosen=a.next_flags[1])
-        a.next_flags = (False, False)
+        a.counts.add(delay_s=a.next_flags[0], rechosen=a.next_flags[1])
+        a.next_flags = (0.0, False)
         if not a.continuous:
             a.undo.append((onset_s, self._improviser.snapshot(), self._last_fed_onset_s))
         self._scheduler.schedule_note(onset_s, onset_s + duration_s, pitch, velocity,

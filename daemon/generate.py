@@ -61,11 +61,11 @@ def continue_notes(improviser: Improviser, prime: np.ndarray, max_notes: int,
         note = improviser.predict(register=texture.register)
         rechosen = improviser.rechosen
         onset = t + note[nt.STEP]
-        delayed = False
+        delay = 0.0
         if texture.polyphony is not None:
             later = voices.earliest_onset(onset, texture.polyphony)
             if later > onset:
-                delayed = True
+                delay = later - onset
                 note[nt.STEP] = later - t
                 onset = later
         elapsed += note[nt.STEP]
@@ -75,7 +75,7 @@ def continue_notes(improviser: Improviser, prime: np.ndarray, max_notes: int,
         voices.add(onset, onset + note[nt.DURATION])
         t = onset
         if counts is not None:
-            counts.add(delayed=delayed, rechosen=rechosen)
+            counts.add(delay_s=delay, rechosen=rechosen)
         fed = note.copy()
         fed[nt.STEP] = min(fed[nt.STEP], step_hi)
         improviser.feed(fed)

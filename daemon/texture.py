@@ -27,7 +27,7 @@ without it (see `Improviser.predict`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -142,21 +142,28 @@ class Voices:
 
 @dataclass
 class TextureCounts:
-    """How often the bounds overrode the model: notes placed, onsets delayed, pitches re-chosen."""
+    """How often the bounds overrode the model: notes placed, onsets delayed (and by how much), pitches re-chosen."""
 
     notes: int = 0
     delayed: int = 0
     rechosen: int = 0
     overridden: int = 0  # delayed or re-chosen (or both)
+    delays_s: list = field(default_factory=list)
 
-    def add(self, *, delayed: bool, rechosen: bool) -> None:
+    def add(self, *, delay_s: float, rechosen: bool) -> None:
+        """One note placed, its onset moved `delay_s` seconds later (0 = not delayed)."""
         self.notes += 1
-        self.delayed += bool(delayed)
+        self.delayed += int(delay_s > 0)
         self.rechosen += bool(rechosen)
-        self.overridden += bool(delayed or rechosen)
+        self.overridden += bool(delay_s > 0 or rechosen)
+        if delay_s > 0:
+            self.delays_s.append(float(delay_s))
 
     def as_dict(self) -> dict:
         share = (lambda k: round(k / self.notes, 4) if self.notes else 0.0)
+        delays = np.asarray(self.delays_s) * 1000.0
         return {"notes": self.notes, "delayed": self.delayed, "rechosen": self.rechosen,
+                "delay_ms_median": round(float(np.median(delays)), 1) if len(delays) else 0.0,
+                "delayed_over_50ms": int(np.sum(delays > 50.0)),
                 "delayed_share": share(self.delayed), "rechosen_share": share(self.rechosen),
                 "overridden": self.overridden, "overridden_share": share(self.overridden)}
