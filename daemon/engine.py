@@ -13,13 +13,17 @@ predicted; so with temperature 0, every answered note after the first is the gre
 the notes fed before it. The first note of an answer usually comes later than predicted (the silence has passed),
 and is fed with its real gap.
 
-respond mode: when no key has been held for `improvise.silence` s after a phrase, the phrase's notes are fed and an
+respond mode: when the phrase is over (`improvise.silence`: a fixed silence, or "auto", measured in the player's
+pulse; never while a key or the sustain pedal holds the sound; daemon/turns.py), the phrase's notes are fed and an
 answer starts. Its first note is due at the last fed onset plus the predicted step, or at once (now + `lead_s`) if
-that has passed; each next note at the previous onset plus its predicted step (kept even when the engine is a
+that has passed (with MIDI clock running: moved to the clock's next beat, or the next point of a coarser quantize
+grid); each next note at the previous onset plus its predicted step (kept even when the engine is a
 little late: the scheduler then sends it at once; only after a stall of more than `catch_up_s` does it move to now);
 each note-off at onset plus duration.
-The answer stops after `max_notes` notes or when a note would start more than `max_seconds` after the first one;
-it is finished when its last note-off is due. A note-on from the player during the answer cancels it at once
+The answer stops after `max_notes` notes or when a note would start more than `max_seconds` after the first one,
+or earlier at its `improvise.answer_length` (daemon/turns.py: "match" = as long as the call, in beats when a pulse
+is known, else in notes; a length in beats also keeps its note-offs within the span); it is finished when its last
+note-off is due. A note-on from the player during the answer cancels it at once
 (`scheduler.cancel`): nothing more is sent and its sounding notes are released; notes handed to the scheduler that
 had not started are taken back out of the model state.
 
@@ -38,7 +42,8 @@ the old one was fed.
 Hooks for a recorder, all called in the engine thread and expected to be quick: `on_answer(summary)` once per
 finished answer (keys: notes_heard, notes_played, inference_ms (mean feed + predict time per played note),
 lateness_ms (the scheduler's latest event), interrupted, mode, time_scale (1.0 unless timing.follow_tempo), bpm (the
-grid's tempo, None without quantize), key (the scale in use, e.g. "C major", or None));
+grid's tempo, None without quantize), key (the scale in use, e.g. "C major", or None), length (the answer_length in
+use, e.g. "8 beats", or None), delayed and rechosen (notes the texture bounds moved or re-chose));
 `on_note_heard(note_row, onset_s)` for each completed player note and `on_note_played(note_row, onset_s)` for each
 note handed to the scheduler (note_row: float64 [4] pitch, step_s as fed, duration_s, velocity). What improvd actually
 sent (exact times, with cancels and re-triggers) is best recorded with `Scheduler.on_sent`; the player's notes with
@@ -62,6 +67,14 @@ Playing with a band (config [timing], [control], midi.thru/program, improvise.ke
   measured on each phrase (continuous: on the player's last notes); the player's steps and durations are divided by
   it before they are fed, the model's multiplied by it (then clamped to step_range / duration_range) before they are
   played. Rows reported by `on_note_heard` / `on_note_played` are as fed, in the model's time.
+- Texture (`improvise.polyphony`, `improvise.register`, daemon/texture.py): measured on the phrase (continuous: on the
+  player's last `CALL_NOTES` notes); the register bounds the pitch before sampling (`Improviser.predict`), and a note
+  whose onset would make more than `polyphony` of the answer's notes sound waits for a release (fed with its real
+  gap). The summary counts the notes delayed and re-chosen.
+- OSC (`[osc]`, daemon/osc.py): `control(action)` (any thread) queues a `control.Action`, applied in the engine
+  thread as a CC's; besides the CC functions it may set `key` and `answer_length`, and `forget` (issue 15's session
+  memory: `on_forget_request` when connected, else a log line "forget: no session memory"). `on_state(state)` is
+  called in the engine thread on each change of state.
 - Live control (`[control]`, daemon/control.py): CCs change temperature, top_p, max_notes, key_strength and mode
   (from the next note; they stay across a reload), mute (cancels the answer; phrases are still fed), panic (every
   sounding note released at once, improvd's and thru, an All Notes Off on the output channel, the answer and the

@@ -215,3 +215,29 @@ def test_fuzzed_datagrams_never_raise_and_only_valid_actions_pass(data):
                                    "mode", "mute", "panic", "reload", "forget")
         if action.function == "temperature":
             assert 0 <= action.value <= 10
+
+
+def test_the_engine_applies_osc_actions_in_its_thread(caplog):
+    """Engine.control queues an action; the engine thread applies it like a CC's (tests/daemon/test_band.py's Sim)."""
+    from tests.daemon.test_band import T0, Sim
+    from tests.modelfactory import make_step_model
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = make_step_model(Path(tmp) / "m.onnx", seed=7, context=64, step_scale=0.6, duration_scale=0.3)
+        sim = Sim(ref, improvise_kw=dict(temperature=1.0))
+        caplog.set_level(logging.INFO, logger="improvd.engine")
+        for action in (Action("temperature", 0.0), Action("key", "D dorian"), Action("answer_length", "3 notes"),
+                       Action("max_notes", 5), Action("mute", True), Action("forget")):
+            sim.engine.control(action)
+        sim.engine.run_once()  # what the engine thread does when the queue wakes it
+        imp = sim.engine.improvise
+        assert (imp.temperature, imp.key, imp.answer_length, imp.max_notes) == (0.0, "D dorian", "3 notes", 5)
+        assert sim.engine.muted
+        assert "forget: no session memory" in caplog.text
+        sim.engine.control(Action("mute", False))
+        sim.engine.run_once()
+        end = sim.play([60, 62, 64], T0 + 0.2, spacing_s=0.3, hold_s=0.2)
+        sim.run_until(end + 5)
+        ons = sim.note_ons()
+        assert len(ons) == 3 and all(m.note % 12 in {2, 4, 5, 7, 9, 11, 0} for _, m in ons)
