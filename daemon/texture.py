@@ -5,7 +5,8 @@ Both bounds are applied while decoding, before the pitch is sampled, so timing a
 within them:
 
 - **Polyphony** N (1 = a melodic answer; 0 = no bound; "match" = the call's most notes sounding at once,
-  `max_simultaneous`): before a note is placed, the answer's own notes sounding at its predicted onset are counted
+  `max_simultaneous`, where a note released less than `LEGATO_OVERLAP_S` after the next one started counts as
+  legato playing, not as a second voice): before a note is placed, the answer's own notes sounding at its predicted onset are counted
   (`Voices`); if N already sound, the onset waits for the release that brings the count below N (the earliest one
   that does; on a quantize grid, the first grid point at or after it). A chord the model predicts is thus played as
   far as N allows and its other notes come as the earlier ones end. The model is fed the real gap of a delayed note,
@@ -33,6 +34,7 @@ from typing import NamedTuple
 import numpy as np
 
 REGISTER_WIDEN = 5  # semitones added below the call's lowest and above its highest note (a perfect fourth)
+LEGATO_OVERLAP_S = 0.1  # in a call, a note that ends this soon after the next one starts is legato, not a voice
 MATCH = "match"
 FREE = "free"
 REGISTER_CHOICES = (FREE, MATCH)
@@ -97,7 +99,9 @@ def texture_for_call(polyphony, register: str, *, pitches, onsets_s, ends_s,
     check_polyphony(polyphony)
     check_register(register)
     if polyphony == MATCH:
-        most = max_simultaneous(onsets_s, ends_s)
+        onsets = np.asarray(onsets_s, dtype=np.float64).reshape(-1)
+        ends = np.maximum(np.asarray(ends_s, dtype=np.float64).reshape(-1) - LEGATO_OVERLAP_S, onsets)
+        most = max_simultaneous(onsets, ends)
         limit = most if most > 0 else None
     else:
         limit = int(polyphony) if polyphony else None

@@ -58,6 +58,16 @@ def test_register_is_the_calls_span_widened_by_a_fourth_within_pitch_range():
     assert call_register([10], pitch_range=(21, 108)) is None  # they do not meet: pitch_range alone
 
 
+def test_a_legato_melody_is_one_voice_a_held_bass_under_it_two():
+    pitches = [60, 62, 64, 65]
+    onsets = [0.0, 0.3, 0.6, 0.9]
+    legato = [0.36, 0.66, 0.96, 1.2]  # each released 60 ms after the next began
+    assert texture_for_call("match", "free", pitches=pitches, onsets_s=onsets, ends_s=legato,
+                            pitch_range=(21, 108)).polyphony == 1
+    assert texture_for_call("match", "free", pitches=pitches + [48], onsets_s=onsets + [0.0],
+                            ends_s=legato + [1.2], pitch_range=(21, 108)).polyphony == 2
+
+
 def test_texture_for_call_settings():
     kw = dict(pitches=[60, 64], onsets_s=[0, 0], ends_s=[1, 1], pitch_range=(21, 108))
     assert texture_for_call(0, "free", **kw) == Texture()
