@@ -17,7 +17,7 @@ from improvd.daemon.model import StepModel
 from improvd.daemon.sampling import Decoding
 from improvd.daemon.texture import (REGISTER_WIDEN, Texture, TextureCounts, Voices, call_register,
                                     max_simultaneous, texture_for_call)
-from tests.daemon.test_band import PLAYER_CH, T0, Sim, balanced  # noqa: F401
+from tests.daemon.test_band import T0, Sim, balanced
 from tests.modelfactory import make_step_model
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,13 +5,11 @@ entry on the clock's beat and its length; pure functions, then the engine on a f
 from __future__ import annotations
 
 import mido
-import numpy as np
 import pytest
 
 from improvd.daemon import turns
 from improvd.daemon.turns import AnswerLength, Budget, Sustain, answer_budget, parse_answer_length, phrase_end_s
 from tests.daemon.test_band import PLAYER_CH, T0, Sim, balanced, model  # noqa: F401
-from tests.modelfactory import make_step_model
 
 
 # ---- pure ----------------------------------------------------------------------------------------------------
