@@ -37,6 +37,7 @@ KNOBS = {"temperature": "temperature", "top_p": "top_p", "top-p": "top_p", "key_
 BUTTONS = ("panic", "reload", "forget")
 FUNCTIONS = ("temperature", "top_p", "length", "key_strength", "key", "mode", "mute", "panic", "reload", "forget")
 MODES = ("respond", "continuous")
+FLOAT32_SLACK = 1e-6  # relative: a value this close outside a bound is the bound (32-bit float rounding)
 
 
 class OscInputError(ValueError):
@@ -57,6 +58,11 @@ def _number(address: str, args: list, name: str):
         raise OscInputError(f"wrong type {address}", f"OSC {address} {_show(args)}: expected one number")
     value = float(args[0])
     lo, hi = _range(name)
+    if math.isfinite(value):  # OSC floats are 32-bit: 0.01 arrives as 0.0099999998, still the bound meant
+        if lo - FLOAT32_SLACK * max(1.0, abs(lo)) <= value < lo:
+            value = float(lo)
+        elif hi < value <= hi + FLOAT32_SLACK * max(1.0, abs(hi)):
+            value = float(hi)
     if not math.isfinite(value) or not lo <= value <= hi:
         raise OscInputError(f"out of range {address}", f"OSC {address} {_show(args)}: out of range, allowed "
                                                           f"{lo:g}..{hi:g}")

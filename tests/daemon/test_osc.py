@@ -29,6 +29,7 @@ from improvd.daemon.oscmap import OscInputError, parse  # noqa: E402
     ("/improvd/temperature", [0], Action("temperature", 0.0)),
     ("/improvd/top_p", [0.9], Action("top_p", 0.9)),
     ("/improvd/top-p", [1], Action("top_p", 1.0)),
+    ("/improvd/top_p", [0.009999999776482582], Action("top_p", 0.01)),  # 0.01 as an OSC (32-bit) float
     ("/improvd/length", [12], Action("max_notes", 12)),
     ("/improvd/length", [12.0], Action("max_notes", 12)),
     ("/improvd/length", ["match"], Action("answer_length", "match")),

@@ -231,13 +231,15 @@ def test_osc_panic_silences_within_10_ms_and_states_arrive_in_order(rig, long_mo
     assert names.index("answering") < names.index("note")
 
 
-def test_osc_temperature_0_makes_answers_greedy(rig, spread_model):
+def test_osc_temperature_0_and_top_p_make_answers_greedy(rig, spread_model):
     kw = {"temperature": 1.5, "top_p": 1.0, "seed": 11, "max_notes": 6, "step_range": [0.0, 2.0]}
     answers = {}
-    for label in ("sampled", "greedy"):
+    for label in ("sampled", "greedy", "top_p"):
         r = rig(spread_model.path, improvise=kw)
         if label == "greedy":
             r.osc("/improvd/temperature", 0.0)
+        elif label == "top_p":  # the smallest nucleus is the most likely pitch alone: greedy pitches at T = 1.5
+            r.osc("/improvd/top_p", 0.01)
         r.send(notes(PHRASE))
         assert r.answer(6), r.daemon.log()
         heard = notes_of(r.receiver.events, PLAYER_CH)
@@ -245,14 +247,16 @@ def test_osc_temperature_0_makes_answers_greedy(rig, spread_model):
         expected = greedy_answer(spread_model, _prime_from_receiver(heard), 6, answer[0].t_s - heard[-1][0])
         answers[label] = ([e.note for e in answer], expected[:, 0].astype(int).tolist())
         r.close()
-    played, greedy = answers["greedy"]
-    assert played == greedy, answers
+    for label in ("greedy", "top_p"):
+        played, greedy = answers[label]
+        assert played == greedy, (label, answers)
     played, greedy = answers["sampled"]
     assert played != greedy, answers  # the control made the difference
 
 
 def test_osc_mute_length_key_mode_forget_and_reload_change_what_is_heard(rig, spread_model):
-    r = rig(spread_model.path, improvise={"temperature": 1.0, "top_p": 1.0, "seed": 5, "max_notes": 8})
+    r = rig(spread_model.path, improvise={"temperature": 1.0, "top_p": 1.0, "seed": 5, "max_notes": 8,
+                                          "fixed_velocity": 90})
     black = [61, 63, 66, 68, 70]
     # mute: the phrase is heard, not answered
     r.osc("/improvd/mute", 1)
@@ -267,6 +271,14 @@ def test_osc_mute_length_key_mode_forget_and_reload_change_what_is_heard(rig, sp
     time.sleep(0.5)
     first = r.ons()
     assert len(first) == 3 and all(e.note % 12 in C_MAJOR for e in first), [e.note for e in first]
+    # key strength 0: the key no longer holds 8 notes from flat distributions
+    mark = first[-1].t_s
+    r.send([(0.0, "osc", "/improvd/key_strength", [0.0]), (0.0, "osc", "/improvd/length", [8])]
+           + notes(black, 0.05))
+    assert r.receiver.wait_events(lambda evs: len(r.ons(after=mark)) >= 8, 10), r.daemon.log()
+    r.receiver.wait_quiet(0.4, timeout=10)
+    assert any(e.note % 12 not in C_MAJOR for e in r.ons(after=mark)), [e.note for e in r.ons(after=mark)]
+    first = r.ons()
     # answer_length as a string: 2 notes
     mark = first[-1].t_s
     r.send([(0.0, "osc", "/improvd/length", ["2 notes"])] + notes(black, 0.05))
@@ -281,9 +293,15 @@ def test_osc_mute_length_key_mode_forget_and_reload_change_what_is_heard(rig, sp
     # forget and reload act (and say so) without a sound
     r.osc("/improvd/forget")
     r.daemon.reader.wait_line("forget: no session memory", 3.0)
-    r.config.write_text(r.config.read_text().replace("max_notes = 8", "max_notes = 4"))
+    r.config.write_text(r.config.read_text().replace("fixed_velocity = 90", "fixed_velocity = 40"))
     r.osc("/improvd/reload")
     r.daemon.reader.wait_line(r"reloaded: model", 10.0)
+    mark = r.ons()[-1].t_s
+    r.send(notes(black))
+    assert r.receiver.wait_events(lambda evs: len(r.ons(after=mark)) >= 2, 10), r.daemon.log()
+    r.receiver.wait_quiet(0.4, timeout=10)
+    assert {e.data[2] for e in r.ons(after=mark)} == {40}  # the reloaded file's velocity
+    assert {e.data[2] for e in first} == {90}
     assert balance(r.receiver.events, IMPROVD_CH) == {}
     assert r.daemon.proc.poll() is None
 
