@@ -6,7 +6,8 @@ extra: pip install 'improvd[osc]') to parse and build packets; this module owns 
   message into a control action (daemon/oscmap.py) and hands it to the engine (`Engine.control`: the engine thread
   applies it as it applies a CC). Bad input (garbage datagrams, unknown addresses, wrong types, values out of
   range) is logged once per kind at warning level, with a message naming what was wrong; it is counted and
-  dropped, nothing reaches the engine.
+  dropped, nothing reaches the engine. More than `MAX_RATE` control messages in a second (a flood, not a hand on a
+  fader) are dropped too, so the engine's queue and its share of the interpreter stay bounded.
 - Out: with `osc.send_to` ("host:port"), `/improvd/state` messages: a string "idle", "listening" or "answering"
   on each change of state (from the engine thread, `state`) and "note" pitch velocity for each note improvd
   plays (from the scheduler thread as it is sent, `sent`). Both threads only put on a queue; a sender thread
@@ -22,6 +23,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 
 from improvd.daemon.config import OscConfig
 from improvd.daemon.errors import ImprovdError
@@ -33,6 +35,7 @@ log = logging.getLogger("improvd.osc")
 RECV_BYTES = 65536
 POLL_S = 0.2  # the receive thread looks at its stop flag this often
 OUT_QUEUE = 10000  # state messages waiting to be sent; beyond this they are dropped (and counted)
+MAX_RATE = 1000  # control messages handed to the engine per second at most; a flood beyond it is dropped
 
 
 def _pythonosc():
@@ -62,6 +65,8 @@ class OscServer:
         self.bad = 0
         self.received = 0
         self.dropped_out = 0
+        self._window_start = 0.0
+        self._window_count = 0
         self._stop = threading.Event()
         self._out: queue.Queue = queue.Queue(OUT_QUEUE)
         self._dest = parse_host_port(config.send_to) if config.send_to else None
@@ -134,9 +139,19 @@ class OscServer:
                 self._bad("garbage", f"OSC: a message could not be read ({type(err).__name__}); dropped")
                 continue
             if action is not None:
+                if not self._within_rate():
+                    self._bad("flood", f"OSC: more than {MAX_RATE} control messages a second; the excess is dropped")
+                    continue
                 self._control(action)
                 handed += 1
         return handed
+
+    def _within_rate(self) -> bool:
+        now = time.monotonic()
+        if now - self._window_start >= 1.0:
+            self._window_start, self._window_count = now, 0
+        self._window_count += 1
+        return self._window_count <= MAX_RATE
 
     def _bad(self, kind: str, message: str) -> None:
         self.bad += 1

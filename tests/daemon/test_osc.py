@@ -209,6 +209,7 @@ def test_fuzzed_datagrams_never_raise_and_only_valid_actions_pass(data):
     from pythonosc import osc_message_builder, osc_packet
     server._packet, server._builder, server._control = osc_packet, osc_message_builder, rec
     server._seen_kinds, server.bad, server.received = set(), 0, 0
+    server._window_start, server._window_count = 0.0, 0
     handed = server.handle_datagram(data)
     assert handed == len(rec.actions)
     for action in rec.actions:
@@ -242,3 +243,13 @@ def test_the_engine_applies_osc_actions_in_its_thread(caplog):
         sim.run_until(end + 5)
         ons = sim.note_ons()
         assert len(ons) == 3 and all(m.note % 12 in {2, 4, 5, 7, 9, 11, 0} for _, m in ons)
+
+
+def test_a_flood_of_control_messages_is_cut_at_the_rate_limit(endpoint, caplog):
+    from improvd.daemon.osc import MAX_RATE
+    server, rec, _ = endpoint
+    caplog.set_level(logging.WARNING, logger="improvd.osc")
+    data = _message("/improvd/temperature", [0.5])
+    handed = sum(server.handle_datagram(data) for _ in range(MAX_RATE + 200))
+    assert handed <= MAX_RATE + 1 and len(rec.actions) == handed  # (a new one-second window may just begin)
+    assert caplog.text.count("control messages a second") == 1
