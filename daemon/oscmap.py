@@ -5,7 +5,8 @@ network I/O, no thread; daemon/osc.py receives the datagrams and calls `parse`).
 | --- | --- | --- |
 | /improvd/temperature | number 0..10 | improvise.temperature (0 = greedy) |
 | /improvd/top_p (or /improvd/top-p) | number 0.01..1 | improvise.top_p |
-| /improvd/length | integer 1..10000, or a string | an integer: improvise.max_notes (as the [control] max_notes knob); a string: improvise.answer_length ("match", "max", "12 notes", "8 beats") |
+| /improvd/length | integer 1..10000, or a string | integer: improvise.max_notes (the max_notes knob's); string: |
+| | | improvise.answer_length ("match", "max", "12 notes", "8 beats") |
 | /improvd/key_strength (or /improvd/key-strength) | number 0..1 | improvise.key_strength |
 | /improvd/key | string | improvise.key ("D dorian", "auto", "none", ...) |
 | /improvd/mode | string "respond" or "continuous" (or 0 / 1) | improvise.mode |

@@ -5,12 +5,13 @@ Both bounds are applied while decoding, before the pitch is sampled, so timing a
 within them:
 
 - **Polyphony** N (1 = a melodic answer; 0 = no bound; "match" = the call's most notes sounding at once,
-  `max_simultaneous`, where a note released less than `LEGATO_OVERLAP_S` after the next one started counts as
-  legato playing, not as a second voice): before a note is placed, the answer's own notes sounding at its predicted onset are counted
-  (`Voices`); if N already sound, the onset waits for the release that brings the count below N (the earliest one
-  that does; on a quantize grid, the first grid point at or after it). A chord the model predicts is thus played as
-  far as N allows and its other notes come as the earlier ones end. The model is fed the real gap of a delayed note,
-  as of any note moved from its predicted time. The player's notes are not counted (they are the player's).
+  `max_simultaneous`, where a note released less than `LEGATO_OVERLAP_S` after the next one started counts as legato
+  playing, not as a second voice): before a note is placed, the answer's own notes sounding at its predicted onset
+  are counted (`Voices`); if N already sound, the onset waits for the release that brings the count below N (the
+  earliest one that does; on a quantize grid, the first grid point at or after it). A chord the model predicts is
+  thus played as far as N allows and its other notes come as the earlier ones end. The model is fed the real gap of
+  a delayed note, as of any note moved from its predicted time. The player's notes are not counted (they are the
+  player's).
 - **Register** "match": the pitch is sampled only among the pitches within the call's lowest and highest note
   widened by `REGISTER_WIDEN` semitones on each side, intersected with `improvise.pitch_range` (if the two do not
   meet, `pitch_range` alone applies). "free" = `pitch_range` only.

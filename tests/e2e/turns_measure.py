@@ -2,9 +2,9 @@
 tests/e2e/test_turns_e2e.py (daemon/turns.py).
 
 A call is 8 notes at a tempo (60, 100, 160 bpm), in quarter or eighth notes, legato (each note held 95% of its
-inter-onset interval), detached (50%) or staccato (30%), with or without a held last note (two beats). For each call, from the
-receiver's timestamps (`jack_midi_dump`, the server's clock): the player's last release, improvd's note-ons and
-note-offs after the call's first onset and before the next call, and from them
+inter-onset interval), detached (50%) or staccato (30%), with or without a held last note (two beats). For each
+call, from the receiver's timestamps (`jack_midi_dump`, the server's clock): the player's last release, improvd's
+note-ons and note-offs after the call's first onset and before the next call, and from them
 
 - `latency_ms`: last release -> improvd's first note-on after it;
 - `premature`: improvd started a note while the player was still inside the call (between its first onset and
