@@ -301,7 +301,8 @@ class Rig:
         self.player = Player(server)
         self.flooder = Flooder(server, client=f"flooder-{name}")
         config = write_config(tmp / f"{name}.toml", model=model, midi={"client_name": name, **(midi or {})},
-                              improvise={"temperature": 0.9, "seed": 5, "silence": 0.4, "velocity": "fixed",
+                              improvise={"temperature": 0.9, "seed": 5, "silence": 0.4, "answer_length": "max",
+                                         "velocity": "fixed",
                                          **improvise})
         self.daemon = Daemon(server, config)
         try:

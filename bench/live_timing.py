@@ -132,7 +132,7 @@ def respond_run(server, tmp: Path, model_path: Path, twin, n_phrases: int, cpu_s
     config = write_config(tmp / "respond.toml", model=model_path,
                           midi={"client_name": "improvd-bench"},
                           improvise={"temperature": 0.0, "silence": SILENCE_S, "max_notes": 16,
-                                     "max_seconds": 8.0, "velocity": "fixed"},
+                                     "answer_length": "max", "max_seconds": 8.0, "velocity": "fixed"},
                           record={"dir": str(tmp / "rec")})
     daemon = Daemon(server, config, "--verbose")
     bare = spawn([sys.executable, "-c", BARE_CLIENT, "bare-client"], env=server.env, stdin=subprocess.PIPE,

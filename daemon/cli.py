@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: improvise.top_p)")
     p.add_argument("--beam", type=int, default=0, metavar="K", help="beam search over pitch with K beams")
     p.add_argument("--seed", type=int, help="random seed (default: improvise.seed)")
+    p.add_argument("--polyphony", metavar="N|match", help="most notes sounding at once, 0 = no bound, 'match' = the "
+                   "prime's most (default: improvise.polyphony)")
+    p.add_argument("--register", choices=["free", "match"], help="'match' keeps pitches within the prime's span "
+                   "widened by a fourth (default: improvise.register)")
     p.add_argument("--plot", metavar="OUT.png", help="also draw a piano roll (needs matplotlib)")
 
     p = sub.add_parser("train", help="train a model on MIDI files (needs the train extra)")

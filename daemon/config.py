@@ -24,9 +24,10 @@ DEFAULT_CONFIG_NAMES = ("config.toml", USER_CONFIG)
 
 
 def _opt(default: Any, *, lo: float | None = None, hi: float | None = None,
-         choices: tuple | None = None, path: bool = False) -> Any:
-    """A dataclass field with its allowed range or choices (checked by `_check`)."""
-    meta = {"lo": lo, "hi": hi, "choices": choices, "path": path}
+         choices: tuple | None = None, path: bool = False, words: tuple = ()) -> Any:
+    """A dataclass field with its allowed range or choices (checked by `_check`); `words` are strings a number-typed
+    key also accepts (its annotation is then `number | str`, e.g. improvise.silence = "auto")."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "path": path, "words": tuple(words)}
     if isinstance(default, (list, tuple)):
         return field(default=tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -97,8 +98,11 @@ class ImproviseConfig:
     """What improvd plays and when."""
 
     mode: str = _opt("respond", choices=("respond", "continuous"))
-    silence: float = _opt(0.6, lo=0.05, hi=60.0)
-    max_notes: int = _opt(32, lo=1, hi=10000)
+    silence: float | str = _opt("auto", lo=0.05, hi=60.0, words=("auto",))
+    answer_length: str = _opt("match")
+    polyphony: int | str = _opt(0, lo=0, hi=16, words=("match",))
+    register: str = _opt("free", choices=("free", "match"))
+    max_notes: int = _opt(128, lo=1, hi=10000)
     max_seconds: float = _opt(8.0, lo=0.1, hi=3600.0)
     temperature: float = _opt(0.9, lo=0.0, hi=10.0)
     top_p: float = _opt(0.95, lo=0.01, hi=1.0)
@@ -154,6 +158,17 @@ CONTROL_FUNCTIONS = ("temperature", "top_p", "max_notes", "key_strength", "mode"
 
 
 @dataclass(frozen=True)
+class OscConfig:
+    """OSC control and state messages over UDP (daemon/osc.py); off by default."""
+
+    enabled: bool = _opt(False)
+    listen: str = _opt("127.0.0.1")
+    port: int = _opt(9000, lo=0, hi=65535)
+    allow_network: bool = _opt(False)
+    send_to: str = _opt("")
+
+
+@dataclass(frozen=True)
 class RecordConfig:
     """Session recordings."""
 
@@ -181,6 +196,7 @@ class Config:
     improvise: ImproviseConfig = field(default_factory=ImproviseConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    osc: OscConfig = field(default_factory=OscConfig)
     record: RecordConfig = field(default_factory=RecordConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str | None = None
@@ -277,10 +293,21 @@ def _check_special(name: str, section: Any) -> None:
             check_key_setting(section.key)
         except ValueError:
             raise ConfigError(f"improvise.key = {section.key!r} is not valid: expected {VALID_FORMS}") from None
+        from improvd.daemon.turns import parse_answer_length
+        try:
+            parse_answer_length(section.answer_length)
+        except ValueError as err:
+            raise ConfigError(f"improvise.{err}") from None
     elif name == "timing":
         if 0 < section.bpm < 20:
             raise ConfigError(f"timing.bpm = {section.bpm!r} is out of range: allowed 0 (follow the player's pulse) "
                               f"or 20..400")
+    elif name == "osc":
+        from improvd.daemon.oscaddr import check_osc  # here: kept out of a bare config load
+        try:
+            check_osc(section)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     elif name == "control":
         if len(section.state_values) != 3:
             raise ConfigError(f"control.state_values = {list(section.state_values)!r} is not valid: expected three "
@@ -305,8 +332,19 @@ def _build_section(name: str, cls: type, raw: dict[str, Any], base_dir: Path | N
         if key not in fields:
             raise ConfigError(f"unknown key {name}.{key} = {value!r}; valid keys in [{name}]: {', '.join(fields)}")
         where = f"{name}.{key}"
-        value = _coerce(where, hints[key], value)
-        _check_range(where, value, fields[key].metadata)
+        meta = fields[key].metadata
+        tp = hints[key]
+        if meta.get("words"):  # `number | str`: one of the words, or a number
+            if isinstance(value, str):
+                if value not in meta["words"]:
+                    number = next(t for t in typing.get_args(tp) if t is not str)
+                    raise ConfigError(f"{where} = {value!r} is not valid: expected {_type_name(number)} or "
+                                      f"{' or '.join(repr(w) for w in meta['words'])}")
+                values[key] = value
+                continue
+            tp = next(t for t in typing.get_args(tp) if t is not str)
+        value = _coerce(where, tp, value)
+        _check_range(where, value, meta)
         if fields[key].metadata.get("path") and value and base_dir is not None:
             expanded = os.path.expanduser(value)
             if not os.path.isabs(expanded):

@@ -13,13 +13,17 @@ predicted; so with temperature 0, every answered note after the first is the gre
 the notes fed before it. The first note of an answer usually comes later than predicted (the silence has passed),
 and is fed with its real gap.
 
-respond mode: when no key has been held for `improvise.silence` s after a phrase, the phrase's notes are fed and an
+respond mode: when the phrase is over (`improvise.silence`: a fixed silence, or "auto", measured in the player's
+pulse; never while a key or the sustain pedal holds the sound; daemon/turns.py), the phrase's notes are fed and an
 answer starts. Its first note is due at the last fed onset plus the predicted step, or at once (now + `lead_s`) if
-that has passed; each next note at the previous onset plus its predicted step (kept even when the engine is a
+that has passed (with MIDI clock running: moved to the clock's next beat, or the next point of a coarser quantize
+grid); each next note at the previous onset plus its predicted step (kept even when the engine is a
 little late: the scheduler then sends it at once; only after a stall of more than `catch_up_s` does it move to now);
 each note-off at onset plus duration.
-The answer stops after `max_notes` notes or when a note would start more than `max_seconds` after the first one;
-it is finished when its last note-off is due. A note-on from the player during the answer cancels it at once
+The answer stops after `max_notes` notes or when a note would start more than `max_seconds` after the first one,
+or earlier at its `improvise.answer_length` (daemon/turns.py: "match" = as long as the call, in beats when a pulse
+is known, else in notes; a length in beats also keeps its note-offs within the span); it is finished when its last
+note-off is due. A note-on from the player during the answer cancels it at once
 (`scheduler.cancel`): nothing more is sent and its sounding notes are released; notes handed to the scheduler that
 had not started are taken back out of the model state.
 
@@ -40,7 +44,8 @@ improvd plays and hears, and the thru notes sounding, are what they were (the se
 Hooks for a recorder, all called in the engine thread and expected to be quick: `on_answer(summary)` once per
 finished answer (keys: notes_heard, notes_played, inference_ms (mean feed + predict time per played note),
 lateness_ms (the scheduler's latest event), interrupted, mode, time_scale (1.0 unless timing.follow_tempo), bpm (the
-grid's tempo, None without quantize), key (the scale in use, e.g. "C major", or None));
+grid's tempo, None without quantize), key (the scale in use, e.g. "C major", or None), length (the answer_length in
+use, e.g. "8 beats", or None), delayed and rechosen (notes the texture bounds moved or re-chose));
 `on_note_heard(note_row, onset_s)` for each completed player note and `on_note_played(note_row, onset_s)` for each
 note handed to the scheduler (note_row: float64 [4] pitch, step_s as fed, duration_s, velocity). What improvd actually
 sent (exact times, with cancels and re-triggers) is best recorded with `Scheduler.on_sent`; the player's notes with
@@ -67,6 +72,14 @@ Playing with a band (config [timing], [control], midi.thru/program, improvise.ke
   measured on each phrase (continuous: on the player's last notes); the player's steps and durations are divided by
   it before they are fed, the model's multiplied by it (then clamped to step_range / duration_range) before they are
   played. Rows reported by `on_note_heard` / `on_note_played` are as fed, in the model's time.
+- Texture (`improvise.polyphony`, `improvise.register`, daemon/texture.py): measured on the phrase (continuous: on the
+  player's last `CALL_NOTES` notes); the register bounds the pitch before sampling (`Improviser.predict`), and a note
+  whose onset would make more than `polyphony` of the answer's notes sound waits for a release (fed with its real
+  gap). The summary counts the notes delayed and re-chosen.
+- OSC (`[osc]`, daemon/osc.py): `control(action)` (any thread) queues a `control.Action`, applied in the engine
+  thread as a CC's; besides the CC functions it may set `key` and `answer_length`, and `forget` (issue 15's session
+  memory: `on_forget_request` when connected, else a log line "forget: no session memory"). `on_state(state)` is
+  called in the engine thread on each change of state.
 - Live control (`[control]`, daemon/control.py): CCs change temperature, top_p, max_notes, key_strength and mode
   (from the next note; they stay across a reload), mute (cancels the answer; phrases are still fed), panic (every
   sounding note released at once, improvd's and thru, an All Notes Off on the output channel, the answer and the
@@ -101,15 +114,16 @@ import mido
 import numpy as np
 
 from improvd.daemon import notes as nt
-from improvd.daemon import tempo
+from improvd.daemon import tempo, turns
 from improvd.daemon.clock import CLOCK_TYPES, ClockTracker
 from improvd.daemon.config import Config, ImproviseConfig
-from improvd.daemon.control import ControlMap
+from improvd.daemon.control import Action, ControlMap
 from improvd.daemon.improviser import Decoding, Improviser
 from improvd.daemon.keys import Key, estimate_key, parse_key
 from improvd.daemon.model import StepModel
 from improvd.daemon.quantize import Grid, division_ticks, snap
 from improvd.daemon.scheduler import Scheduler
+from improvd.daemon.texture import Texture, TextureCounts, Voices, texture_for_call
 from improvd.daemon.window import HeardNote, NoteTracker
 
 log = logging.getLogger("improvd.engine")
@@ -121,6 +135,8 @@ CHORD_S = 0.03  # a predicted step longer than this is not a chord: quantized, i
 REGRID_STEPS = 4  # a note's grid position that moves it more than this many grid steps belongs to another grid
 TEMPO_NOTES = 8  # continuous mode: the player's last notes the time scale is measured on
 STATES = ("idle", "listening", "answering")
+SPAN_EPS_S = 0.001  # an onset this close to the end of an answer's span is past it
+CALL_NOTES = 16  # continuous mode: the player's last notes the texture bounds are measured on
 ALL_NOTES_OFF = 123
 
 
@@ -140,6 +156,20 @@ class _Answer:
     done_handing: bool = False
     inference_s: float = 0.0
     undo: deque = field(default_factory=deque)  # (onset_s, Snapshot, last_fed_onset_s) of notes not started
+    budget: turns.Budget = turns.Budget()  # improvise.answer_length for this answer (respond mode)
+    texture: Texture = Texture()  # improvise.polyphony / register for this answer
+    voices: Voices = field(default_factory=Voices)  # its notes, for the polyphony bound
+    counts: TextureCounts = field(default_factory=TextureCounts)
+    next_flags: tuple[float, bool] = (0.0, False)  # the next note: (onset delayed by, s; pitch re-chosen)
+
+
+def _describe_budget(budget: turns.Budget) -> str | None:
+    """'8 beats', '5 notes' or None (only the caps)."""
+    if budget.beats is not None:
+        return f"{budget.beats:g} beats"
+    if budget.notes is not None:
+        return f"{budget.notes} notes"
+    return None
 
 
 class Engine:
@@ -166,12 +196,16 @@ class Engine:
                  on_note_heard: Callable[[np.ndarray, float], None] | None = None,
                  on_note_played: Callable[[np.ndarray, float], None] | None = None,
                  on_reload_request: Callable[[], None] | None = None,
+                 on_state: Callable[[str], None] | None = None,
+                 on_forget_request: Callable[[], None] | None = None,
                  lead_s: float = 0.002, lookahead_s: float = 0.05, catch_up_s: float = 0.1):
         self.input_queue: queue.SimpleQueue = queue.SimpleQueue()
         self.on_answer = on_answer
         self.on_note_heard = on_note_heard
         self.on_note_played = on_note_played
         self.on_reload_request = on_reload_request
+        self.on_state = on_state
+        self.on_forget_request = on_forget_request
         self.lead_s = float(lead_s)
         self.lookahead_s = float(lookahead_s)
         self.catch_up_s = float(catch_up_s)
@@ -181,6 +215,7 @@ class Engine:
         self._config = config
         self._model = model
         self._tracker = NoteTracker.from_config(config.improvise, config.midi)
+        self._sustain = turns.Sustain(config.improvise.max_hold)
         self._rng = self._make_rng(config.improvise.seed)
         self._live: dict = {}  # [improvise] values set by CCs; they stay across a reload
         self._imp: ImproviseConfig = config.improvise
@@ -275,6 +310,10 @@ class Engine:
             if self._thread.is_alive():
                 log.warning("the engine thread did not stop within %.1f s", timeout)
 
+    def control(self, action: Action) -> None:
+        """Apply a control action (from OSC, daemon/oscmap.py) in the engine thread, as a CC's; any thread."""
+        self.input_queue.put((self._now(), action))
+
     def request_swap(self, config: Config, model: StepModel) -> None:
         """Use `config` and `model` from the next phrase on (hot reload); a later request replaces this one."""
         with self._swap_lock:
@@ -346,14 +385,14 @@ class Engine:
         """Seconds until the engine must act without input, or None to wait for input only."""
         now = self._now()
         due = []
-        expiry = self._tracker.next_expiry_s()
-        if expiry is not None:
-            due.append(expiry)
+        for expiry in (self._tracker.next_expiry_s(), self._sustain.next_expiry_s()):
+            if expiry is not None:
+                due.append(expiry)
         a = self._answer
         if a is None:
-            quiet = self._tracker.quiet_since_s()
-            if self._phrase and quiet is not None:
-                due.append(quiet + self._imp.silence)
+            end = self._phrase_end_s()
+            if end is not None:
+                due.append(end)
         elif not a.done_handing:
             due.append(now if a.next is None else a.next[0] - self.lookahead_s)
         else:
@@ -366,6 +405,9 @@ class Engine:
             t_s = float(t_s)
         except (TypeError, ValueError):
             t_s, msg = math.nan, None
+        if isinstance(msg, Action):
+            self._apply_action(msg, "OSC")
+            return
         if not isinstance(msg, mido.Message) or not math.isfinite(t_s):
             log.debug("ignoring a malformed input item %r", item)
             return
@@ -375,6 +417,7 @@ class Engine:
                 self._on_clock(t_s, msg)
             return
         if kind == "control_change":
+            self._sustain.handle(t_s, msg, self._tracker.channels)
             self._on_control(msg)
         update = self._tracker.handle(t_s, msg)
         a = self._answer
@@ -410,17 +453,32 @@ class Engine:
         log.debug("CC %d = %d on channel %d%s", msg.control, msg.value, msg.channel + 1,
                   f" ({function})" if function else " (not mapped)")
         for action in actions:
-            if action.function == "panic":
-                self._panic()
-            elif action.function == "reload":
-                log.info("reload requested by CC %d", msg.control)
-                self._hook(self.on_reload_request)
-            elif action.function == "mute":
-                if action.value and not self._muted and self._answer is not None:
-                    self._interrupt(self._answer)
-                self._muted = bool(action.value)
-            else:
-                self._set_live(action.function, action.value)
+            self._apply_action(action, f"CC {msg.control}")
+
+    def _apply_action(self, action: Action, source: str) -> None:
+        """A control action (a CC's, or OSC's) in the engine thread."""
+        if action.function == "panic":
+            self._panic()
+        elif action.function == "reload":
+            log.info("reload requested by %s", source)
+            self._hook(self.on_reload_request)
+        elif action.function == "forget":
+            self._forget()
+        elif action.function == "mute":
+            if action.value and not self._muted and self._answer is not None:
+                self._interrupt(self._answer)
+            self._muted = bool(action.value)
+        else:
+            self._set_live(action.function, action.value)
+        log.debug("%s: %s%s", source, action.function, "" if action.value is None else f" = {action.value!r}")
+
+    def _forget(self) -> None:
+        """The forget control: forget what this session taught improvd. The session memory is issue 15's; until it
+        is connected (`on_forget_request`), there is none to forget."""
+        if self.on_forget_request is None:
+            log.info("forget: no session memory")
+        else:
+            self._hook(self.on_forget_request)
 
     def _set_live(self, name: str, value) -> None:
         self._live[name] = value
@@ -478,6 +536,7 @@ class Engine:
         if state == self._state:
             return
         self._state = state
+        self._hook(self.on_state, state)
         cc = self._config.control.state_cc
         if cc >= 0:
             value = self._config.control.state_values[STATES.index(state)]
@@ -487,15 +546,23 @@ class Engine:
     def _on_time(self, now: float) -> None:
         for note in self._tracker.expire(now):
             self._heard(note)
+        self._sustain.expire(now)
         if self._answer is None:
             self._apply_swap()
-            quiet = self._tracker.quiet_since_s()
-            if self._phrase and quiet is not None and now >= quiet + self._imp.silence:
+            end = self._phrase_end_s()
+            if end is not None and now >= end:
                 self._start_answer()
         if self._answer is not None:
             self._advance(self._answer)
 
     # ---- listening ---------------------------------------------------------------------------------------
+    def _phrase_end_s(self) -> float | None:
+        """When the pending phrase is over (daemon/turns.py), or None (no phrase, or something still held)."""
+        if not self._phrase:
+            return None
+        quiet = self._sustain.quiet_since_s(self._tracker.quiet_since_s())
+        return turns.phrase_end_s(self._imp.silence, [n.onset_s for n in self._phrase], quiet)
+
     def _fed_step(self, onset_s: float) -> float:
         """The step fed for a note at `onset_s`: the gap from the last fed onset in the model's time, clipped."""
         if self._last_fed_onset_s is None:
@@ -516,6 +583,7 @@ class Engine:
         if a is not None and a.continuous:
             self._measure_tempo(self._tracker.window_onsets_s()[-TEMPO_NOTES:])
             self._estimate_key()
+            a.texture = self._texture_of(self._tracker.window_heard()[-CALL_NOTES:])
             row = self._player_row(note)
             self._feed(row, note.onset_s)
             a.heard += 1
@@ -549,8 +617,35 @@ class Engine:
             log.debug("phrase of %d notes heard; not answering (%s)", len(phrase),
                       "muted" if self._muted else "transport stopped")
             return
-        self._answer = _Answer(continuous=self._imp.mode == "continuous", heard=len(phrase))
-        log.debug("phrase of %d notes heard; answering (time scale %.3f)", len(phrase), self._time_scale)
+        a = _Answer(continuous=self._imp.mode == "continuous", heard=len(phrase))
+        a.texture = self._texture_of(phrase)
+        if phrase and not a.continuous:
+            a.budget = turns.answer_budget(
+                self._answer_length, call_notes=len(phrase), first_onset_s=phrase[0].onset_s,
+                last_release_s=max(n.onset_s + n.duration_s for n in phrase), beat_s=self._beat_s(self._now()))
+        self._answer = a
+        log.debug("phrase of %d notes heard; answering (time scale %.3f, length %s, %s)", len(phrase),
+                  self._time_scale, a.budget, a.texture)
+
+    def _texture_of(self, notes) -> Texture:
+        """The polyphony and register bounds of an answer to these (player's) notes."""
+        imp = self._imp
+        if not notes or (imp.polyphony == 0 and imp.register == "free"):
+            return Texture()
+        return texture_for_call(imp.polyphony, imp.register, pitches=[n.pitch for n in notes],
+                                onsets_s=[n.onset_s for n in notes],
+                                ends_s=[n.onset_s + n.duration_s for n in notes],
+                                pitch_range=(int(imp.pitch_range[0]), int(imp.pitch_range[1])))
+
+    def _beat_s(self, now: float) -> float | None:
+        """The pulse answers are measured in (daemon/turns.py): the clock's beat while it runs, else the grid's when
+        quantize is on, else the player's pulse; None when none is known."""
+        if self._config.timing.follow_clock and self._clock.running(now) and self._clock.bpm:
+            return 60.0 / self._clock.bpm
+        grid, _ = self._grid(now)
+        if grid is not None:
+            return 60.0 / grid.bpm
+        return self._pulse_beat_s
 
     def _measure_tempo(self, onsets_s) -> None:
         timing = self._config.timing
@@ -574,7 +669,8 @@ class Engine:
     # ---- playing -----------------------------------------------------------------------------------------
     def _predict_next(self, a: _Answer) -> tuple[float, np.ndarray, bool, int | None]:
         started = time.perf_counter()
-        row = self._improviser.predict(velocity_hint=self._tracker.recent_velocity())
+        row = self._improviser.predict(velocity_hint=self._tracker.recent_velocity(), register=a.texture.register)
+        rechosen = self._improviser.rechosen
         a.inference_s += time.perf_counter() - started
         if self._time_scale != 1.0:  # out of the model's time into the player's
             imp = self._imp
@@ -582,8 +678,44 @@ class Engine:
             row[nt.DURATION] = min(max(row[nt.DURATION] * self._time_scale, imp.duration_range[0]),
                                    imp.duration_range[1])
         now = self._now()
+        entry = self._clock_entry(row, now) if a.handed == 0 else None
+        onset, moved, position = entry if entry is not None else self._place(a, row, now)
+        delay = 0.0
+        if a.texture.polyphony is not None:
+            later = a.voices.earliest_onset(onset, a.texture.polyphony)
+            if later > onset:  # as many notes as allowed sound: wait for a release (daemon/texture.py)
+                delayed_to, moved, position = self._delay_to(later, now)
+                delay, onset = delayed_to - onset, delayed_to
+        a.next_flags = (delay, rechosen)
+        return onset, row, moved, position
+
+    def _clock_entry(self, row: np.ndarray, now: float) -> tuple[float, bool, int] | None:
+        """The first note of an answer while a MIDI clock runs: at its predicted onset (or now, if that has passed)
+        moved to the next beat, or the next point of a quantize grid coarser than a beat (daemon/turns.py); None
+        without a running clock."""
+        if not (self._config.timing.follow_clock and self._clock.running(now)):
+            return None
+        grid = self._clock.grid()
+        if grid is None:
+            return None
+        t = now + self.lead_s
+        if self._last_fed_onset_s is not None:
+            t = max(t, self._last_fed_onset_s + row[nt.STEP])
+        entry = snap(grid, t, turns.entry_ticks(self._quantize_ticks), t)
+        return grid.time_of(entry), True, entry
+
+    def _delay_to(self, t_s: float, now: float) -> tuple[float, bool, int | None]:
+        """A note moved later, to `t_s` or the first grid point at or after it when quantize is on."""
+        grid, ticks = self._grid(now)
+        if grid is not None:
+            position = snap(grid, t_s, ticks, t_s)
+            return grid.time_of(position), True, position
+        return t_s, True, None
+
+    def _place(self, a: _Answer, row: np.ndarray, now: float) -> tuple[float, bool, int | None]:
+        """Where a predicted note goes in time: (onset, moved from its predicted onset, grid position or None)."""
         if self._last_fed_onset_s is None:
-            return now + self.lead_s, row, True, None
+            return now + self.lead_s, True, None
         onset = self._last_fed_onset_s + row[nt.STEP]
         grid, ticks = self._grid(now)
         if grid is not None:
@@ -591,15 +723,15 @@ class Engine:
             if row[nt.STEP] > CHORD_S:  # not a chord: at least one grid step after the last onset
                 earliest = max(earliest, self._last_fed_onset_s + 0.5 * ticks * grid.tick_s)
             position = snap(grid, onset, ticks, earliest)
-            return grid.time_of(position), row, True, position
+            return grid.time_of(position), True, position
         # A note chained to improvd's previous one keeps the grid (absolute deadlines, errors do not add up) even if
         # the engine woke a little late: the scheduler sends it at once. Only after a longer stall, or for a note
         # that follows the player's (the first of an answer, or after a player note in continuous mode), does the
         # note move to now.
         earliest = now - self.catch_up_s if a.chained else now + self.lead_s
         if onset < earliest:
-            return now + self.lead_s, row, True, None
-        return onset, row, False, None
+            return now + self.lead_s, True, None
+        return onset, False, None
 
     def _grid(self, now: float) -> tuple[Grid | None, int]:
         """The grid answers are quantized to now, and its step in ticks; (None, 0) when quantize is off."""
@@ -654,7 +786,8 @@ class Engine:
                 self._refresh_onset(a)
             onset, row, moved, _ = a.next
             if not a.continuous and (a.handed >= imp.max_notes or (
-                    a.first_onset_s is not None and onset - a.first_onset_s > imp.max_seconds)):
+                    a.first_onset_s is not None and onset - a.first_onset_s > imp.max_seconds)
+                    or self._over_budget(a, onset)):
                 a.done_handing = True
                 a.next = None
                 break
@@ -669,10 +802,31 @@ class Engine:
         if not a.continuous and a.done_handing and self._now() >= a.end_s:
             self._finish(interrupted=False)
 
+    def _over_budget(self, a: _Answer, onset_s: float) -> bool:
+        """Whether a note at `onset_s` is beyond the answer's `improvise.answer_length` (daemon/turns.py)."""
+        if a.budget.notes is not None and a.handed >= a.budget.notes:
+            return True
+        span = self._span_s(a)
+        return span is not None and a.first_onset_s is not None and onset_s - a.first_onset_s >= span - SPAN_EPS_S
+
+    def _span_s(self, a: _Answer) -> float | None:
+        return a.budget.span_s(self._beat_s(self._now())) if a.budget.beats is not None else None
+
     def _hand(self, a: _Answer, onset_s: float, row: np.ndarray, moved: bool) -> None:
         pitch, duration_s, velocity = int(row[nt.PITCH]), float(row[nt.DURATION]), int(row[nt.VELOCITY])
         if a.first_onset_s is None:
             a.first_onset_s = onset_s
+        span = None if a.continuous else self._span_s(a)
+        if span is not None:  # an answer of a length in beats does not ring past it
+            cut = max(a.first_onset_s + span - onset_s, self._imp.duration_range[0])
+            if cut < duration_s:
+                duration_s = cut
+                row = row.copy()
+                row[nt.DURATION] = cut
+        a.voices.prune(onset_s - 1.0)
+        a.voices.add(onset_s, onset_s + duration_s)
+        a.counts.add(delay_s=a.next_flags[0], rechosen=a.next_flags[1])
+        a.next_flags = (0.0, False)
         if not a.continuous:
             a.undo.append((onset_s, self._improviser.snapshot(), self._last_fed_onset_s))
         self._scheduler.schedule_note(onset_s, onset_s + duration_s, pitch, velocity,
@@ -739,6 +893,9 @@ class Engine:
             "time_scale": self._time_scale,
             "bpm": None,
             "key": None,
+            "length": _describe_budget(a.budget) if not a.continuous else None,
+            "delayed": a.counts.delayed,
+            "rechosen": a.counts.rechosen,
         }
         grid, _ = self._grid(self._now())
         if grid is not None:
@@ -798,9 +955,15 @@ class Engine:
         if config.improvise.key.strip().lower() != "auto":
             self._auto_key = None
         self._imp = dataclasses.replace(config.improvise, **self._live)
+        self._answer_length = turns.parse_answer_length(self._imp.answer_length)
+        if hasattr(self, "_sustain"):
+            self._sustain.max_hold_s = config.improvise.max_hold
 
     def _refresh_improvise(self) -> None:
         self._imp = dataclasses.replace(self._config.improvise, **self._live)
+        self._answer_length = turns.parse_answer_length(self._imp.answer_length)
+        if self._imp.key.strip().lower() != "auto":
+            self._auto_key = None
         self._improviser.decoding = self._decoding()
 
     def _decoding(self) -> Decoding:

@@ -23,6 +23,7 @@ Threads: one thread at a time (the engine thread in the daemon).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import numpy as np
 
 from improvd.daemon import notes as nt
 from improvd.daemon.model import Prediction, StepModel
-from improvd.daemon.sampling import Decoding, decode
+from improvd.daemon.sampling import Decoding, choose_pitch, decode
 
 __all__ = ["Decoding", "Improviser", "Snapshot"]
 
@@ -68,6 +69,7 @@ class Improviser:
             log.warning("improvise.velocity = 'model' but %s predicts no velocity: following the player's "
                         "velocity instead", model.path)
         self._history: deque = deque(maxlen=model.context)
+        self.rechosen = False  # the last `predict` with a register picked another pitch than it would without
         self.reset()
 
     def reset(self) -> None:
@@ -127,12 +129,16 @@ class Improviser:
         for row in np.asarray(notes, dtype=np.float64).reshape(len(notes), -1):
             self.feed(row)
 
-    def predict(self, *, velocity_hint: float | None = None) -> np.ndarray:
+    def predict(self, *, velocity_hint: float | None = None, register: tuple[int, int] | None = None) -> np.ndarray:
         """Decode the next note from the current outputs; it is not fed.
 
         Args:
             velocity_hint: the player's recent mean velocity for the "follow" policy; when None, the mean of
                 the last notes fed is followed.
+            register: (low, high) pitches the note must keep within, on top of the decoding's `pitch_range`
+                (`improvise.register = "match"`, daemon/texture.py); None = the decoding's range only. With a
+                register, `rechosen` tells afterwards whether the same draw without it would have picked another
+                pitch (the generator is left as if only the bounded draw had been made).
 
         Returns:
             float64 [4]: pitch, step_s, duration_s, velocity.
@@ -147,8 +153,27 @@ class Improviser:
             recent = [row[nt.VELOCITY] for row in list(self._history)[-FOLLOW_NOTES:] if row[nt.VELOCITY] > 0]
             velocity_hint = float(np.mean(recent)) if recent else None
         model_velocity = float(pred.velocity[0]) if pred.velocity is not None else None
-        return decode(pred.pitch_logits[0], float(pred.step[0]), float(pred.duration[0]), model_velocity,
-                      self.decoding, self.rng, player_velocity=velocity_hint)
+        decoding = self.decoding
+        self.rechosen = False
+        bounded = None
+        if register is not None:
+            lo = max(decoding.pitch_range[0], int(register[0]))
+            hi = min(decoding.pitch_range[1], int(register[1]))
+            if lo <= hi and (lo, hi) != tuple(decoding.pitch_range):
+                bounded = dataclasses.replace(decoding, pitch_range=(lo, hi))
+        if bounded is None:
+            return decode(pred.pitch_logits[0], float(pred.step[0]), float(pred.duration[0]), model_velocity,
+                          decoding, self.rng, player_velocity=velocity_hint)
+        before = self.rng.bit_generator.state
+        row = decode(pred.pitch_logits[0], float(pred.step[0]), float(pred.duration[0]), model_velocity,
+                     bounded, self.rng, player_velocity=velocity_hint)
+        after = self.rng.bit_generator.state
+        self.rng.bit_generator.state = before  # the same draw without the register
+        free = choose_pitch(pred.pitch_logits[0], decoding.temperature, decoding.top_p, decoding.pitch_range,
+                            self.rng, scale_pcs=decoding.scale_pcs, key_strength=decoding.key_strength)
+        self.rng.bit_generator.state = after
+        self.rechosen = int(free) != int(row[nt.PITCH])
+        return row
 
     def snapshot(self) -> Snapshot:
         """What `restore` needs to undo the feeds made after this call (O(context) copy)."""

@@ -206,6 +206,11 @@ def _format_answer(summary: dict) -> str:
         parts.append(f"grid {summary['bpm']:.1f} bpm")
     if summary.get("key") is not None:
         parts.append(f"key {summary['key']}")
+    if summary.get("length") is not None:
+        parts.append(f"length {summary['length']}")
+    if summary.get("delayed") or summary.get("rechosen"):
+        parts.append(f"texture bounds: {summary.get('delayed', 0)} onsets delayed, "
+                     f"{summary.get('rechosen', 0)} pitches re-chosen")
     if summary.get("interrupted"):
         parts.append("interrupted")
     return "answer: " + ", ".join(parts)
@@ -293,6 +298,7 @@ class Service:
         self.output: ports.OutputPort | None = None
         self.scheduler = None
         self.engine = None
+        self.osc = None  # daemon/osc.py, when osc.enabled
         self.recorder: SessionRecorder | None = None
         self.events: collections.deque | None = collections.deque(maxlen=10000) if verbose else None
         self.answers = 0
@@ -329,13 +335,19 @@ class Service:
                 player_channels=tuple(c - 1 for c in config.midi.input_channels),
                 output_channel=config.midi.output_channel - 1, rotate_s=config.record.rotate_minutes * 60.0)
         self.output = ports.OutputPort(api, config.midi.output, client_name=config.midi.client_name)
-        hook = self._on_sent if self.recorder is not None or self.events is not None else None
+        if config.osc.enabled:  # the only network port improvd opens, and only when asked to
+            from improvd.daemon.osc import OscServer
+            self.osc = OscServer(config.osc, lambda action: self.engine.control(action),
+                                 output_channel=config.midi.output_channel - 1)
+        hook = self._on_sent if (self.recorder is not None or self.events is not None
+                                 or self.osc is not None) else None
         self.scheduler = Scheduler(self.output.send, now=self.now, on_sent=hook,
                                    realtime_priority=SCHEDULER_RT_PRIORITY)
         # A lost output: release what sounds while improvd's port still reaches its other connections.
         self.output.on_lost = self.scheduler.release_all
         self.engine = Engine(config, model, self.scheduler, now=self.now, on_answer=self._on_answer,
-                             on_reload_request=self._on_reload_request)
+                             on_reload_request=self._on_reload_request,
+                             on_state=self.osc.state if self.osc is not None else None)
         self.sink = _InputSink(self.engine.input_queue, self.recorder, self.events)
         follow_clock = config.timing.follow_clock
         self.input = ports.InputPort(api, config.midi.input, self.sink, client_name=config.midi.client_name,
@@ -348,6 +360,8 @@ class Service:
                                                port_name="improvd clock")
         self.scheduler.start()
         self.engine.start()
+        if self.osc is not None:
+            self.osc.start()
         # What exists now lives as long as the daemon: keep it out of the collector's full passes.
         gc.collect()
         gc.freeze()
@@ -361,6 +375,8 @@ class Service:
         """Scheduler thread, after each message is written."""
         if self.recorder is not None:
             self.recorder.add_improvd(t_s, msg)
+        if self.osc is not None:
+            self.osc.sent(t_s, msg)
         if self.events is not None:
             self.events.append(("sent", t_s, msg))
 
@@ -494,9 +510,10 @@ class Service:
         except Exception as err:  # a reload must never take the running daemon down
             log.error("reload failed, improvd keeps the running config and model: %s: %s", type(err).__name__, err)
             return False
-        if new_config.midi != self.config.midi or new_config.record != self.config.record:
-            log.warning("changes to [midi] and [record] take effect when improvd restarts")
-        new_config = new_config.replace(midi=self.config.midi, record=self.config.record)
+        if new_config.midi != self.config.midi or new_config.record != self.config.record \
+                or new_config.osc != self.config.osc:
+            log.warning("changes to [midi], [record] and [osc] take effect when improvd restarts")
+        new_config = new_config.replace(midi=self.config.midi, record=self.config.record, osc=self.config.osc)
         self.engine.request_swap(new_config, new_model)
         self.config = new_config
         log.info("reloaded: model %s, mode %s, temperature %s (in effect from the next phrase)",
@@ -508,6 +525,11 @@ class Service:
         """Stop the engine, release every sounding note, stop the scheduler, close the ports, write the recording.
 
         Safe to call after a partial start."""
+        if self.osc is not None:
+            try:
+                self.osc.stop()
+            except Exception:
+                log.exception("the OSC endpoint did not stop cleanly")
         if self.engine is not None:
             try:
                 self.engine.stop(timeout=STOP_TIMEOUT_S)

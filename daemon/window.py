@@ -155,6 +155,10 @@ class NoteTracker:
         return nt.from_onsets([n.pitch for n in notes], [n.onset_s for n in notes], [n.duration_s for n in notes],
                               [n.velocity for n in notes])
 
+    def window_heard(self) -> list[HeardNote]:
+        """The window's notes as `HeardNote`s, sorted by (onset, pitch)."""
+        return [n for _, _, n in self._window]
+
     def window_onsets_s(self) -> np.ndarray:
         """Absolute onsets in seconds of the window's notes, in window order."""
         return np.array([onset for onset, _, _ in self._window], dtype=np.float64)

@@ -27,7 +27,8 @@ PLAYER_CH = 1  # 0-based
 
 def improvise(**kw) -> ImproviseConfig:
     base = dict(temperature=0.0, silence=0.3, max_notes=8, max_seconds=30.0, pitch_range=(21, 108),
-                step_range=(0.0, 2.0), duration_range=(0.03, 4.0), velocity="fixed", fixed_velocity=80, seed=1)
+                step_range=(0.0, 2.0), duration_range=(0.03, 4.0), velocity="fixed", fixed_velocity=80, seed=1,
+                answer_length="max")  # answers of max_notes notes
     base.update(kw)
     return ImproviseConfig(**base)
 

@@ -39,7 +39,8 @@ class FakePort:
 
 def improvise(**kw) -> ImproviseConfig:
     base = dict(temperature=0.0, silence=0.05, max_notes=6, max_seconds=8.0, pitch_range=(0, 127),
-                step_range=(0.0, 2.0), duration_range=(0.001, 4.0), velocity="fixed", fixed_velocity=77)
+                step_range=(0.0, 2.0), duration_range=(0.001, 4.0), velocity="fixed", fixed_velocity=77,
+                answer_length="max")  # answers of max_notes notes
     base.update(kw)
     return ImproviseConfig(**base)
 

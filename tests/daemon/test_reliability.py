@@ -283,7 +283,8 @@ def test_nonfinite_outputs_during_play_are_replaced_and_logged_once(tmp_path, ca
     model = StepModel(ref.path)  # loaded directly: the daemon's check at load would refuse it
     sent = []
     scheduler = Scheduler(lambda m: sent.append(m))
-    imp = ImproviseConfig(temperature=0.0, silence=0.05, max_notes=4, velocity="fixed", fixed_velocity=80,
+    imp = ImproviseConfig(temperature=0.0, silence=0.05, max_notes=4, answer_length="max", velocity="fixed",
+                          fixed_velocity=80,
                           pitch_range=(40, 80), duration_range=(0.02, 1.0))
     engine = Engine(Config(improvise=imp, midi=MidiConfig()), model, scheduler)
     scheduler.start()
@@ -406,8 +407,82 @@ def test_only_onnx_is_loaded_as_a_model_and_numpy_caches_refuse_pickles():
     assert not offenders, offenders
     daemon_text = "\n".join(p.read_text(encoding="utf-8") for p in (REPO / "daemon").rglob("*.py"))
     assert "InferenceSession(" in daemon_text and daemon_text.count("InferenceSession(") == 1  # daemon/model.py
-    assert not re.search(r"\b(socket|http\.server|socketserver|asyncio\.start_server)\b", daemon_text), \
-        "the daemon has no network interface; one added later must bind to loopback only"
+    # The one network interface is OSC (daemon/osc.py, off by default); nothing else in the daemon opens a socket.
+    # That the default daemon opens none is checked at run time below.
+    network = re.compile(r"\b(socket|http\.server|socketserver|asyncio\.start_server)\b")
+    users = sorted(str(p.relative_to(REPO)) for p in (REPO / "daemon").rglob("*.py")
+                   if network.search(p.read_text(encoding="utf-8")))
+    assert users == ["daemon/osc.py"], users
+
+
+def _inet_sockets() -> set[tuple[str, str]]:
+    """(table, local address) of this process's open IPv4/IPv6 sockets (TCP, UDP, raw), from /proc: the sockets
+    that could be a network port (unix sockets, e.g. JACK's, are not)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            m = re.match(r"socket:\[(\d+)\]", os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue
+        if m:
+            inodes.add(m.group(1))
+    found = set()
+    for table in ("tcp", "tcp6", "udp", "udp6", "raw", "raw6"):
+        path = Path(f"/proc/self/net/{table}")
+        if path.exists():
+            for line in path.read_text().splitlines()[1:]:
+                parts = line.split()
+                if len(parts) > 9 and parts[9] in inodes:
+                    found.add((table, parts[1]))
+    return found
+
+
+class _FakePort:
+    invalid = 0
+    on_lost = None
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def send(self, msg):
+        pass
+
+    def describe(self):
+        return "fake"
+
+    def check(self):
+        return None
+
+    def close(self, server_gone=False):
+        pass
+
+
+@pytest.mark.skipif(not Path("/proc/self/net/udp").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("osc", [False, True])
+def test_the_default_daemon_opens_no_network_port(tmp_path, monkeypatch, osc):
+    """The whole daemon started (model, scheduler, engine, ports faked) with the default config holds no IP socket;
+    with [osc] enabled it holds exactly one, on loopback (the check can see a socket when there is one)."""
+    if osc:
+        pytest.importorskip("pythonosc")
+    ref = make_step_model(tmp_path / "m.onnx", seed=1)
+    monkeypatch.setattr(ports, "choose_api", lambda name, **kw: "fake")
+    monkeypatch.setattr(ports, "OutputPort", _FakePort)
+    monkeypatch.setattr(ports, "InputPort", _FakePort)
+    config = Config().replace(model=cfg.ModelConfig(path=str(ref.path)))
+    if osc:
+        config = config.replace(osc=cfg.OscConfig(enabled=True, port=0))
+    before = _inet_sockets()
+    svc = service.Service(config)
+    try:
+        svc.start()
+        opened = _inet_sockets() - before
+    finally:
+        svc.shutdown()
+    if osc:
+        assert len(opened) == 1 and next(iter(opened))[1].startswith("0100007F:"), opened  # 127.0.0.1
+    else:
+        assert opened == set(), opened
+    assert _inet_sockets() - before == set()  # and shutdown closes it
 
 
 def test_a_long_recording_goes_on_in_a_new_file(tmp_path):

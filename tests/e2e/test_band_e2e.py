@@ -121,7 +121,8 @@ class Band:
         sections = {
             "model": {"path": str(model_path)},
             "midi": {"api": "jack", "client_name": self.client, **(midi or {})},
-            "improvise": {"temperature": 0.0, "silence": 0.4, "max_notes": 12, "velocity": "fixed",
+            "improvise": {"temperature": 0.0, "silence": 0.4, "max_notes": 12, "answer_length": "max",
+                          "velocity": "fixed",
                           **(improvise or {})},
             "timing": timing or {},
             "control": control or {},

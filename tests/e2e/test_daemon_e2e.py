@@ -69,7 +69,8 @@ class Session:
         self.server = server
         self.daemon_model = model.path
         self.client = f"improvd-e2e-{next(_names)}"
-        improvise = {"temperature": 0.0, "silence": SILENCE_S, "max_notes": 12, "velocity": "fixed",
+        improvise = {"temperature": 0.0, "silence": SILENCE_S, "max_notes": 12, "answer_length": "max",
+                     "velocity": "fixed",
                      **(improvise or {})}
         midi = {"client_name": self.client, **(midi or {})}
         config = write_config(tmp_path / f"{self.client}.toml", model=model.path, midi=midi, improvise=improvise,
