@@ -135,6 +135,9 @@ def cmd_train(args, config: Config) -> int:
         except ValueError as err:
             raise ImprovdError(str(err)) from err
     chief = cluster is None or cluster.is_chief
+    init = None
+    saved_init = None  # on --resume: what the interrupted run started from
+    tracks = getattr(args, "tracks", "all") or "all"
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.json").is_file():
@@ -143,15 +146,26 @@ def cmd_train(args, config: Config) -> int:
         saved = json.loads((run_dir / "config.json").read_text())
         preset = Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["preset"].items()})
         source = saved["data_source"]
+        tracks = saved.get("tracks", "all")
+        saved_init = saved.get("init")
         split_info = json.loads((run_dir / "split.json").read_text())
     else:
         try:
             preset = get_preset(args.preset or config.train.preset)
         except ValueError as err:
             raise ImprovdError(str(err)) from err
+        if getattr(args, "init", None):
+            from improvd.train.init import load_init
+            init = load_init(args.init, get_preset(args.preset) if args.preset else None)
+            preset = init.preset
+            print(f"fine-tuning from {init.info['path']} ({init.info['how']}, {init.info['parameters']} "
+                  f"parameters, units {list(preset.units)})", file=sys.stderr)
         run_dir = Path(args.out) if args.out else new_run_dir(config, preset.name)
         source = data_source(args, config)
         split_info = None
+    if init is not None and config.train.units and tuple(config.train.units) != tuple(preset.units):
+        raise ImprovdError(f"train.units = {list(config.train.units)} but --init {args.init!r} has units "
+                           f"{list(preset.units)}: fine-tuning keeps the starting model's architecture")
     preset = apply_overrides(preset, config)
     epochs = args.epochs or config.train.epochs or preset.epochs
     max_minutes = args.max_minutes if args.max_minutes is not None else config.train.max_minutes
@@ -181,10 +195,12 @@ def cmd_train(args, config: Config) -> int:
         write_json(run_dir / "config.json", {
             "preset": preset.to_dict(), "data_source": source, "config": config.to_dict(),
             "epochs": epochs, "max_minutes": max_minutes, "batch_size": batch_size, "command": command_line(),
+            "init": init.info if init is not None else saved_init, "tracks": tracks,
             "distributed": None if cluster is None else {"workers": cluster.workers, "replicas": replicas}})
 
     result = fit(run_dir, preset, train_notes, val_notes, epochs=epochs, max_minutes=max_minutes,
                  batch_size=batch_size, seed=config.train.seed, resume=bool(args.resume), progress=progress,
+                 init_weights=init.model.get_weights() if init is not None else None,
                  strategy=strategy, is_chief=chief, mixed_precision=config.train.mixed_precision)
     if cluster is not None:
         print(f"{cluster.task_type or 'worker'} {cluster.task_index}: trained weights sha256 "
@@ -211,6 +227,7 @@ def cmd_train(args, config: Config) -> int:
                          "mixed_precision": config.train.mixed_precision},
             "val": val_metrics, "eval_seconds": eval_seconds,
             "parameters": int(result.model.count_params()),
+            "init": init.info if init is not None else saved_init, "tracks": tracks,
         }
         write_json(run_dir / "metrics.json", metrics)
         if result.history:
