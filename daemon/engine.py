@@ -100,6 +100,7 @@ from improvd.daemon import tempo
 from improvd.daemon.clock import CLOCK_TYPES, ClockTracker
 from improvd.daemon.config import Config, ImproviseConfig
 from improvd.daemon.control import ControlMap
+from improvd.daemon.adapt import SessionAdapter
 from improvd.daemon.improviser import Decoding, Improviser
 from improvd.daemon.keys import Key, estimate_key, parse_key
 from improvd.daemon.model import StepModel
@@ -187,7 +188,9 @@ class Engine:
         self._thru: dict[tuple[int, int], object] = {}  # (channel, pitch) -> scheduler owner of a thru note
         self._state: str | None = None
         self._configure(config, model)
-        self._improviser = Improviser(model, self._decoding(), rng=self._rng)
+        self._forget_requested = threading.Event()
+        self._improviser = Improviser(model, self._decoding(), rng=self._rng,
+                                      adapter=self._adapter_for(config, None))
         self._phrase: list[HeardNote] = []
         self._last_fed_onset_s: float | None = None
         self._answer: _Answer | None = None
@@ -267,6 +270,17 @@ class Engine:
             if self._thread.is_alive():
                 log.warning("the engine thread did not stop within %.1f s", timeout)
 
+    def forget(self) -> None:
+        """Clear the session memory of `improvise.adapt` (the `forget` control function). Any thread: the engine
+        thread does it at its next wake-up, before the next note it decodes."""
+        self._forget_requested.set()
+        self.input_queue.put(_TICK)
+
+    @property
+    def adapter(self) -> SessionAdapter | None:
+        """The session adapter in use (None when `improvise.adapt` is "off"); for status and tests."""
+        return self._improviser.adapter
+
     def request_swap(self, config: Config, model: StepModel) -> None:
         """Use `config` and `model` from the next phrase on (hot reload); a later request replaces this one."""
         with self._swap_lock:
@@ -313,6 +327,10 @@ class Engine:
 
     def _process(self, item) -> None:
         try:
+            if self._forget_requested.is_set():
+                self._forget_requested.clear()
+                self._improviser.forget()
+                log.info("session memory cleared (forget)")
             # Take everything already waiting before deciding anything: a burst is one moment.
             taken = 0
             while True:
@@ -406,6 +424,9 @@ class Engine:
             elif action.function == "reload":
                 log.info("reload requested by CC %d", msg.control)
                 self._hook(self.on_reload_request)
+            elif action.function == "forget":
+                self._improviser.forget()
+                log.info("session memory cleared by CC %d", msg.control)
             elif action.function == "mute":
                 if action.value and not self._muted and self._answer is not None:
                     self._interrupt(self._answer)
@@ -493,8 +514,8 @@ class Engine:
         return np.array([note.pitch, self._fed_step(note.onset_s), note.duration_s / self._time_scale,
                          note.velocity], np.float64)
 
-    def _feed(self, row: np.ndarray, onset_s: float) -> None:
-        self._improviser.feed(row)
+    def _feed(self, row: np.ndarray, onset_s: float, *, player: bool = False) -> None:
+        self._improviser.feed(row, player=player)
         if self._last_fed_onset_s is None or onset_s > self._last_fed_onset_s:
             self._last_fed_onset_s = onset_s
 
@@ -504,7 +525,7 @@ class Engine:
             self._measure_tempo(self._tracker.window_onsets_s()[-TEMPO_NOTES:])
             self._estimate_key()
             row = self._player_row(note)
-            self._feed(row, note.onset_s)
+            self._feed(row, note.onset_s, player=True)
             a.heard += 1
             a.chained = False
             a.next = None  # predict the next note again from the updated state
@@ -529,7 +550,7 @@ class Engine:
             self._grid_anchor_s = phrase[0].onset_s
         for note in phrase:
             row = self._player_row(note)
-            self._feed(row, note.onset_s)
+            self._feed(row, note.onset_s, player=True)
             self._hook(self.on_note_heard, row, note.onset_s)
         if self._muted or self._stopped:
             log.debug("phrase of %d notes heard; not answering (%s)", len(phrase),
@@ -744,7 +765,8 @@ class Engine:
         imp = config.improvise
         self._tracker.configure([c - 1 for c in config.midi.input_channels], imp.window, imp.max_hold)
         self._configure(config, model)
-        improviser = Improviser(model, self._decoding(), rng=self._rng)
+        improviser = Improviser(model, self._decoding(), rng=self._rng,
+                                adapter=self._adapter_for(config, self._improviser.adapter))
         if len(history):
             improviser.prime(history[-model.context:])
         self._model, self._improviser = model, improviser
@@ -762,6 +784,17 @@ class Engine:
         if config.improvise.key.strip().lower() != "auto":
             self._auto_key = None
         self._imp = dataclasses.replace(config.improvise, **self._live)
+
+    @staticmethod
+    def _adapter_for(config: Config, current: SessionAdapter | None) -> SessionAdapter | None:
+        """The session adapter `config` asks for: the current one (its memory kept across a reload) if the
+        bound is unchanged, a new one if it changed, None when adaptation is off."""
+        imp = config.improvise
+        if imp.adapt == "off":
+            return None
+        if current is not None and current.memory == imp.adapt_memory:
+            return current
+        return SessionAdapter(imp.adapt_memory)
 
     def _refresh_improvise(self) -> None:
         self._imp = dataclasses.replace(self._config.improvise, **self._live)

@@ -34,8 +34,9 @@ def data_source(args, config: Config) -> dict:
     return {"kind": "corpus", "name": getattr(args, "corpus", None) or config.data.corpus}
 
 
-def load_data(source: dict, config: Config, progress: bool) -> td.Collection:
-    """Parse (or read from the cache) every MIDI file of the source."""
+def load_data(source: dict, config: Config, progress: bool, tracks: str = "all") -> td.Collection:
+    """Parse (or read from the cache) every MIDI file of the source (only the tracks named `tracks` unless
+    "all"; files without them are listed as skipped, with the reason)."""
     if source["kind"] == "dir":
         try:
             paths = td.find_midi_files(source["path"])
@@ -46,7 +47,7 @@ def load_data(source: dict, config: Config, progress: bool) -> td.Collection:
     else:
         from improvd.train.corpus import bach_midi_dir
         paths = td.find_midi_files(bach_midi_dir(config.data.cache_dir, config.data.workers, progress))
-    collection = td.load_collection(paths, config.data.cache_dir, config.data.workers, progress)
+    collection = td.load_collection(paths, config.data.cache_dir, config.data.workers, progress, tracks)
     s = collection.summary()
     log.info("data: %d files, %d notes, %d skipped, %d from cache", s["files"], s["notes"], s["skipped"],
              s["from_cache"])
@@ -173,7 +174,7 @@ def cmd_train(args, config: Config) -> int:
     if chief:
         run_dir.mkdir(parents=True, exist_ok=True)
 
-    collection = load_data(source, config, progress and chief)
+    collection = load_data(source, config, progress and chief, tracks)
     split = split_by_hashes(collection, split_info) if split_info else None
     if split is None:
         split = make_split(collection, config)
@@ -186,6 +187,8 @@ def cmd_train(args, config: Config) -> int:
         from improvd.train.distribute import make_strategy
         strategy = make_strategy(cluster)  # after parsing: its worker processes fork before TensorFlow starts
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    if tracks != "all":
+        print(f"tracks: {tracks!r} only ({len(collection.files)} file(s) have one)", file=sys.stderr)
     print(f"training {preset.name} on {len(train_notes)} files ({train_notes.num_notes} notes), validating "
           f"on {len(val_notes)} ({val_notes.num_notes} notes); batch {batch_size} × {replicas} replica(s); "
           + (f"run directory {run_dir}" if chief else f"worker {cluster.task_index}: the chief writes the run "
@@ -308,6 +311,30 @@ def cmd_eval(args, config: Config) -> int:
     context = config.eval.context
     report: dict = {"data_source": source, "split": args.split, "files": len(eval_notes), "context": context}
     rows = []
+    if args.model and getattr(args, "adapt", False):
+        from improvd.train.evaluate import evaluate_adapted
+        name, predictor = load_predictor(Path(args.model), config)
+        memory = config.improvise.adapt_memory
+        try:
+            result = evaluate_adapted(predictor, eval_notes, context, memory, config.eval.batch_size, progress)
+        except ValueError as err:
+            raise ImprovdError(str(err)) from err
+        report.update({"model": str(args.model), "protocol": "session (second half of each file)",
+                       "cross_entropy": result["cross_entropy"], "accuracy": result["accuracy"],
+                       "notes": result["notes"], "sessions": result["files"], "adapted": result["adapted"],
+                       "per_file": result["per_file"]})
+        print(f"session protocol on {result['files']} file(s), {result['notes']} target notes (second halves), "
+              f"memory {memory} notes")
+        print(f"{'':<12} {'pitch CE':>9} {'top-1':>7}")
+        print(f"{'model':<12} {result['cross_entropy']:>9.4f} {result['accuracy']:>7.3f}")
+        print(f"{'adapted':<12} {result['adapted']['cross_entropy']:>9.4f} {result['adapted']['accuracy']:>7.3f}"
+              f"   ({result['adapted']['ratio']:.3f} × the model's cross-entropy)")
+        if args.json:
+            from improvd.train.fit import write_json
+            write_json(Path(args.json), report)
+        return 0
+    if getattr(args, "adapt", False):
+        raise ImprovdError("--adapt scores a model with and without session adaptation: give --model")
     if args.model:
         name, predictor = load_predictor(Path(args.model), config)
         report["model"] = str(args.model)
