@@ -215,8 +215,12 @@ def cmd_train(args, config: Config) -> int:
         return 130 if result.stopped_by == "interrupted" else 0
     try:
         started = time.monotonic()
-        val_metrics = evaluate(keras_predictor(result.model), val_notes, config.eval.context,
-                               config.eval.batch_size, progress)
+        try:
+            val_metrics = evaluate(keras_predictor(result.model), val_notes, config.eval.context,
+                                   config.eval.batch_size, progress)
+        except ValueError as err:  # validation files shorter than the protocol's context (short recordings)
+            log.warning("no validation metrics: %s", err)
+            val_metrics = None
         eval_seconds = time.monotonic() - started
         metrics = {
             "preset": preset.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -238,7 +242,8 @@ def cmd_train(args, config: Config) -> int:
     finally:
         if cluster is not None:
             _leave_together(strategy)
-    print(format_table([(f"{preset.name} (val)", val_metrics)]))
+    if val_metrics is not None:
+        print(format_table([(f"{preset.name} (val)", val_metrics)]))
     print(f"run directory: {run_dir} ({result.epochs} epochs, best {result.best_epoch}, "
           f"{result.seconds / 60:.1f} min, stopped by {result.stopped_by})")
     return 130 if result.stopped_by == "interrupted" else 0

@@ -109,9 +109,9 @@ def test_a_recorded_session_fine_tunes_on_the_players_notes_only(jack_server, tm
 
     out = tmp_path / "run"
     cache = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "improvd.daemon.cli", "--set", f"data.cache_dir={cache}",
-           "--set", f"train.runs_dir={tmp_path}", "train", "--data", str(rec), "--tracks", "player",
-           "--init", "shipped", "--epochs", "1", "--out", str(out), "--no-progress"]
+    cmd = [sys.executable, "-m", "improvd.daemon.cli", "train", "--set", f"data.cache_dir={cache}",
+           "--data", str(rec), "--tracks", "player", "--init", "shipped", "--epochs", "1", "--out", str(out),
+           "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-4000:]
     assert f"{plain}: no track named 'player'" in done.stderr, done.stderr[-3000:]
