@@ -2,6 +2,10 @@
 
 (a) the step model with its state carried (one call per note), and (b) the window model re-run over the last
 `context` notes for every new note (what a model without carried state costs), measured in the same run.
+(c) `step_adapted`: (a) plus session adaptation (`improvise.adapt = "cache"`, daemon/adapt.py) as the
+Improviser does it per note: softmax of the logits, the adapter's mixture, and `observe` of the note (weights
+and counts updated), on a pitch stream that repeats motifs (so contexts match) with the memory full
+(`--adapt-memory`, default the config's). `adapt_cost_ratio_median` = median (c) / median (a).
 
     .venv/bin/python bench/inference.py [--model models/bach.onnx] [--window models/bach.window.onnx]
 
@@ -21,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from improvd.daemon.adapt import SessionAdapter, softmax  # noqa: E402
 from improvd.daemon.model import StepModel  # noqa: E402
 
 
@@ -56,6 +61,43 @@ def bench_step(path: str, notes: int, warmup: int = 200) -> dict:
     return _stats(times) | {"state_size": model.state_size, "features": ",".join(model.features)}
 
 
+def _pitch_stream(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A player who repeats a few motifs, at times transposed, with random notes between them."""
+    motifs = [rng.integers(48, 76, rng.integers(4, 9)) for _ in range(6)]
+    out: list[int] = []
+    while len(out) < n:
+        if rng.random() < 0.7:
+            out += list(motifs[rng.integers(len(motifs))] + rng.choice([0, 0, 0, 2, 5, -3]))
+        else:
+            out += list(rng.integers(45, 80, rng.integers(1, 5)))
+    return np.asarray(out[:n])
+
+
+def bench_step_adapted(path: str, notes: int, memory: int, warmup: int = 200) -> dict:
+    model = StepModel(path, threads=1)
+    rng = np.random.default_rng(0)
+    feats = model.num_features
+    state = model.zero_state(1)
+    adapter = SessionAdapter(memory)
+    pitches = _pitch_stream(memory + warmup + notes, rng)
+    for p in pitches[:memory]:  # the memory full before timing: the worst case for its size
+        adapter.observe(int(p), None)
+    times = []
+    probs = None
+    for i, p in enumerate(pitches[memory:]):
+        note = np.array([[p, 0.25, 0.4, 80][:feats]], dtype=np.float32)
+        t0 = time.perf_counter()
+        adapter.observe(int(p), probs)
+        pred = model.run(note, state)
+        probs = softmax(pred.pitch_logits[0])
+        adapter.mix(probs)
+        dt = time.perf_counter() - t0
+        state = pred.state
+        if i >= warmup:
+            times.append(dt)
+    return _stats(times) | {"memory": memory, "counted": adapter.counted}
+
+
 def bench_window(path: str, notes: int, warmup: int = 50) -> dict:
     sess = _session(path)
     inp = sess.get_inputs()[0]
@@ -80,17 +122,26 @@ def main() -> int:
     parser.add_argument("--model", default="models/bach.onnx", help="step-format ONNX model")
     parser.add_argument("--window", help="window-format ONNX model of the same network")
     parser.add_argument("--notes", type=int, default=3000, help="notes timed per model")
+    parser.add_argument("--adapt-memory", type=int, default=None,
+                        help="session memory of the adapted measurement (default: improvise.adapt_memory)")
     args = parser.parse_args()
-    # Interleave the two measurements in rounds so that machine noise hits both alike.
-    step_rounds, window_rounds = [], []
+    if args.adapt_memory is None:
+        from improvd.daemon.config import ImproviseConfig
+        args.adapt_memory = ImproviseConfig().adapt_memory
+    # Interleave the measurements in rounds so that machine noise hits them alike.
+    step_rounds, window_rounds, adapted_rounds = [], [], []
     rounds = 3
     for _ in range(rounds):
         step_rounds.append(bench_step(args.model, args.notes // rounds))
+        adapted_rounds.append(bench_step_adapted(args.model, args.notes // rounds, args.adapt_memory))
         if args.window:
             window_rounds.append(bench_window(args.window, max(100, args.notes // (rounds * 5))))
     pick = lambda rs: min(rs, key=lambda r: r["median_us"])  # noqa: E731  the quietest round
     result = {"benchmark": "inference", "model": args.model, "threads": 1, "step": pick(step_rounds),
-              "step_rounds": step_rounds}
+              "step_rounds": step_rounds, "step_adapted": pick(adapted_rounds), "step_adapted_rounds": adapted_rounds}
+    result["adapt_cost_ratio_median"] = result["step_adapted"]["median_us"] / result["step"]["median_us"]
+    result["adapt_cost_ratio_per_round"] = [a["median_us"] / s["median_us"]
+                                            for s, a in zip(step_rounds, adapted_rounds)]
     if window_rounds:
         result["window"] = pick(window_rounds)
         result["window_rounds"] = window_rounds

@@ -11,7 +11,9 @@ the player's notes and the weights of a mixture:
   So an expert equals the model until the player repeats something, and trusts the session more the longer
   and the more consistently a context was followed by the same note. The `pitch` experts count absolute pitches
   (a motif played again at the same pitch); the `interval` experts count intervals (the same motif transposed).
-  Each kind has chains starting at orders 1, 2, 3 and 4 (and going up to `MAX_ORDER`).
+  Contexts of 2, 4, 8 and 16 pitches are counted (`ORDERS`); each kind has chains starting at 2, 4 and 8.
+  These round values were chosen on the chorales' training split (sessions of the files the model was trained
+  on), never on evaluation files.
 - Mixture. The played distribution is `Σ w_k p_k`. The weights are a Bayesian posterior updated after every
   player note from how well each expert predicted it (`w_k ← w_k · p_k(note)`, renormalised), with a small
   fixed share (`SHARE`) of weight redistributed each note so an expert that stopped fitting (the player moved
@@ -35,36 +37,38 @@ from collections import deque
 import numpy as np
 
 ADAPT_CHOICES = ("off", "cache")
-MAX_ORDER = 16             # longest context (notes) an expert counts
-MIN_ORDERS = (1, 2, 4, 8)  # each kind (pitch, interval) has one chain starting at each of these orders
-BUCKETS = (0, 1, 3, 5, 9, 16)  # the mixture keeps one set of weights per range of matched context length
-MODEL_PRIOR = (0.9, 0.8, 0.7, 0.5, 0.3, 0.1)  # the model's prior weight per bucket; the experts split the rest
+ORDERS = (2, 4, 8, 16)     # context lengths (in pitches) that are counted; 16 is the longest
+MAX_ORDER = ORDERS[-1]
+MIN_ORDERS = (2, 4, 8)     # the pitch experts: one chain starting at each of these context lengths
+INTERVAL_SPANS = (4, 8, 16)  # contexts of intervals counted, by the pitches they span (n - 1 intervals)
+INTERVAL_MIN = (4,)        # the interval expert: one chain, from 4 pitches (3 intervals) up
+BUCKETS = (0, 2, 4, 8, 16)  # the mixture keeps one set of weights per matched context length (0 = none)
+MODEL_PRIOR = (0.9, 0.8, 0.7, 0.5, 0.1)  # the model's prior weight per bucket; the experts split the rest
 SHARE = 0.01               # fixed share: the part of the weight spread evenly after each note
 ESCAPE = 1.0              # Witten-Bell escape weight: the base keeps ESCAPE·u / (C + ESCAPE·u)
 FLOOR = 1e-12              # no expert's probability of a note counts as less than this (a log(0) guard)
 
 
-def _is_pitch(p: int) -> bool:
-    return 0 <= p < 128
-
-
 class _Counts:
-    """n-gram counts over one symbol sequence (pitches or intervals), orders 1..MAX_ORDER, bounded in notes."""
+    """n-gram counts over one symbol sequence (pitches or intervals) at the given orders, bounded in notes."""
 
-    def __init__(self):
-        self.tables: list[dict[tuple, dict[int, int]]] = [dict() for _ in range(MAX_ORDER + 1)]
-        self.added: deque = deque()  # per counted note: the (order, context, symbol) keys it added
+    def __init__(self, orders: tuple[int, ...]):
+        self.orders = orders
+        self.tables: dict[int, dict[tuple, dict[int, int]]] = {n: {} for n in orders}
+        self.added: deque = deque()  # per counted note: the (order, context) keys it added, and the symbol
 
     def clear(self) -> None:
-        for table in self.tables:
+        for table in self.tables.values():
             table.clear()
         self.added.clear()
 
-    def add(self, history: list[int], symbol: int) -> None:
+    def add(self, history: tuple, symbol: int) -> None:
         """Count `symbol` after each suffix of `history` (the symbols before it, oldest first)."""
         keys = []
-        for n in range(1, min(MAX_ORDER, len(history)) + 1):
-            ctx = tuple(history[-n:])
+        for n in self.orders:
+            if n > len(history):
+                break
+            ctx = history[-n:]
             row = self.tables[n].setdefault(ctx, {})
             row[symbol] = row.get(symbol, 0) + 1
             keys.append((n, ctx))
@@ -73,37 +77,43 @@ class _Counts:
     def drop_oldest(self) -> None:
         keys, symbol = self.added.popleft()
         for n, ctx in keys:
-            row = self.tables[n][ctx]
+            table = self.tables[n]
+            row = table[ctx]
             row[symbol] -= 1
             if not row[symbol]:
                 del row[symbol]
                 if not row:
-                    del self.tables[n][ctx]
+                    del table[ctx]
 
-    def rows(self, history: list[int]) -> list[dict[int, int] | None]:
-        """For n = 0..MAX_ORDER: what followed the last n symbols of `history` (None if never seen; n = 0 unused)."""
-        out: list[dict[int, int] | None] = [None]
-        for n in range(1, MAX_ORDER + 1):
-            out.append(self.tables[n].get(tuple(history[-n:])) if n <= len(history) else None)
+    def rows(self, history: tuple, span: int = 0) -> dict[int, dict[int, int]]:
+        """{order + span: what followed the last `order` symbols of `history`} for the orders met before."""
+        out = {}
+        for n in self.orders:
+            if n > len(history):
+                break
+            row = self.tables[n].get(history[-n:])
+            if row:
+                out[n + span] = row
         return out
 
 
-def _experts(base: np.ndarray, rows: list, shift: int, valid) -> list[np.ndarray]:
-    """One Witten-Bell chain per lowest order in MIN_ORDERS, blended up to MAX_ORDER over `base`.
+def _marks(rows: dict[int, dict[int, int]], shift: int, orders: tuple[int, ...],
+           lowest: tuple[int, ...]) -> list[tuple[float, dict[int, float]]]:
+    """One Witten-Bell chain per lowest order in `lowest`, blended up to the longest of `orders`, as (α, v)
+    with the expert's distribution p = α·base + v (v sparse: pitch -> mass). `rows` maps a context length (in
+    pitches) to the counts of what followed it.
 
-    The chain from order m is affine in its base: p = α_m·base + v_m. Accumulated from the top order down
-    (sparse, in plain Python: a few continuations per order), each expert then costs one dense product. A row's
-    symbol s stands for the pitch s + `shift` (0 for pitches, the last pitch for intervals); `valid` says which
-    pitches exist.
+    The chain from order m is affine in its base, so it is accumulated from the top order down in plain Python
+    (a few continuations per order) and no dense array is touched. A row's symbol s stands for the pitch
+    s + `shift` (0 for pitches, the last pitch for intervals); pitches outside 0..127 are left out.
     """
     alpha = 1.0
     v: dict[int, float] = {}
-    marks: dict[int, tuple[float, dict[int, float]]] = {}
-    lowest = min(MIN_ORDERS)
-    for n in range(MAX_ORDER, lowest - 1, -1):
-        row = rows[n]
+    marks: list[tuple[float, dict[int, float]]] = []
+    for n in orders[::-1]:
+        row = rows.get(n)
         if row:
-            kept = [(s + shift, c) for s, c in row.items() if valid(s + shift)]
+            kept = [(s + shift, c) for s, c in row.items() if 0 <= s + shift < 128]
             if kept:
                 total = float(sum(c for _, c in kept))
                 escape = ESCAPE * len(kept)
@@ -111,24 +121,21 @@ def _experts(base: np.ndarray, rows: list, shift: int, valid) -> list[np.ndarray
                 for pitch, c in kept:
                     v[pitch] = v.get(pitch, 0.0) + scale * c
                 alpha *= escape / (total + escape)
-        if n in MIN_ORDERS:
-            marks[n] = (alpha, dict(v))
-    out = []
-    for m in MIN_ORDERS:
-        a, vm = marks[m]
-        if not vm:
-            out.append(base)
-            continue
-        p = base * a
-        idx = np.fromiter(vm.keys(), np.int64, len(vm))
-        p[idx] += np.fromiter(vm.values(), np.float64, len(vm))
-        out.append(p)
-    return out
+        if n in lowest:
+            marks.append((alpha, dict(v)))
+    return marks[::-1]
 
 
 def _bucket(matched: int) -> int:
     """The weight row used when the last `matched` pitches (and no more) were met before in the session."""
     return sum(matched >= edge for edge in BUCKETS) - 1
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """The model's pitch distribution from its logits [128] (float64; three array operations, per note)."""
+    e = np.exp(np.asarray(logits, dtype=np.float64) - np.max(logits))
+    e /= e.sum()
+    return e
 
 
 class SessionAdapter:
@@ -147,14 +154,17 @@ class SessionAdapter:
         if memory < 1:
             raise ValueError(f"memory = {memory!r} is not valid: expected at least 1 note")
         self.memory = int(memory)
-        self._pitch = _Counts()
-        self._interval = _Counts()
+        self._pitch = _Counts(ORDERS)
+        self._interval = _Counts(tuple(n - 1 for n in INTERVAL_SPANS))
         self._pitches: deque = deque(maxlen=MAX_ORDER + 1)  # the context: last pitches played by anyone
-        self._experts = ["model"] + [f"{kind}>={m}" for kind in ("pitch", "interval") for m in MIN_ORDERS]
+        self._intervals: deque = deque(maxlen=MAX_ORDER)     # and the intervals between them
+        self._experts = ["model"] + [f"pitch>={m}" for m in MIN_ORDERS] + [f"interval>={m}" for m in INTERVAL_MIN]
         k = len(self._experts) - 1
-        self._prior = np.array([[m] + [(1.0 - m) / k] * k for m in MODEL_PRIOR])
-        self._weights = self._prior.copy()  # one row per matched context length
+        self._prior = [[m] + [(1.0 - m) / k] * k for m in MODEL_PRIOR]
+        self._weights = [list(row) for row in self._prior]  # one row per matched context length
         self.learned = 0  # player notes counted since the last forget
+        self._cache: tuple | None = None  # `_state()` for the current context and counts
+        self._plain = [(1.0, {})] * len(self._experts)  # every expert is the model
 
     @property
     def experts(self) -> list[str]:
@@ -164,7 +174,7 @@ class SessionAdapter:
     def weights(self) -> np.ndarray:
         """The mixture weights now [len(BUCKETS), experts]: row b is used when the longest context of the last
         pitches met before in the session is at least BUCKETS[b] notes long (and less than the next edge)."""
-        return self._weights.copy()
+        return np.array(self._weights)
 
     @property
     def counted(self) -> int:
@@ -178,36 +188,64 @@ class SessionAdapter:
     def set_context(self, pitches: tuple) -> None:
         self._pitches.clear()
         self._pitches.extend(int(p) for p in pitches)
+        self._intervals.clear()
+        self._intervals.extend(b - a for a, b in zip(self._pitches, list(self._pitches)[1:]))
+        self._cache = None
 
     def forget(self) -> None:
         """Clear the session memory and the context, and reset the weights to the prior."""
         self._pitch.clear()
         self._interval.clear()
         self._pitches.clear()
-        self._weights = self._prior.copy()
+        self._weights = [list(row) for row in self._prior]
         self.learned = 0
+        self._cache = None
 
-    def _expert_probs(self, model_probs: np.ndarray) -> tuple[list[np.ndarray], int]:
-        """Each expert's distribution, and the weight row (by the longest context of the last pitches that was
-        met before in the session, as pitches or as intervals)."""
-        history = list(self._pitches)
-        base = np.asarray(model_probs, dtype=np.float64)
+    def _state(self) -> tuple[list[tuple[float, dict[int, float]]], int]:
+        """Each expert as (α, v) (its distribution is α·model + v; the model is (1, {})), and the weight row
+        (by the longest context of the last pitches met before in the session, as pitches or as intervals).
+        Computed once per context: `mix` and the next `observe` share it."""
+        if self._cache is not None:
+            return self._cache
+        history = tuple(self._pitches)
         prow = self._pitch.rows(history)
-        matched = max((n for n in range(1, MAX_ORDER + 1) if prow[n]), default=0)
-        out = [base] + _experts(base, prow, 0, _is_pitch)
-        if history:
-            intervals = [b - a for a, b in zip(history, history[1:])]
-            irow = [None] + self._interval.rows(intervals)[:-1]  # index n: the n pitches the intervals span
-            matched = max(matched, max((n for n in range(2, MAX_ORDER + 1) if irow[n]), default=0))
-            out += _experts(base, irow, history[-1], _is_pitch)
-        else:
-            out += [base] * len(MIN_ORDERS)
-        return out, _bucket(matched)
+        irow = self._interval.rows(tuple(self._intervals), span=1) if history else {}  # keyed by pitches spanned
+        if not prow and not irow:  # nothing met before: every expert is the model
+            self._cache = (self._plain, 0)
+            return self._cache
+        experts = [(1.0, {})] + _marks(prow, 0, ORDERS, MIN_ORDERS)
+        experts += _marks(irow, history[-1], INTERVAL_SPANS, INTERVAL_MIN)
+        matched = max(max(prow, default=0), max(irow, default=0))
+        self._cache = (experts, _bucket(matched))
+        return self._cache
+
+    def expert_probs(self, model_probs: np.ndarray) -> list[np.ndarray]:
+        """Each expert's distribution [128] now, in `experts` order (for inspection and tests)."""
+        base = np.asarray(model_probs, dtype=np.float64)
+        out = []
+        for alpha, v in self._state()[0]:
+            p = base * alpha
+            for pitch, mass in v.items():
+                p[pitch] += mass
+            out.append(p)
+        return out
 
     def mix(self, model_probs: np.ndarray) -> np.ndarray:
         """The adapted distribution [128] (float64, sums to 1) given the model's `model_probs` [128]."""
-        experts, matched = self._expert_probs(model_probs)
-        return np.einsum("k,kp->p", self._weights[matched], np.stack(experts))
+        experts, bucket = self._state()
+        if experts is self._plain:
+            return np.asarray(model_probs, dtype=np.float64)
+        w = self._weights[bucket]
+        scale = 0.0
+        acc: dict[int, float] = {}
+        for wk, (alpha, v) in zip(w, experts):
+            scale += wk * alpha
+            for pitch, mass in v.items():
+                acc[pitch] = acc.get(pitch, 0.0) + wk * mass
+        out = np.asarray(model_probs, dtype=np.float64) * scale
+        if acc:
+            out[np.fromiter(acc.keys(), np.int64, len(acc))] += np.fromiter(acc.values(), np.float64, len(acc))
+        return out
 
     def observe(self, pitch: int, model_probs: np.ndarray | None, *, learn: bool = True) -> None:
         """Record a played note: `learn` updates weights and counts (a player's note); otherwise context only.
@@ -217,21 +255,24 @@ class SessionAdapter:
         """
         pitch = int(pitch)
         if learn:
-            if model_probs is not None:
-                experts, matched = self._expert_probs(model_probs)
-                likes = np.array([max(float(p[pitch]), FLOOR) for p in experts])
-                w = self._weights[matched] * likes
-                w /= w.sum()
-                self._weights[matched] = (1.0 - SHARE) * w + SHARE / len(w)
-            history = list(self._pitches)
+            experts, bucket = self._state()
+            if model_probs is not None and experts is not self._plain:  # equal experts: nothing to learn
+                base = float(model_probs[pitch])
+                w = [wk * max(alpha * base + v.get(pitch, 0.0), FLOOR)
+                     for wk, (alpha, v) in zip(self._weights[bucket], experts)]
+                keep, spread = (1.0 - SHARE) / sum(w), SHARE / len(w)
+                self._weights[bucket] = [wk * keep + spread for wk in w]
+            history = tuple(self._pitches)
             self._pitch.add(history, pitch)
             if history:
-                intervals = [b - a for a, b in zip(history, history[1:])]
-                self._interval.add(intervals, pitch - history[-1])
+                self._interval.add(tuple(self._intervals), pitch - history[-1])
             else:
                 self._interval.added.append(([], 0))  # keeps the two memories in step
             while len(self._pitch.added) > self.memory:
                 self._pitch.drop_oldest()
                 self._interval.drop_oldest()
             self.learned += 1
+        if self._pitches:
+            self._intervals.append(pitch - self._pitches[-1])
         self._pitches.append(pitch)
+        self._cache = None

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from improvd.daemon import notes as nt
-from improvd.daemon.adapt import SessionAdapter
+from improvd.daemon.adapt import SessionAdapter, softmax
 from improvd.daemon.model import Prediction, StepModel
-from improvd.daemon.sampling import Decoding, decode, log_softmax
+from improvd.daemon.sampling import Decoding, decode
 
 __all__ = ["Decoding", "Improviser", "Snapshot"]
 
@@ -76,6 +76,7 @@ class Improviser:
         self.decoding = decoding
         self.rng = rng if rng is not None else np.random.default_rng()
         self.adapter = adapter
+        self._probs: tuple | None = None  # (prediction, its pitch distribution), for the adapter
         if decoding.velocity == "model" and not model.has_velocity:
             log.warning("improvise.velocity = 'model' but %s predicts no velocity: following the player's "
                         "velocity instead", model.path)
@@ -120,9 +121,13 @@ class Improviser:
             self.adapter.forget()
 
     def _model_probs(self) -> np.ndarray | None:
-        if self._prediction is None:
+        """The model's pitch distribution for the next note (computed once per prediction), or None."""
+        pred = self._prediction
+        if pred is None:
             return None
-        return np.exp(log_softmax(self._prediction.pitch_logits[0]))
+        if self._probs is None or self._probs[0] is not pred:
+            self._probs = (pred, softmax(pred.pitch_logits[0]))
+        return self._probs[1]
 
     def feed(self, note, *, player: bool = False) -> None:
         """Feed one note (a row: pitch, step_s, duration_s[, velocity]); only the model's F features are used.
@@ -176,7 +181,7 @@ class Improviser:
         logits = pred.pitch_logits[0]
         if self.adapter is not None:  # log-probabilities of the mixture: decoding treats them as logits
             with np.errstate(divide="ignore"):
-                logits = np.log(self.adapter.mix(np.exp(log_softmax(logits))))
+                logits = np.log(self.adapter.mix(self._model_probs()))
         return decode(logits, float(pred.step[0]), float(pred.duration[0]), model_velocity,
                       self.decoding, self.rng, player_velocity=velocity_hint)
 
