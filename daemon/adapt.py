@@ -133,7 +133,8 @@ def _bucket(matched: int) -> int:
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """The model's pitch distribution from its logits [128] (float64; three array operations, per note)."""
-    e = np.exp(np.asarray(logits, dtype=np.float64) - np.max(logits))
+    x = np.asarray(logits, dtype=np.float64)
+    e = np.exp(x - x.max())
     e /= e.sum()
     return e
 
@@ -243,8 +244,8 @@ class SessionAdapter:
             for pitch, mass in v.items():
                 acc[pitch] = acc.get(pitch, 0.0) + wk * mass
         out = np.asarray(model_probs, dtype=np.float64) * scale
-        if acc:
-            out[np.fromiter(acc.keys(), np.int64, len(acc))] += np.fromiter(acc.values(), np.float64, len(acc))
+        for pitch, mass in acc.items():  # a few pitches: item by item beats building index arrays
+            out[pitch] += mass
         return out
 
     def observe(self, pitch: int, model_probs: np.ndarray | None, *, learn: bool = True) -> None:
