@@ -26,6 +26,12 @@ def corpus_scores(folder: str) -> list[Path]:
     return sorted(Path(p) for p in corpus.getPaths() if f"/{folder}/" in str(p) and str(p).endswith(SUFFIXES))
 
 
+def _name(score: Path, folder: str) -> str:
+    parts = score.parts
+    inside = parts[len(parts) - 1 - parts[::-1].index(folder) + 1:]
+    return "_".join(inside)[: -len(score.suffix)]
+
+
 def main(argv=None) -> int:
     from improvd.train.corpus import _convert_one
 
@@ -51,7 +57,8 @@ def main(argv=None) -> int:
                 break
             staging = out / ".converting"
             staging.mkdir(parents=True, exist_ok=True)
-            jobs = [(str(score), str(staging / (score.stem + ".mid"))) for score in batch]
+            # named by the path inside the corpus folder: several pieces have a movement1.krn
+            jobs = [(str(score), str(staging / (_name(score, args.folder) + ".mid"))) for score in batch]
             for (src, dst), (_, err) in zip(jobs, pool.map(_convert_one, jobs)):
                 if err:
                     failed.append({"score": src, "error": err})

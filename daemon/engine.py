@@ -65,7 +65,12 @@ Playing with a band (config [timing], [control], midi.thru/program, improvise.ke
 - Live control (`[control]`, daemon/control.py): CCs change temperature, top_p, max_notes, key_strength and mode
   (from the next note; they stay across a reload), mute (cancels the answer; phrases are still fed), panic (every
   sounding note released at once, improvd's and thru, an All Notes Off on the output channel, the answer and the
-  pending phrase dropped), reload (`on_reload_request()` is called; the service reloads). Each CC is logged at debug.
+  pending phrase dropped), reload (`on_reload_request()` is called; the service reloads), forget (the session
+  memory of `improvise.adapt` is cleared). Each CC is logged at debug.
+- Session adaptation (`improvise.adapt = "cache"`, daemon/adapt.py): the player's notes are fed with
+  `player=True`, so the Improviser's `SessionAdapter` learns from them (improvd's own notes only extend its
+  context); `Engine.forget()` clears it from any thread (at the engine's next wake-up). A reload keeps the memory
+  unless `adapt_memory` changed or adaptation was turned off.
 - State out (`control.state_cc`): idle / listening (a key held or a phrase pending) / answering, sent on change
   through the scheduler.
 - Thru (`midi.thru`): the player's note-ons and note-offs on the listened channels are sent at once through the
