@@ -97,19 +97,21 @@ class _Counts:
         return out
 
 
-def _marks(rows: dict[int, dict[int, int]], shift: int, orders: tuple[int, ...],
-           lowest: tuple[int, ...]) -> list[tuple[float, dict[int, float]]]:
-    """One Witten-Bell chain per lowest order in `lowest`, blended up to the longest of `orders`, as (α, v)
-    with the expert's distribution p = α·base + v (v sparse: pitch -> mass). `rows` maps a context length (in
-    pitches) to the counts of what followed it.
+def _levels(rows: dict[int, dict[int, int]], shift: int, orders: tuple[int, ...], lowest: tuple[int, ...],
+            first: int) -> tuple[list[float], list[tuple[list[int], dict[int, float]]]]:
+    """The Witten-Bell chains of one kind of expert (one per lowest order in `lowest`, experts `first`,
+    `first` + 1, ...), blended up to the longest of `orders`. `rows` maps a context length (in pitches) to the
+    counts of what followed it.
 
-    The chain from order m is affine in its base, so it is accumulated from the top order down in plain Python
-    (a few continuations per order) and no dense array is touched. A row's symbol s stands for the pitch
-    s + `shift` (0 for pitches, the last pitch for intervals); pitches outside 0..127 are left out.
+    The chain from order m is affine in its base: p_m = α_m·base + Σ_{n >= m} d_n, where d_n is the (sparse)
+    mass order n adds. So it is accumulated from the top order down in plain Python (a few continuations per
+    order), each d_n once for all the chains that include it, and no dense array is touched. Returns the α of
+    each chain and the levels (the experts that include d_n, d_n as pitch -> mass). A row's symbol s stands for
+    the pitch s + `shift` (0 for pitches, the last pitch for intervals); pitches outside 0..127 are left out.
     """
     alpha = 1.0
-    v: dict[int, float] = {}
-    marks: list[tuple[float, dict[int, float]]] = []
+    alphas: dict[int, float] = {}
+    levels: list[tuple[list[int], dict[int, float]]] = []
     for n in orders[::-1]:
         row = rows.get(n)
         if row:
@@ -118,12 +120,12 @@ def _marks(rows: dict[int, dict[int, int]], shift: int, orders: tuple[int, ...],
                 total = float(sum(c for _, c in kept))
                 escape = ESCAPE * len(kept)
                 scale = alpha / (total + escape)
-                for pitch, c in kept:
-                    v[pitch] = v.get(pitch, 0.0) + scale * c
+                levels.append(([first + j for j, m in enumerate(lowest) if m <= n],
+                               {pitch: scale * c for pitch, c in kept}))
                 alpha *= escape / (total + escape)
         if n in lowest:
-            marks.append((alpha, dict(v)))
-    return marks[::-1]
+            alphas[n] = alpha
+    return [alphas[m] for m in lowest], levels
 
 
 def _bucket(matched: int) -> int:
@@ -164,8 +166,7 @@ class SessionAdapter:
         self._prior = [[m] + [(1.0 - m) / k] * k for m in MODEL_PRIOR]
         self._weights = [list(row) for row in self._prior]  # one row per matched context length
         self.learned = 0  # player notes counted since the last forget
-        self._cache: tuple | None = None  # `_state()` for the current context and counts
-        self._plain = [(1.0, {})] * len(self._experts)  # every expert is the model
+        self._cache: tuple | None | bool = False  # `_state()` for the current context (False: not computed)
 
     @property
     def experts(self) -> list[str]:
@@ -191,7 +192,7 @@ class SessionAdapter:
         self._pitches.extend(int(p) for p in pitches)
         self._intervals.clear()
         self._intervals.extend(b - a for a, b in zip(self._pitches, list(self._pitches)[1:]))
-        self._cache = None
+        self._cache = False
 
     def forget(self) -> None:
         """Clear the session memory and the context, and reset the weights to the prior."""
@@ -200,52 +201,55 @@ class SessionAdapter:
         self._pitches.clear()
         self._weights = [list(row) for row in self._prior]
         self.learned = 0
-        self._cache = None
+        self._cache = False
 
-    def _state(self) -> tuple[list[tuple[float, dict[int, float]]], int]:
-        """Each expert as (α, v) (its distribution is α·model + v; the model is (1, {})), and the weight row
-        (by the longest context of the last pitches met before in the session, as pitches or as intervals).
-        Computed once per context: `mix` and the next `observe` share it."""
-        if self._cache is not None:
+    def _state(self) -> tuple | None:
+        """(the α of every expert, the levels, the weight row) for the current context, or None when no
+        context was met before (every expert is then the model). Expert k's distribution is
+        α_k·model + Σ d over the levels that include k. The weight row is chosen by the longest context of the
+        last pitches met before in the session, as pitches or as intervals. Computed once per context: `mix`
+        and the next `observe` share it."""
+        if self._cache is not False:
             return self._cache
         history = tuple(self._pitches)
         prow = self._pitch.rows(history)
         irow = self._interval.rows(tuple(self._intervals), span=1) if history else {}  # keyed by pitches spanned
-        if not prow and not irow:  # nothing met before: every expert is the model
-            self._cache = (self._plain, 0)
-            return self._cache
-        experts = [(1.0, {})] + _marks(prow, 0, ORDERS, MIN_ORDERS)
-        experts += _marks(irow, history[-1], INTERVAL_SPANS, INTERVAL_MIN)
+        if not prow and not irow:
+            self._cache = None
+            return None
+        pa, plevels = _levels(prow, 0, ORDERS, MIN_ORDERS, 1)
+        ia, ilevels = _levels(irow, history[-1] if history else 0, INTERVAL_SPANS, INTERVAL_MIN,
+                              1 + len(MIN_ORDERS))
         matched = max(max(prow, default=0), max(irow, default=0))
-        self._cache = (experts, _bucket(matched))
+        self._cache = ([1.0] + pa + ia, plevels + ilevels, _bucket(matched))
         return self._cache
 
     def expert_probs(self, model_probs: np.ndarray) -> list[np.ndarray]:
         """Each expert's distribution [128] now, in `experts` order (for inspection and tests)."""
         base = np.asarray(model_probs, dtype=np.float64)
-        out = []
-        for alpha, v in self._state()[0]:
-            p = base * alpha
-            for pitch, mass in v.items():
-                p[pitch] += mass
-            out.append(p)
+        state = self._state()
+        if state is None:
+            return [base.copy() for _ in self._experts]
+        alphas, levels, _ = state
+        out = [base * a for a in alphas]
+        for covers, mass in levels:
+            for k in covers:
+                for pitch, m in mass.items():
+                    out[k][pitch] += m
         return out
 
     def mix(self, model_probs: np.ndarray) -> np.ndarray:
         """The adapted distribution [128] (float64, sums to 1) given the model's `model_probs` [128]."""
-        experts, bucket = self._state()
-        if experts is self._plain:
+        state = self._state()
+        if state is None:
             return np.asarray(model_probs, dtype=np.float64)
+        alphas, levels, bucket = state
         w = self._weights[bucket]
-        scale = 0.0
-        acc: dict[int, float] = {}
-        for wk, (alpha, v) in zip(w, experts):
-            scale += wk * alpha
-            for pitch, mass in v.items():
-                acc[pitch] = acc.get(pitch, 0.0) + wk * mass
-        out = np.asarray(model_probs, dtype=np.float64) * scale
-        for pitch, mass in acc.items():  # a few pitches: item by item beats building index arrays
-            out[pitch] += mass
+        out = np.asarray(model_probs, dtype=np.float64) * sum(wk * a for wk, a in zip(w, alphas))
+        for covers, mass in levels:
+            weight = sum(w[k] for k in covers)
+            for pitch, m in mass.items():
+                out[pitch] += weight * m
         return out
 
     def observe(self, pitch: int, model_probs: np.ndarray | None, *, learn: bool = True) -> None:
@@ -256,11 +260,17 @@ class SessionAdapter:
         """
         pitch = int(pitch)
         if learn:
-            experts, bucket = self._state()
-            if model_probs is not None and experts is not self._plain:  # equal experts: nothing to learn
+            state = self._state()
+            if model_probs is not None and state is not None:  # (all experts equal: nothing to learn)
+                alphas, levels, bucket = state
                 base = float(model_probs[pitch])
-                w = [wk * max(alpha * base + v.get(pitch, 0.0), FLOOR)
-                     for wk, (alpha, v) in zip(self._weights[bucket], experts)]
+                likes = [a * base for a in alphas]
+                for covers, mass in levels:
+                    m = mass.get(pitch)
+                    if m:
+                        for k in covers:
+                            likes[k] += m
+                w = [wk * max(like, FLOOR) for wk, like in zip(self._weights[bucket], likes)]
                 keep, spread = (1.0 - SHARE) / sum(w), SHARE / len(w)
                 self._weights[bucket] = [wk * keep + spread for wk in w]
             history = tuple(self._pitches)
@@ -276,4 +286,4 @@ class SessionAdapter:
         if self._pitches:
             self._intervals.append(pitch - self._pitches[-1])
         self._pitches.append(pitch)
-        self._cache = None
+        self._cache = False
