@@ -139,6 +139,9 @@ def cmd_train(args, config: Config) -> int:
     init = None
     saved_init = None  # on --resume: what the interrupted run started from
     tracks = getattr(args, "tracks", "all") or "all"
+    if args.resume and getattr(args, "init", None):
+        raise ImprovdError(f"--init {args.init!r} with --resume: a resumed run goes on from its own last.keras "
+                           f"(its config.json records what it started from); give one of them")
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.json").is_file():

@@ -40,6 +40,7 @@ def test_init_starts_from_the_given_weights_and_resumes(work, run):
     config = json.loads((out / "config.json").read_text())
     assert config["preset"]["name"] == "tiny" and config["init"] == init
 
+    assert improvd(work, "train", "--resume", out, "--init", run, "--epochs", 2, "--no-progress") == 2
     assert improvd(work, "train", "--resume", out, "--epochs", 2, "--no-progress") == 0
     assert len(read_history(out)) == 2
     assert json.loads((out / "metrics.json").read_text())["init"] == init
