@@ -43,6 +43,7 @@ test: sysdeps venv
 model: venv
 	$(VENV)/bin/improvd train --corpus bach --preset default --max-minutes 15 --out runs/bach-default --no-progress
 	$(VENV)/bin/improvd export runs/bach-default --out models/bach.onnx --format window
+	cp runs/bach-default/model.keras models/bach.keras  # the weights `improvd train --init shipped` starts from
 	$(PY) -c "import json,onnx; m=onnx.load('models/bach.onnx'); \
 		card=json.loads({p.key:p.value for p in m.metadata_props}['improvd.card']); \
 		open('models/bach.card.json','w').write(json.dumps(card, indent=2, sort_keys=True)+'\n')"

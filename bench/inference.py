@@ -2,6 +2,13 @@
 
 (a) the step model with its state carried (one call per note), and (b) the window model re-run over the last
 `context` notes for every new note (what a model without carried state costs), measured in the same run.
+(c) `step_adapted`: (a) plus session adaptation (`improvise.adapt = "cache"`, daemon/adapt.py) as the
+Improviser does it per note: softmax of the logits, the adapter's mixture, and `observe` of the note (weights
+and counts updated), on a pitch stream that repeats motifs (so contexts match) with the memory full
+(`--adapt-memory`, default the config's). `adapt_cost_ratio_median` = median (c) / median (a).
+(d) `improviser` / `improviser_adapted`: what the engine thread spends per note, through `Improviser`: feed a
+player's note, then decode the next note (`predict`, the default [improvise] decoding: temperature 0.9, top-p
+0.95), without and with adaptation. `improviser_adapt_ratio_median` = median adapted / median without.
 
     .venv/bin/python bench/inference.py [--model models/bach.onnx] [--window models/bach.window.onnx]
 
@@ -21,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from improvd.daemon.adapt import SessionAdapter, softmax  # noqa: E402
 from improvd.daemon.model import StepModel  # noqa: E402
 
 
@@ -56,6 +64,69 @@ def bench_step(path: str, notes: int, warmup: int = 200) -> dict:
     return _stats(times) | {"state_size": model.state_size, "features": ",".join(model.features)}
 
 
+def _pitch_stream(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A player who repeats a few motifs, at times transposed, with random notes between them."""
+    motifs = [rng.integers(48, 76, rng.integers(4, 9)) for _ in range(6)]
+    out: list[int] = []
+    while len(out) < n:
+        if rng.random() < 0.7:
+            out += list(motifs[rng.integers(len(motifs))] + rng.choice([0, 0, 0, 2, 5, -3]))
+        else:
+            out += list(rng.integers(45, 80, rng.integers(1, 5)))
+    return np.asarray(out[:n])
+
+
+def bench_step_adapted(path: str, notes: int, memory: int, warmup: int = 200) -> dict:
+    model = StepModel(path, threads=1)
+    rng = np.random.default_rng(0)
+    feats = model.num_features
+    state = model.zero_state(1)
+    adapter = SessionAdapter(memory)
+    pitches = _pitch_stream(memory + warmup + notes, rng)
+    for p in pitches[:memory]:  # the memory full before timing: the worst case for its size
+        adapter.observe(int(p), None)
+    times = []
+    probs = None
+    for i, p in enumerate(pitches[memory:]):
+        note = np.array([[p, 0.25, 0.4, 80][:feats]], dtype=np.float32)
+        t0 = time.perf_counter()
+        adapter.observe(int(p), probs)
+        pred = model.run(note, state)
+        probs = softmax(pred.pitch_logits[0])
+        adapter.mix(probs)
+        dt = time.perf_counter() - t0
+        state = pred.state
+        if i >= warmup:
+            times.append(dt)
+    return _stats(times) | {"memory": memory, "counted": adapter.counted}
+
+
+def bench_improviser(path: str, notes: int, memory: int | None, warmup: int = 200) -> dict:
+    from improvd.daemon.config import ImproviseConfig
+    from improvd.daemon.improviser import Decoding, Improviser
+
+    model = StepModel(path, threads=1)
+    rng = np.random.default_rng(0)
+    adapter = SessionAdapter(memory) if memory else None
+    imp = Improviser(model, Decoding.from_config(ImproviseConfig()), rng=np.random.default_rng(1), adapter=adapter)
+    pitches = _pitch_stream((memory or 0) + warmup + notes + 1, rng)
+    if adapter is not None:
+        for p in pitches[:memory]:  # the memory full before timing
+            imp.feed([p, 0.25, 0.4, 80], player=True)
+        pitches = pitches[memory:]
+    imp.feed([pitches[0], 0.25, 0.4, 80], player=True)
+    times = []
+    for i, p in enumerate(pitches[1:]):
+        note = [float(p), 0.25, 0.4, 80.0]
+        t0 = time.perf_counter()
+        imp.feed(note, player=True)
+        imp.predict()
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+    return _stats(times) | ({"memory": memory, "counted": adapter.counted} if adapter is not None else {})
+
+
 def bench_window(path: str, notes: int, warmup: int = 50) -> dict:
     sess = _session(path)
     inp = sess.get_inputs()[0]
@@ -80,17 +151,35 @@ def main() -> int:
     parser.add_argument("--model", default="models/bach.onnx", help="step-format ONNX model")
     parser.add_argument("--window", help="window-format ONNX model of the same network")
     parser.add_argument("--notes", type=int, default=3000, help="notes timed per model")
+    parser.add_argument("--adapt-memory", type=int, default=None,
+                        help="session memory of the adapted measurement (default: improvise.adapt_memory)")
     args = parser.parse_args()
-    # Interleave the two measurements in rounds so that machine noise hits both alike.
-    step_rounds, window_rounds = [], []
+    if args.adapt_memory is None:
+        from improvd.daemon.config import ImproviseConfig
+        args.adapt_memory = ImproviseConfig().adapt_memory
+    # Interleave the measurements in rounds so that machine noise hits them alike.
+    step_rounds, window_rounds, adapted_rounds, imp_rounds, imp_adapted_rounds = [], [], [], [], []
     rounds = 3
     for _ in range(rounds):
         step_rounds.append(bench_step(args.model, args.notes // rounds))
+        adapted_rounds.append(bench_step_adapted(args.model, args.notes // rounds, args.adapt_memory))
+        imp_rounds.append(bench_improviser(args.model, args.notes // rounds, None))
+        imp_adapted_rounds.append(bench_improviser(args.model, args.notes // rounds, args.adapt_memory))
         if args.window:
             window_rounds.append(bench_window(args.window, max(100, args.notes // (rounds * 5))))
     pick = lambda rs: min(rs, key=lambda r: r["median_us"])  # noqa: E731  the quietest round
     result = {"benchmark": "inference", "model": args.model, "threads": 1, "step": pick(step_rounds),
-              "step_rounds": step_rounds}
+              "step_rounds": step_rounds, "step_adapted": pick(adapted_rounds), "step_adapted_rounds": adapted_rounds}
+    result["adapt_cost_ratio_median"] = result["step_adapted"]["median_us"] / result["step"]["median_us"]
+    result["adapt_cost_ratio_per_round"] = [a["median_us"] / s["median_us"]
+                                            for s, a in zip(step_rounds, adapted_rounds)]
+    result["improviser"] = pick(imp_rounds)
+    result["improviser_adapted"] = pick(imp_adapted_rounds)
+    result["improviser_adapt_ratio_median"] = (result["improviser_adapted"]["median_us"]
+                                               / result["improviser"]["median_us"])
+    result["improviser_adapt_ratio_per_round"] = [a["median_us"] / s["median_us"]
+                                                  for s, a in zip(imp_rounds, imp_adapted_rounds)]
+    result["loadavg"] = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
     if window_rounds:
         result["window"] = pick(window_rounds)
         result["window_rounds"] = window_rounds

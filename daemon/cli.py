@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="at most this many epochs")
     p.add_argument("--max-minutes", type=float, help="stop after this many minutes, keeping the best model")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--init", metavar="PATH", help="fine-tune: start from a trained model (a run directory, a "
+                   ".keras file, a window-format .onnx, or 'shipped' for the shipped model), keeping its "
+                   "architecture")
+    p.add_argument("--tracks", choices=["all", "player", "improvd"], default="all",
+                   help="which tracks of each file to learn from: all (default), or the player's or improvd's "
+                   "track of files written by [record]")
     p.add_argument("--distributed", action="store_true",
                    help="train with tf.distribute: MultiWorkerMirroredStrategy when TF_CONFIG names several "
                         "workers (run the same command on each), else MirroredStrategy over the local GPUs")
@@ -100,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data", metavar="DIR", help="evaluate on the MIDI files below DIR")
     src.add_argument("--corpus", choices=["bach"], help="built-in corpus (default: bach)")
     p.add_argument("--split", choices=["val", "all"], default="val", help="which files (default: val)")
+    p.add_argument("--adapt", action="store_true",
+                   help="also score session adaptation (improvise.adapt): each file is a session, the targets "
+                   "are its second half")
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -116,6 +116,8 @@ class ImproviseConfig:
     max_hold: float = _opt(8.0, lo=0.1, hi=3600.0)
     key: str = _opt("none")
     key_strength: float = _opt(1.0, lo=0.0, hi=1.0)
+    adapt: str = _opt("off", choices=("off", "cache"))
+    adapt_memory: int = _opt(1000, lo=1, hi=100000)
 
 
 QUANTIZE_CHOICES = ("off", "1/1", "1/2", "1/4", "1/8", "1/16", "1/32", "1/2t", "1/4t", "1/8t", "1/16t", "1/32t",
@@ -150,11 +152,13 @@ class ControlConfig:
     mute: int = _opt(-1, lo=-1, hi=127)
     panic: int = _opt(-1, lo=-1, hi=127)
     reload: int = _opt(-1, lo=-1, hi=127)
+    forget: int = _opt(-1, lo=-1, hi=127)
     state_cc: int = _opt(-1, lo=-1, hi=127)
     state_values: tuple[int, ...] = _opt((0, 64, 127), lo=0, hi=127)
 
 
-CONTROL_FUNCTIONS = ("temperature", "top_p", "max_notes", "key_strength", "mode", "mute", "panic", "reload")
+CONTROL_FUNCTIONS = ("temperature", "top_p", "max_notes", "key_strength", "mode", "mute", "panic", "reload",
+                     "forget")
 
 
 @dataclass(frozen=True)

@@ -77,13 +77,18 @@ Playing with a band (config [timing], [control], midi.thru/program, improvise.ke
   whose onset would make more than `polyphony` of the answer's notes sound waits for a release (fed with its real
   gap). The summary counts the notes delayed and re-chosen.
 - OSC (`[osc]`, daemon/osc.py): `control(action)` (any thread) queues a `control.Action`, applied in the engine
-  thread as a CC's; besides the CC functions it may set `key` and `answer_length`, and `forget` (issue 15's session
-  memory: `on_forget_request` when connected, else a log line "forget: no session memory"). `on_state(state)` is
+  thread as a CC's; besides the CC functions it may set `key` and `answer_length`, and `forget` (clears
+  `improvise.adapt`'s session memory; with adaptation off it logs "forget: no session memory"). `on_state(state)` is
   called in the engine thread on each change of state.
 - Live control (`[control]`, daemon/control.py): CCs change temperature, top_p, max_notes, key_strength and mode
   (from the next note; they stay across a reload), mute (cancels the answer; phrases are still fed), panic (every
   sounding note released at once, improvd's and thru, an All Notes Off on the output channel, the answer and the
-  pending phrase dropped), reload (`on_reload_request()` is called; the service reloads). Each CC is logged at debug.
+  pending phrase dropped), reload (`on_reload_request()` is called; the service reloads), forget (the session
+  memory of `improvise.adapt` is cleared). Each CC is logged at debug.
+- Session adaptation (`improvise.adapt = "cache"`, daemon/adapt.py): the player's notes are fed with
+  `player=True`, so the Improviser's `SessionAdapter` learns from them (improvd's own notes only extend its
+  context); `Engine.forget()` clears it from any thread (at the engine's next wake-up). A reload keeps the memory
+  unless `adapt_memory` changed or adaptation was turned off.
 - State out (`control.state_cc`): idle / listening (a key held or a phrase pending) / answering, sent on change
   through the scheduler.
 - Thru (`midi.thru`): the player's note-ons and note-offs on the listened channels are sent at once through the
@@ -117,6 +122,7 @@ from improvd.daemon import notes as nt
 from improvd.daemon import tempo, turns
 from improvd.daemon.clock import CLOCK_TYPES, ClockTracker
 from improvd.daemon.config import Config, ImproviseConfig
+from improvd.daemon.adapt import SessionAdapter
 from improvd.daemon.control import Action, ControlMap
 from improvd.daemon.improviser import Decoding, Improviser
 from improvd.daemon.keys import Key, estimate_key, parse_key
@@ -197,7 +203,6 @@ class Engine:
                  on_note_played: Callable[[np.ndarray, float], None] | None = None,
                  on_reload_request: Callable[[], None] | None = None,
                  on_state: Callable[[str], None] | None = None,
-                 on_forget_request: Callable[[], None] | None = None,
                  lead_s: float = 0.002, lookahead_s: float = 0.05, catch_up_s: float = 0.1):
         self.input_queue: queue.SimpleQueue = queue.SimpleQueue()
         self.on_answer = on_answer
@@ -205,7 +210,6 @@ class Engine:
         self.on_note_played = on_note_played
         self.on_reload_request = on_reload_request
         self.on_state = on_state
-        self.on_forget_request = on_forget_request
         self.lead_s = float(lead_s)
         self.lookahead_s = float(lookahead_s)
         self.catch_up_s = float(catch_up_s)
@@ -230,7 +234,9 @@ class Engine:
         self._thru: dict[tuple[int, int], int] = {}  # (channel, pitch) -> the scheduler's note id of a thru note
         self._state: str | None = None
         self._configure(config, model)
-        self._improviser = Improviser(model, self._decoding(), rng=self._rng)
+        self._forget_requested = threading.Event()
+        self._improviser = Improviser(model, self._decoding(), rng=self._rng,
+                                      adapter=self._adapter_for(config, None))
         self._phrase: list[HeardNote] = []
         self._last_fed_onset_s: float | None = None
         self._answer: _Answer | None = None
@@ -314,6 +320,17 @@ class Engine:
         """Apply a control action (from OSC, daemon/oscmap.py) in the engine thread, as a CC's; any thread."""
         self.input_queue.put((self._now(), action))
 
+    def forget(self) -> None:
+        """Clear the session memory of `improvise.adapt` (the `forget` control function). Any thread: the engine
+        thread does it at its next wake-up, before the next note it decodes."""
+        self._forget_requested.set()
+        self.input_queue.put(_TICK)
+
+    @property
+    def adapter(self) -> SessionAdapter | None:
+        """The session adapter in use (None when `improvise.adapt` is "off"); for status and tests."""
+        return self._improviser.adapter
+
     def request_swap(self, config: Config, model: StepModel) -> None:
         """Use `config` and `model` from the next phrase on (hot reload); a later request replaces this one."""
         with self._swap_lock:
@@ -360,6 +377,9 @@ class Engine:
 
     def _process(self, item) -> None:
         try:
+            if self._forget_requested.is_set():
+                self._forget_requested.clear()
+                self._forget("forget()")
             # Take everything already waiting before deciding anything: a burst is one moment.
             taken = 0
             while True:
@@ -463,7 +483,7 @@ class Engine:
             log.info("reload requested by %s", source)
             self._hook(self.on_reload_request)
         elif action.function == "forget":
-            self._forget()
+            self._forget(source)
         elif action.function == "mute":
             if action.value and not self._muted and self._answer is not None:
                 self._interrupt(self._answer)
@@ -472,13 +492,14 @@ class Engine:
             self._set_live(action.function, action.value)
         log.debug("%s: %s%s", source, action.function, "" if action.value is None else f" = {action.value!r}")
 
-    def _forget(self) -> None:
-        """The forget control: forget what this session taught improvd. The session memory is issue 15's; until it
-        is connected (`on_forget_request`), there is none to forget."""
-        if self.on_forget_request is None:
-            log.info("forget: no session memory")
+    def _forget(self, source: str) -> None:
+        """The forget control (a CC, OSC, or `forget()`), engine thread: clear what this session taught improvd
+        (`improvise.adapt`'s session memory)."""
+        if self._improviser.adapter is None:
+            log.info('forget: no session memory (improvise.adapt = "off"), requested by %s', source)
         else:
-            self._hook(self.on_forget_request)
+            self._improviser.forget()
+            log.info("forget: session memory cleared, requested by %s", source)
 
     def _set_live(self, name: str, value) -> None:
         self._live[name] = value
@@ -573,8 +594,8 @@ class Engine:
         return np.array([note.pitch, self._fed_step(note.onset_s), note.duration_s / self._time_scale,
                          note.velocity], np.float64)
 
-    def _feed(self, row: np.ndarray, onset_s: float) -> None:
-        self._improviser.feed(row)
+    def _feed(self, row: np.ndarray, onset_s: float, *, player: bool = False) -> None:
+        self._improviser.feed(row, player=player)
         if self._last_fed_onset_s is None or onset_s > self._last_fed_onset_s:
             self._last_fed_onset_s = onset_s
 
@@ -585,7 +606,7 @@ class Engine:
             self._estimate_key()
             a.texture = self._texture_of(self._tracker.window_heard()[-CALL_NOTES:])
             row = self._player_row(note)
-            self._feed(row, note.onset_s)
+            self._feed(row, note.onset_s, player=True)
             a.heard += 1
             a.chained = False
             a.next = None  # predict the next note again from the updated state
@@ -611,7 +632,7 @@ class Engine:
         self._clock_grid = None  # a new answer takes the clock's grid only while its ticks arrive
         for note in phrase:
             row = self._player_row(note)
-            self._feed(row, note.onset_s)
+            self._feed(row, note.onset_s, player=True)
             self._hook(self.on_note_heard, row, note.onset_s)
         if self._muted or self._stopped:
             log.debug("phrase of %d notes heard; not answering (%s)", len(phrase),
@@ -930,7 +951,8 @@ class Engine:
         history = self._improviser.history
         try:
             improviser = Improviser(model, Decoding.from_config(
-                imp, scale_pcs=auto_key.pitch_classes if auto_key is not None else None), rng=rng)
+                imp, scale_pcs=auto_key.pitch_classes if auto_key is not None else None), rng=rng,
+                adapter=self._adapter_for(config, self._improviser.adapter))
             if len(history):
                 improviser.prime(history[-model.context:])
         except Exception as err:
@@ -958,6 +980,17 @@ class Engine:
         self._answer_length = turns.parse_answer_length(self._imp.answer_length)
         if hasattr(self, "_sustain"):
             self._sustain.max_hold_s = config.improvise.max_hold
+
+    @staticmethod
+    def _adapter_for(config: Config, current: SessionAdapter | None) -> SessionAdapter | None:
+        """The session adapter `config` asks for: the current one (its memory kept across a reload) if the
+        bound is unchanged, a new one if it changed, None when adaptation is off."""
+        imp = config.improvise
+        if imp.adapt == "off":
+            return None
+        if current is not None and current.memory == imp.adapt_memory:
+            return current
+        return SessionAdapter(imp.adapt_memory)
 
     def _refresh_improvise(self) -> None:
         self._imp = dataclasses.replace(self._config.improvise, **self._live)

@@ -15,6 +15,12 @@ summarises between C and 2C notes (fewer right after `reset`). Exactly: with k n
 (or since `reset`), the feed that makes k = C + 1 is followed by `reset` of the state and a feed of the last C
 notes, and k becomes 0. A third party reproduces the greedy output (DESIGN.md §3) by doing the same.
 
+Session adaptation (`improvise.adapt`, daemon/adapt.py): with a `SessionAdapter`, each note fed is told to it
+(`feed(note, player=True)` for the player's notes, which it learns from; improvd's own notes only extend its
+context), and `predict` decodes the pitch from the adapter's mixture of the model's distribution and the
+session's memory instead of the model's alone. `forget()` clears that memory. Without an adapter (the default)
+nothing changes.
+
 Greedy decoding (temperature 0) of a prediction is: pitch = argmax of the logits within `pitch_range`,
 step = clip(step, step_range), duration = clip(duration, duration_range) (see `daemon.sampling.decode`).
 
@@ -31,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from improvd.daemon import notes as nt
+from improvd.daemon.adapt import SessionAdapter, softmax
 from improvd.daemon.model import Prediction, StepModel
 from improvd.daemon.sampling import Decoding, choose_pitch, decode
 
@@ -50,6 +57,7 @@ class Snapshot:
     since_priming: int
     history: tuple
     fed: int
+    adapter_context: tuple | None = None
 
 
 class Improviser:
@@ -59,12 +67,17 @@ class Improviser:
         model: the step-format model.
         decoding: how predictions become notes (`Decoding.from_config(config.improvise)`).
         rng: the generator used for sampling (temperature > 0); a fresh unseeded one when None.
+        adapter: session adaptation (`daemon.adapt.SessionAdapter`), or None for the model alone. `reset` and
+            `prime` keep its memory (a reload keeps the session); `forget` clears it.
     """
 
-    def __init__(self, model: StepModel, decoding: Decoding, *, rng: np.random.Generator | None = None):
+    def __init__(self, model: StepModel, decoding: Decoding, *, rng: np.random.Generator | None = None,
+                 adapter: SessionAdapter | None = None):
         self.model = model
         self.decoding = decoding
         self.rng = rng if rng is not None else np.random.default_rng()
+        self.adapter = adapter
+        self._probs: tuple | None = None  # (prediction, its pitch distribution), for the adapter
         if decoding.velocity == "model" and not model.has_velocity:
             log.warning("improvise.velocity = 'model' but %s predicts no velocity: following the player's "
                         "velocity instead", model.path)
@@ -104,14 +117,32 @@ class Improviser:
         self._prediction = self.model.run(row[None, :self.model.num_features], self._state)
         self._state = self._prediction.state
 
-    def feed(self, note) -> None:
+    def forget(self) -> None:
+        """Clear the session adapter's memory (no-op without adaptation); the model's state is untouched."""
+        if self.adapter is not None:
+            self.adapter.forget()
+
+    def _model_probs(self) -> np.ndarray | None:
+        """The model's pitch distribution for the next note (computed once per prediction), or None."""
+        pred = self._prediction
+        if pred is None:
+            return None
+        if self._probs is None or self._probs[0] is not pred:
+            self._probs = (pred, softmax(pred.pitch_logits[0]))
+        return self._probs[1]
+
+    def feed(self, note, *, player: bool = False) -> None:
         """Feed one note (a row: pitch, step_s, duration_s[, velocity]); only the model's F features are used.
 
-        Re-primes from zero over the last `context` notes when the notes since the last priming exceed it.
+        `player`: the note is the player's (the session adapter learns from it); improvd's own notes are fed
+        with False. Re-primes from zero over the last `context` notes when the notes since the last priming
+        exceed it.
         """
         row = np.zeros(4, dtype=np.float64)
         values = np.asarray(note, dtype=np.float64).reshape(-1)[:4]
         row[:len(values)] = values
+        if self.adapter is not None:
+            self.adapter.observe(int(row[nt.PITCH]), self._model_probs(), learn=player)
         self._history.append(row)
         self._fed += 1
         self._since_priming += 1
@@ -153,6 +184,10 @@ class Improviser:
             recent = [row[nt.VELOCITY] for row in list(self._history)[-FOLLOW_NOTES:] if row[nt.VELOCITY] > 0]
             velocity_hint = float(np.mean(recent)) if recent else None
         model_velocity = float(pred.velocity[0]) if pred.velocity is not None else None
+        logits = pred.pitch_logits[0]
+        if self.adapter is not None:  # log-probabilities of the mixture: decoding treats them as logits
+            with np.errstate(divide="ignore"):
+                logits = np.log(self.adapter.mix(self._model_probs()))
         decoding = self.decoding
         self.rechosen = False
         bounded = None
@@ -162,14 +197,14 @@ class Improviser:
             if lo <= hi and (lo, hi) != tuple(decoding.pitch_range):
                 bounded = dataclasses.replace(decoding, pitch_range=(lo, hi))
         if bounded is None:
-            return decode(pred.pitch_logits[0], float(pred.step[0]), float(pred.duration[0]), model_velocity,
+            return decode(logits, float(pred.step[0]), float(pred.duration[0]), model_velocity,
                           decoding, self.rng, player_velocity=velocity_hint)
         before = self.rng.bit_generator.state
-        row = decode(pred.pitch_logits[0], float(pred.step[0]), float(pred.duration[0]), model_velocity,
+        row = decode(logits, float(pred.step[0]), float(pred.duration[0]), model_velocity,
                      bounded, self.rng, player_velocity=velocity_hint)
         after = self.rng.bit_generator.state
         self.rng.bit_generator.state = before  # the same draw without the register
-        free = choose_pitch(pred.pitch_logits[0], decoding.temperature, decoding.top_p, decoding.pitch_range,
+        free = choose_pitch(logits, decoding.temperature, decoding.top_p, decoding.pitch_range,
                             self.rng, scale_pcs=decoding.scale_pcs, key_strength=decoding.key_strength)
         self.rng.bit_generator.state = after
         self.rechosen = int(free) != int(row[nt.PITCH])
@@ -177,7 +212,8 @@ class Improviser:
 
     def snapshot(self) -> Snapshot:
         """What `restore` needs to undo the feeds made after this call (O(context) copy)."""
-        return Snapshot(self._state.copy(), self._prediction, self._since_priming, tuple(self._history), self._fed)
+        return Snapshot(self._state.copy(), self._prediction, self._since_priming, tuple(self._history), self._fed,
+                        self.adapter.context() if self.adapter is not None else None)
 
     def restore(self, snap: Snapshot) -> None:
         """Go back to a `snapshot` (of this Improviser, with the same model)."""
@@ -187,3 +223,5 @@ class Improviser:
         self._history.clear()
         self._history.extend(snap.history)
         self._fed = snap.fed
+        if self.adapter is not None and snap.adapter_context is not None:
+            self.adapter.set_context(snap.adapter_context)

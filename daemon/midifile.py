@@ -1,7 +1,9 @@
 """MIDI files <-> notes, with mido only (the daemon's light runtime; training imports this too).
 
 Reading merges the notes of every non-drum channel (channel 10, index 9, is drums in General MIDI) of every
-track, honouring tempo changes, and sorts them by (onset, pitch). Writing uses 960 ticks per quarter at
+track, honouring tempo changes, and sorts them by (onset, pitch). With `track=NAME` only the tracks of that name
+(their `track_name` meta event, as `[record]` writes "player" and "improvd") are read; every track's tempo
+changes still count. Writing uses 960 ticks per quarter at
 120 bpm (about 0.5 ms a tick), so times survive a round trip to the millisecond.
 """
 
@@ -24,18 +26,19 @@ TEMPO_US = 500_000  # 120 bpm
 MIN_DURATION_S = 0.001
 
 
-def read_notes(path: str | os.PathLike) -> np.ndarray:
+def read_notes(path: str | os.PathLike, track: str | None = None) -> np.ndarray:
     """Read a MIDI file into notes (see `daemon.notes`).
 
     Args:
         path: a Standard MIDI File (type 0, 1 or 2).
+        track: read only the tracks named so (case and surrounding spaces ignored); None = every track.
 
     Returns:
         float64 [N, 4] notes, N >= 1.
 
     Raises:
         MidiFileError: the file is unreadable, not MIDI, truncated, or holds no pitched notes (the message
-            says which).
+            says which; with `track`, also when no track has that name).
     """
     try:
         if os.path.getsize(path) == 0:
@@ -48,6 +51,8 @@ def read_notes(path: str | os.PathLike) -> np.ndarray:
     except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
         raise MidiFileError(f"{path}: not a readable MIDI file ({type(err).__name__}: {err})") from err
     try:
+        if track is not None:
+            midi = select_tracks(midi, track)
         return notes_from_midi(midi)
     except MidiFileError as err:
         raise MidiFileError(f"{path}: {err}") from err
@@ -66,6 +71,37 @@ def _smpte_tick_seconds(division: int) -> float | None:
         raise MidiFileError(f"time division {division} in the header is not valid: expected ticks per beat >= 1 "
                             f"or SMPTE frames (24, 25, 29, 30) and ticks per frame >= 1")
     return 1.0 / ((30000 / 1001 if fps == 29 else fps) * per_frame)
+
+
+def track_name(track: mido.MidiTrack) -> str | None:
+    """The name of a track (its first `track_name` meta event), or None."""
+    for msg in track:
+        if msg.type == "track_name":
+            return msg.name
+    return None
+
+
+def select_tracks(midi: mido.MidiFile, name: str) -> mido.MidiFile:
+    """A copy of `midi` whose notes are those of the tracks named `name` only; the other tracks keep just their
+    tempo changes (so times stay right). MidiFileError when no track has that name."""
+    want = name.strip().lower()
+    names = [track_name(t) for t in midi.tracks]
+    if not any(n is not None and n.strip().lower() == want for n in names):
+        found = ", ".join(repr(n) for n in names if n is not None) or "none named"
+        raise MidiFileError(f"no track named {name!r} (tracks: {found})")
+    out = mido.MidiFile(type=midi.type, ticks_per_beat=midi.ticks_per_beat)
+    for track, n in zip(midi.tracks, names):
+        if n is not None and n.strip().lower() == want:
+            out.tracks.append(track)
+            continue
+        kept, carried = mido.MidiTrack(), 0
+        for msg in track:
+            carried += msg.time
+            if msg.type == "set_tempo":
+                kept.append(msg.copy(time=carried))
+                carried = 0
+        out.tracks.append(kept)
+    return out
 
 
 def notes_from_midi(midi: mido.MidiFile) -> np.ndarray:

@@ -13,7 +13,7 @@ network I/O, no thread; daemon/osc.py receives the datagrams and calls `parse`).
 | /improvd/mute | 1 / 0, true / false | mute on / off (improvd listens but does not play) |
 | /improvd/panic | none | every sounding note released now, the answer dropped |
 | /improvd/reload | none | reload the config file and the model (as SIGHUP) |
-| /improvd/forget | none | forget the session (issue 15's session memory; logs "forget: no session memory" without it) |
+| /improvd/forget | none | forget the session (clears `improvise.adapt`'s session memory; logs "forget: no session memory" with adaptation off) |
 
 Numbers may come as OSC int or float (TouchOSC sends floats, Pure Data floats); booleans as OSC T/F or numbers.
 Ranges are the config's own (`improvd.daemon.config` field metadata): one home for them. Anything else raises

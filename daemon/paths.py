@@ -14,6 +14,7 @@ from pathlib import Path
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PACKAGE_ROOT / "config.toml"  # the commented default config (`improvd config --init` copies it)
 SHIPPED_MODEL = PACKAGE_ROOT / "models" / "bach.onnx"  # step format; its card is bach.card.json beside it
+SHIPPED_KERAS = SHIPPED_MODEL.with_suffix(".keras")  # its Keras weights, for `improvd train --init shipped`
 USER_CONFIG = "~/.config/improvd/config.toml"
 DISTRIBUTION = "improvd"
 

@@ -98,7 +98,8 @@ def test_the_wheel_holds_one_import_package_its_data_and_the_manual_page(dist):
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"improvd", f"{wheel.name.split('-py3')[0]}.dist-info",
                                                 f"{wheel.name.split('-py3')[0]}.data"}
-    for data in ("improvd/config.toml", "improvd/models/bach.onnx", "improvd/models/bach.card.json"):
+    for data in ("improvd/config.toml", "improvd/models/bach.onnx", "improvd/models/bach.card.json",
+                 "improvd/models/bach.keras"):
         assert data in names
     assert not any(n.startswith("improvd/models/") and "window" in n for n in names)  # step format only
     assert any(n.endswith(".data/data/share/man/man1/improvd.1") for n in names)
@@ -106,6 +107,7 @@ def test_the_wheel_holds_one_import_package_its_data_and_the_manual_page(dist):
     sdist = next(dist.glob("improvd-*.tar.gz"))
     members = {m.split("/", 1)[1] for m in tarfile.open(sdist).getnames() if "/" in m}
     for needed in ("pyproject.toml", "MANIFEST.in", "config.toml", "models/bach.onnx", "models/bach.card.json",
+                   "models/bach.keras",
                    "docs/improvd.1", "daemon/cli.py", "train/fit.py", "export/onnx.py", "contrib/improvd.service"):
         assert needed in members, f"the sdist lacks {needed}"
 

@@ -34,8 +34,9 @@ def data_source(args, config: Config) -> dict:
     return {"kind": "corpus", "name": getattr(args, "corpus", None) or config.data.corpus}
 
 
-def load_data(source: dict, config: Config, progress: bool) -> td.Collection:
-    """Parse (or read from the cache) every MIDI file of the source."""
+def load_data(source: dict, config: Config, progress: bool, tracks: str = "all") -> td.Collection:
+    """Parse (or read from the cache) every MIDI file of the source (only the tracks named `tracks` unless
+    "all"; files without them are listed as skipped, with the reason)."""
     if source["kind"] == "dir":
         try:
             paths = td.find_midi_files(source["path"])
@@ -46,7 +47,7 @@ def load_data(source: dict, config: Config, progress: bool) -> td.Collection:
     else:
         from improvd.train.corpus import bach_midi_dir
         paths = td.find_midi_files(bach_midi_dir(config.data.cache_dir, config.data.workers, progress))
-    collection = td.load_collection(paths, config.data.cache_dir, config.data.workers, progress,
+    collection = td.load_collection(paths, config.data.cache_dir, config.data.workers, progress, tracks,
                                     max_bytes=config.data.cache_max_mb * 2**20)
     s = collection.summary()
     log.info("data: %d files, %d notes, %d skipped, %d from cache", s["files"], s["notes"], s["skipped"],
@@ -136,6 +137,12 @@ def cmd_train(args, config: Config) -> int:
         except ValueError as err:
             raise ImprovdError(str(err)) from err
     chief = cluster is None or cluster.is_chief
+    init = None
+    saved_init = None  # on --resume: what the interrupted run started from
+    tracks = getattr(args, "tracks", "all") or "all"
+    if args.resume and getattr(args, "init", None):
+        raise ImprovdError(f"--init {args.init!r} with --resume: a resumed run goes on from its own last.keras "
+                           f"(its config.json records what it started from); give one of them")
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.json").is_file():
@@ -144,15 +151,26 @@ def cmd_train(args, config: Config) -> int:
         saved = json.loads((run_dir / "config.json").read_text())
         preset = Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["preset"].items()})
         source = saved["data_source"]
+        tracks = saved.get("tracks", "all")
+        saved_init = saved.get("init")
         split_info = json.loads((run_dir / "split.json").read_text())
     else:
         try:
             preset = get_preset(args.preset or config.train.preset)
         except ValueError as err:
             raise ImprovdError(str(err)) from err
+        if getattr(args, "init", None):
+            from improvd.train.init import load_init
+            init = load_init(args.init, get_preset(args.preset) if args.preset else None)
+            preset = init.preset
+            print(f"fine-tuning from {init.info['path']} ({init.info['how']}, {init.info['parameters']} "
+                  f"parameters, units {list(preset.units)})", file=sys.stderr)
         run_dir = Path(args.out) if args.out else new_run_dir(config, preset.name)
         source = data_source(args, config)
         split_info = None
+    if init is not None and config.train.units and tuple(config.train.units) != tuple(preset.units):
+        raise ImprovdError(f"train.units = {list(config.train.units)} but --init {args.init!r} has units "
+                           f"{list(preset.units)}: fine-tuning keeps the starting model's architecture")
     preset = apply_overrides(preset, config)
     epochs = args.epochs or config.train.epochs or preset.epochs
     max_minutes = args.max_minutes if args.max_minutes is not None else config.train.max_minutes
@@ -160,7 +178,7 @@ def cmd_train(args, config: Config) -> int:
     if chief:
         run_dir.mkdir(parents=True, exist_ok=True)
 
-    collection = load_data(source, config, progress and chief)
+    collection = load_data(source, config, progress and chief, tracks)
     split = split_by_hashes(collection, split_info) if split_info else None
     if split is None:
         split = make_split(collection, config)
@@ -173,6 +191,8 @@ def cmd_train(args, config: Config) -> int:
         from improvd.train.distribute import make_strategy
         strategy = make_strategy(cluster)  # after parsing: its worker processes fork before TensorFlow starts
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    if tracks != "all":
+        print(f"tracks: {tracks!r} only ({len(collection.files)} file(s) have one)", file=sys.stderr)
     print(f"training {preset.name} on {len(train_notes)} files ({train_notes.num_notes} notes), validating "
           f"on {len(val_notes)} ({val_notes.num_notes} notes); batch {batch_size} × {replicas} replica(s); "
           + (f"run directory {run_dir}" if chief else f"worker {cluster.task_index}: the chief writes the run "
@@ -182,10 +202,12 @@ def cmd_train(args, config: Config) -> int:
         write_json(run_dir / "config.json", {
             "preset": preset.to_dict(), "data_source": source, "config": config.to_dict(),
             "epochs": epochs, "max_minutes": max_minutes, "batch_size": batch_size, "command": command_line(),
+            "init": init.info if init is not None else saved_init, "tracks": tracks,
             "distributed": None if cluster is None else {"workers": cluster.workers, "replicas": replicas}})
 
     result = fit(run_dir, preset, train_notes, val_notes, epochs=epochs, max_minutes=max_minutes,
                  batch_size=batch_size, seed=config.train.seed, resume=bool(args.resume), progress=progress,
+                 init_weights=init.model.get_weights() if init is not None else None,
                  strategy=strategy, is_chief=chief, mixed_precision=config.train.mixed_precision)
     if cluster is not None:
         print(f"{cluster.task_type or 'worker'} {cluster.task_index}: trained weights sha256 "
@@ -197,8 +219,12 @@ def cmd_train(args, config: Config) -> int:
         return 130 if result.stopped_by == "interrupted" else 0
     try:
         started = time.monotonic()
-        val_metrics = evaluate(keras_predictor(result.model), val_notes, config.eval.context,
-                               config.eval.batch_size, progress)
+        try:
+            val_metrics = evaluate(keras_predictor(result.model), val_notes, config.eval.context,
+                                   config.eval.batch_size, progress)
+        except ValueError as err:  # validation files shorter than the protocol's context (short recordings)
+            log.warning("no validation metrics: %s", err)
+            val_metrics = None
         eval_seconds = time.monotonic() - started
         metrics = {
             "preset": preset.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -212,6 +238,7 @@ def cmd_train(args, config: Config) -> int:
                          "mixed_precision": config.train.mixed_precision},
             "val": val_metrics, "eval_seconds": eval_seconds,
             "parameters": int(result.model.count_params()),
+            "init": init.info if init is not None else saved_init, "tracks": tracks,
         }
         write_json(run_dir / "metrics.json", metrics)
         if result.history:
@@ -219,7 +246,8 @@ def cmd_train(args, config: Config) -> int:
     finally:
         if cluster is not None:
             _leave_together(strategy)
-    print(format_table([(f"{preset.name} (val)", val_metrics)]))
+    if val_metrics is not None:
+        print(format_table([(f"{preset.name} (val)", val_metrics)]))
     print(f"run directory: {run_dir} ({result.epochs} epochs, best {result.best_epoch}, "
           f"{result.seconds / 60:.1f} min, stopped by {result.stopped_by})")
     return 130 if result.stopped_by == "interrupted" else 0
@@ -292,6 +320,30 @@ def cmd_eval(args, config: Config) -> int:
     context = config.eval.context
     report: dict = {"data_source": source, "split": args.split, "files": len(eval_notes), "context": context}
     rows = []
+    if args.model and getattr(args, "adapt", False):
+        from improvd.train.evaluate import evaluate_adapted
+        name, predictor = load_predictor(Path(args.model), config)
+        memory = config.improvise.adapt_memory
+        try:
+            result = evaluate_adapted(predictor, eval_notes, context, memory, config.eval.batch_size, progress)
+        except ValueError as err:
+            raise ImprovdError(str(err)) from err
+        report.update({"model": str(args.model), "protocol": "session (second half of each file)",
+                       "cross_entropy": result["cross_entropy"], "accuracy": result["accuracy"],
+                       "notes": result["notes"], "sessions": result["files"], "adapted": result["adapted"],
+                       "per_file": result["per_file"]})
+        print(f"session protocol on {result['files']} file(s), {result['notes']} target notes (second halves), "
+              f"memory {memory} notes")
+        print(f"{'':<12} {'pitch CE':>9} {'top-1':>7}")
+        print(f"{'model':<12} {result['cross_entropy']:>9.4f} {result['accuracy']:>7.3f}")
+        print(f"{'adapted':<12} {result['adapted']['cross_entropy']:>9.4f} {result['adapted']['accuracy']:>7.3f}"
+              f"   ({result['adapted']['ratio']:.3f} × the model's cross-entropy)")
+        if args.json:
+            from improvd.train.fit import write_json
+            write_json(Path(args.json), report)
+        return 0
+    if getattr(args, "adapt", False):
+        raise ImprovdError("--adapt scores a model with and without session adaptation: give --model")
     if args.model:
         name, predictor = load_predictor(Path(args.model), config)
         report["model"] = str(args.model)

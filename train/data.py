@@ -209,12 +209,21 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
-def _parse_one(args: tuple[str, str]) -> tuple[str, str, str | None, bool, tuple | None]:
-    """Worker: hash and parse one file into the cache.
+TRACK_CHOICES = ("all", "player", "improvd")  # `improvd train --tracks`: the track names `[record]` writes
+
+
+def cache_key(digest: str, tracks: str = "all") -> str:
+    """The cache's name for a file's notes: its SHA-256, with the track selection when it is not "all"."""
+    return digest if tracks == "all" else f"{digest}.{tracks}"
+
+
+def _parse_one(args: tuple) -> tuple[str, str, str | None, bool, tuple | None]:
+    """Worker: hash and parse one file into the cache (only the tracks named `tracks`, unless "all").
 
     Returns (path, sha256, skip reason or None, from cache, stat key of the bytes read or None).
     """
-    path, cache = args
+    path, cache = args[0], args[1]
+    tracks = args[2] if len(args) > 2 else "all"
     try:
         with open(path, "rb") as fh:
             key = _stat_key(os.fstat(fh.fileno()))
@@ -222,12 +231,12 @@ def _parse_one(args: tuple[str, str]) -> tuple[str, str, str | None, bool, tuple
     except OSError as err:
         return path, "", f"unreadable ({err.strerror or err})", False, None
     digest = _hash(data)
-    known = _cached_outcome(Path(cache), digest)
+    known = _cached_outcome(Path(cache), cache_key(digest, tracks))
     if known is not False:
         return path, digest, known, True, key
-    npy, bad = Path(cache) / f"{digest}.npy", Path(cache) / f"{digest}.skip.json"
+    npy, bad = (Path(cache) / f"{cache_key(digest, tracks)}{ext}" for ext in (".npy", ".skip.json"))
     try:
-        notes = read_notes(path)
+        notes = read_notes(path, None if tracks == "all" else tracks)
         tmp = npy.with_suffix(f".{os.getpid()}.tmp")
         with open(tmp, "wb") as fh:
             np.save(fh, notes.astype(np.float32), allow_pickle=False)
@@ -371,7 +380,7 @@ class FileIndex:
 
 
 def load_collection(paths: list[Path], cache_dir: str | os.PathLike, workers: int = 0,
-                    progress: bool = True, max_bytes: int | None = None) -> Collection:
+                    progress: bool = True, tracks: str = "all", max_bytes: int | None = None) -> Collection:
     """Parse `paths` (in worker processes, cached by content, indexed by stat) into a `Collection`.
 
     Only new or changed files are read: an indexed file whose size, mtime, ctime and inode are unchanged is
@@ -383,10 +392,15 @@ def load_collection(paths: list[Path], cache_dir: str | os.PathLike, workers: in
         cache_dir: improvd's cache folder; notes go to `cache_dir/notes-v2/`.
         workers: worker processes; 0 = one per core; 1 = in this process.
         progress: show progress bars (with rate and ETA).
+        tracks: "all", or the name of the tracks to read ("player", "improvd": `[record]`'s); a file without
+            such a track is skipped with the reason.
         max_bytes: the cache's size limit (`data.cache_max_mb`); None = no limit. The least recently used
             entries go once this run's are in (`prune_cache`).
     """
     from tqdm import tqdm
+
+    if tracks not in TRACK_CHOICES:
+        raise ValueError(f"tracks = {tracks!r} is not valid: expected one of {', '.join(TRACK_CHOICES)}")
 
     cache = Path(cache_dir).expanduser() / CACHE_VERSION
     cache.mkdir(parents=True, exist_ok=True)
@@ -406,14 +420,14 @@ def load_collection(paths: list[Path], cache_dir: str | os.PathLike, workers: in
                 entry = None
             else:
                 if _stat_key(st) == tuple(entry[:4]):
-                    outcome = _cached_outcome(cache, entry[4])
+                    outcome = _cached_outcome(cache, cache_key(entry[4], tracks))
                     if outcome is not False:
                         results[path] = (entry[4], outcome)
                         continue
         todo.append(path)
     del known
     out.cached = len(results)
-    jobs = [(p, str(cache)) for p in todo]
+    jobs = [(p, str(cache), tracks) for p in todo]
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(jobs) < 8:
         parsed = map(_parse_one, jobs)
@@ -446,7 +460,7 @@ def load_collection(paths: list[Path], cache_dir: str | os.PathLike, workers: in
             out.skipped.append(Skipped(path, reason))
         else:
             out.files.append(FileNotes(path, digest, None))
-            digests.append(digest)
+            digests.append(cache_key(digest, tracks))
     out.notes = load_pack(cache, digests, progress)
     if max_bytes is not None:
         keep = {digest for digest, _ in results.values() if digest} | {pack_key(digests)}

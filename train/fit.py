@@ -118,7 +118,7 @@ def read_history(run_dir: Path) -> list[dict]:
 def fit(run_dir: Path, preset: Preset, train_files, val_files, *,
         epochs: int, max_minutes: float, batch_size: int, seed: int, resume: bool = False,
         progress: bool = True, extra_callbacks: list | None = None, strategy=None, is_chief: bool = True,
-        mixed_precision: bool = False) -> FitResult:
+        mixed_precision: bool = False, init_weights: list | None = None) -> FitResult:
     """Train (or continue training) the preset's model on the files' notes.
 
     Args:
@@ -136,6 +136,8 @@ def fit(run_dir: Path, preset: Preset, train_files, val_files, *,
         is_chief: this process writes the run directory.
         mixed_precision: compute in float16 where it is safe (`mixed_float16`; for GPUs); `model.keras` is
             still written in float32.
+        init_weights: fine-tuning: the starting model's weights (`get_weights()` of a model with the preset's
+            architecture) instead of random ones; ignored on `resume` (`last.keras` holds them by then).
     """
     import keras
 
@@ -164,6 +166,9 @@ def fit(run_dir: Path, preset: Preset, train_files, val_files, *,
             log.info("resuming %s at epoch %d", run_dir, initial_epoch + 1)
         else:
             model = build_model(preset, seed, mixed_precision)
+            if init_weights is not None:
+                model.set_weights(init_weights)
+                log.info("starting from the given weights (fine-tuning)")
     distribute.prepare_model(model, strategy, train_source.batch(train_source.plan(0), 0, 0, 0, batch_size, 1))
     started = time.monotonic()
     cbs, limit, early = _callbacks(write_dir, preset, max_minutes, resume, started,
