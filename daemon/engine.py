@@ -105,6 +105,7 @@ from improvd.daemon.keys import Key, estimate_key, parse_key
 from improvd.daemon.model import StepModel
 from improvd.daemon.quantize import Grid, division_ticks, snap
 from improvd.daemon.scheduler import Scheduler
+from improvd.daemon.watchdog import HEARTBEAT_S, Heartbeat
 from improvd.daemon.window import HeardNote, NoteTracker
 
 log = logging.getLogger("improvd.engine")
@@ -195,6 +196,7 @@ class Engine:
         self._pending_swap: tuple[Config, StepModel] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.heartbeat = Heartbeat()  # the thread's loop went round (the service's watchdog reads it)
 
     @staticmethod
     def _make_rng(seed: int) -> np.random.Generator:
@@ -241,6 +243,11 @@ class Engine:
         """'idle', 'listening' or 'answering' (as last computed by the engine thread)."""
         return self._state
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The engine thread (None before `start`), for the service's watchdog."""
+        return self._thread
+
     def start(self) -> None:
         """Start the engine thread, after `begin`."""
         if self._thread is not None:
@@ -277,7 +284,9 @@ class Engine:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
+                self.heartbeat.beat()
                 timeout = self._timeout()
+                timeout = HEARTBEAT_S if timeout is None else min(timeout, HEARTBEAT_S)
                 try:
                     if timeout is not None and timeout <= 0:
                         item = self.input_queue.get_nowait()

@@ -30,6 +30,7 @@ stamped 0.1 s long. The poller drops those types itself (`_ignored_status`), aft
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -45,6 +46,7 @@ import rtmidi
 
 from improvd.daemon.arrival import ArrivalClock
 from improvd.daemon.errors import PortError
+from improvd.daemon.watchdog import Heartbeat
 
 log = logging.getLogger("improvd.ports")
 
@@ -65,10 +67,17 @@ _ALSA_NUMBERS = re.compile(r"\s+\d+:\d+$")
 
 # ----------------------------------------------------------------------------------------------------------------
 # JACK server probing and monitoring, through libjack directly (rtmidi does not expose the server's state).
+#
+# No Python function is ever handed to libjack for its own threads' use, except the monitor's shutdown callback
+# (called once, when the server goes away, in libjack's notification thread; it only sets an Event). In particular
+# libjack's process-wide error and info handlers stay C code: a Python handler there makes every message that
+# libjack prints on one of its threads (a client's real-time thread included) wait for the GIL.
 
 _JACK_NO_START_SERVER = 0x01
 _SHUTDOWN_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-_ERROR_CB = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+# Synchro files of JACK clients (jack2 on Linux: one shared-memory futex per client, /dev/shm/jack_sem.*).
+_JACK_SYNCHRO = "/dev/shm/jack_sem."
+SETTLE_TIMEOUT_S = 0.5  # how long `settle_jack_synchros` waits at most
 
 
 def _libjack():
@@ -84,31 +93,84 @@ def _libjack():
     lib.jack_client_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
     lib.jack_client_close.argtypes = [ctypes.c_void_p]
     lib.jack_on_shutdown.argtypes = [ctypes.c_void_p, _SHUTDOWN_CB, ctypes.c_void_p]
-    lib.jack_set_error_function.argtypes = [_ERROR_CB]
-    lib.jack_set_info_function.argtypes = [_ERROR_CB]
+    lib.jack_last_frame_time.restype = ctypes.c_uint32
+    lib.jack_last_frame_time.argtypes = [ctypes.c_void_p]
+    lib.jack_is_realtime.argtypes = [ctypes.c_void_p]
+    lib.jack_client_real_time_priority.argtypes = [ctypes.c_void_p]
     return lib
 
 
-@_ERROR_CB
-def _quiet_jack_message(_msg: bytes) -> None:
-    """libjack's complaints while probing for a server that is not there are expected: drop them."""
+@contextlib.contextmanager
+def _libjack_silenced(lib):
+    """Drop libjack's messages while probing for a server that may not be there ("Cannot connect to server
+    ...", "jack server is not running"), without a Python handler: libjack keeps its handlers in two exported C function pointers
+    (`jack_error_callback`, `jack_info_callback`); they are saved, pointed at a C function that only reads its
+    argument (libc's `strlen`, whose result libjack ignores), and restored afterwards. Where libjack does not export
+    them (another JACK implementation), nothing is silenced: a message on stderr is better than Python in
+    libjack's threads."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
+    try:
+        slots = [ctypes.c_void_p.in_dll(lib, name) for name in ("jack_error_callback", "jack_info_callback")]
+        quiet = ctypes.cast(libc.strlen, ctypes.c_void_p).value if libc is not None else None
+    except (ValueError, AttributeError):
+        slots, quiet = [], None
+    if quiet is None:
+        slots = []
+    saved = [slot.value for slot in slots]
+    for slot in slots:
+        slot.value = quiet
+    try:
+        yield
+    finally:
+        for slot, value in zip(slots, saved):
+            slot.value = value
 
 
-def _open_jack_client(lib, name: str) -> int | None:
+def _open_jack_client(lib, name: str, *, quiet: bool = False) -> int | None:
     """A JACK client that is never activated (it costs no cycles), or None when no server is reachable."""
     status = ctypes.c_int(0)
-    default = getattr(lib, "default_jack_error_callback", None)
-    lib.jack_set_error_function(_quiet_jack_message)
-    lib.jack_set_info_function(_quiet_jack_message)
-    try:
+    settle_jack_synchros()
+    if quiet:
+        with _libjack_silenced(lib):
+            client = lib.jack_client_open(name.encode(), _JACK_NO_START_SERVER, ctypes.byref(status))
+    else:
         client = lib.jack_client_open(name.encode(), _JACK_NO_START_SERVER, ctypes.byref(status))
-    finally:
-        if default is not None:
-            lib.jack_set_error_function(ctypes.cast(default, _ERROR_CB))
-        info = getattr(lib, "default_jack_info_callback", None)
-        if info is not None:
-            lib.jack_set_info_function(ctypes.cast(info, _ERROR_CB))
     return client or None
+
+
+def stale_jack_synchros(maps_path: str = "/proc/self/maps") -> list[str]:
+    """The JACK synchro files this process still has mapped although their clients are gone ('(deleted)').
+
+    Why it matters (jack2 1.9.x on Linux, read in its source, `JackLibClient.cpp`, `JackLinuxFutex.cpp`): all the
+    JACK clients of one process share one table of synchros indexed by the server's client number. An entry for
+    another program's client is mapped when one of this process's clients is told that client was added, and
+    unmapped only when one of them is told, on its own notification thread, that it was removed. A new client of
+    this process that the server gives the number of a client removed a moment before, while that notice is still
+    unread, finds the entry mapped and keeps it ('Already connected'): its real-time thread then waits on the dead
+    client's futex, which nobody signals. The server logs `client = NAME was not finished, state = Triggered` and
+    `Process error` every cycle, the client hears nothing, and every client of the server loses its cycles.
+    An unlinked synchro file still mapped here is exactly such an unread notice."""
+    try:
+        with open(maps_path, encoding="ascii", errors="replace") as fh:
+            return [ln.split("/dev/shm/", 1)[1].strip() for ln in fh
+                    if _JACK_SYNCHRO in ln and ln.rstrip().endswith("(deleted)")]
+    except OSError:
+        return []
+
+
+def settle_jack_synchros(timeout_s: float = SETTLE_TIMEOUT_S, *, maps_path: str = "/proc/self/maps",
+                         sleep: Callable[[float], None] = time.sleep,
+                         clock: Callable[[], float] = time.monotonic) -> bool:
+    """Before this process opens a JACK client: wait (at most `timeout_s`) until its clients have read every
+    notice of a removed client (`stale_jack_synchros` is empty), so that the new client cannot inherit a dead
+    client's synchro. Returns whether that was reached; where /proc is not there, True at once."""
+    deadline = clock() + timeout_s
+    while stale_jack_synchros(maps_path):
+        if clock() >= deadline:
+            log.debug("JACK clients of this process still map removed clients' synchros after %.1f s", timeout_s)
+            return False
+        sleep(0.001)
+    return True
 
 
 def jack_server_running() -> bool:
@@ -116,7 +178,7 @@ def jack_server_running() -> bool:
     lib = _libjack()
     if lib is None:
         return False
-    client = _open_jack_client(lib, "improvd-probe")
+    client = _open_jack_client(lib, "improvd-probe", quiet=True)
     if client is None:
         return False
     lib.jack_client_close(client)
@@ -124,9 +186,13 @@ def jack_server_running() -> bool:
 
 
 class JackMonitor:
-    """Watches the JACK server: `gone` is set when it shuts down (from libjack's notification thread).
+    """Watches the JACK server through a client of its own that is never activated (it adds nothing to the
+    server's cycle; open it after the MIDI ports, see `stale_jack_synchros`):
 
-    The monitor is a JACK client that is never activated, so it adds nothing to the server's cycle.
+    - `gone` is set when the server shuts down (from libjack's notification thread);
+    - `frame()` is the frame time of the server's latest cycle, read from shared memory (no request to the server,
+      so it answers at once even while the server is stopped): where it stops moving, the server stalled;
+    - `realtime` and `client_priority` say whether the server runs its clients real-time, and at which priority.
     """
 
     def __init__(self, client_name: str = "improvd-monitor") -> None:
@@ -140,15 +206,56 @@ class JackMonitor:
                             "'jackd -d alsa', or choose another API with midi.api)")
         self._cb = _SHUTDOWN_CB(self._on_shutdown)  # kept alive as long as the client
         self._lib.jack_on_shutdown(self._client, self._cb, None)
+        self.realtime = bool(self._lib.jack_is_realtime(self._client))
+        priority = self._lib.jack_client_real_time_priority(self._client) if self.realtime else -1
+        self.client_priority = priority if priority > 0 else None
 
     def _on_shutdown(self, _arg) -> None:
         self.gone.set()
+
+    def frame(self) -> int | None:
+        """The server's frame time at its latest cycle (wraps at 2**32); None once the client is closed."""
+        if self._client is None or self.gone.is_set():
+            return None
+        return int(self._lib.jack_last_frame_time(self._client))
 
     def close(self) -> None:
         """Close the monitor's client, unless the server is gone (libjack crashes closing clients then)."""
         if self._client is not None and not self.gone.is_set():
             self._lib.jack_client_close(self._client)
         self._client = None
+
+
+class ProgressWatch:
+    """Notices a JACK server that stopped running its cycles, from `JackMonitor.frame()` readings (pure logic;
+    the main thread feeds it every tick).
+
+    `update(now_s, frame)` returns 'stalled' when the frame time has not moved for `stall_after_s`, 'moving' on
+    the first reading that moved after a stall, else None. `stalled` says where it stands, `stalled_for_s(now)`
+    how long."""
+
+    def __init__(self, stall_after_s: float) -> None:
+        self.stall_after_s = float(stall_after_s)
+        self.stalled = False
+        self._frame: int | None = None
+        self._moved_s: float | None = None
+
+    def update(self, now_s: float, frame: int | None) -> str | None:
+        if frame is None:
+            return None
+        if frame != self._frame or self._moved_s is None:
+            self._frame, self._moved_s = frame, now_s
+            if self.stalled:
+                self.stalled = False
+                return "moving"
+            return None
+        if not self.stalled and now_s - self._moved_s >= self.stall_after_s:
+            self.stalled = True
+            return "stalled"
+        return None
+
+    def stalled_for_s(self, now_s: float) -> float:
+        return now_s - self._moved_s if self._moved_s is not None else 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,6 +339,8 @@ def parse_spec(spec: str) -> tuple[bool, str]:
 
 
 def _new_rt(cls, api: str, client_name: str, **kwargs):
+    if api == "jack":
+        settle_jack_synchros()
     try:
         return cls(API_BY_NAME[api], client_name, **kwargs)
     except (rtmidi.SystemError, RuntimeError) as err:
@@ -406,6 +515,7 @@ class InputPort(_Port):
         self._arrival = ArrivalClock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self.heartbeat = Heartbeat()  # the poller's loop went round (the service's watchdog reads it)
         rt = _new_rt(rtmidi.MidiIn, api, client_name, queue_size_limit=self.QUEUE_LIMIT)
         rt.ignore_types(sysex=False, timing=False, active_sense=False)  # see the module's docstring
         self._ignored = _ignored_status(clock)
@@ -418,6 +528,7 @@ class InputPort(_Port):
     def _poll_loop(self) -> None:
         last_s = time.monotonic()
         while not self._stopping.is_set():
+            self.heartbeat.beat()
             try:
                 read = self.poll_once()
                 while read >= self.BATCH:
@@ -460,11 +571,21 @@ class InputPort(_Port):
                 self.dropped += 1
         return len(batch)
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The poller thread (None when not started), for the service's watchdog."""
+        return self._thread
+
     def close(self, *, server_gone: bool = False) -> None:
         self._stopping.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(1.0)
         super().close(server_gone=server_gone)
+
+
+class OutputSuspended(PortError):
+    """A message was not written: the output is suspended (the JACK server stalled), or writing it could fill
+    rtmidi's ring buffer (see `OutputPort`)."""
 
 
 class OutputPort(_Port):
@@ -474,14 +595,38 @@ class OutputPort(_Port):
     `on_lost`, when set, is called (main thread) when the port it is connected to goes away, before improvd's own
     port is closed: the service releases the sounding notes there, so that whatever else is connected to
     improvd's port (a DAW recording it) gets their note-offs.
+
+    Never blocking on JACK: rtmidi's JACK `send_message` copies the message into a ring buffer
+    (`RING_BYTES`, 4 bytes of length + the message each) that the output client's process callback empties every
+    cycle; when the ring is full it waits, yielding, holding the GIL, until a cycle makes room (RtMidi.cpp,
+    `MidiOutJack::sendMessage`). If the server stops running cycles, that wait never ends and no Python thread of
+    improvd runs again, not even the signal handlers. So `send` never writes more than `CYCLE_BUDGET_BYTES`
+    between two cycles of the server (`frame_source`, e.g. `JackMonitor.frame`, says when the server ran one), and
+    while the output is `suspend`ed (the service's stall watch) it writes nothing: the message is refused with
+    `OutputSuspended` (the scheduler counts it as failed, and a refused note-on does not sound). A refused
+    note-off of a note that did sound is owed, and written before anything else once writing is possible again
+    (`resume`, or the next send): every note-on that left improvd gets its note-off.
     """
 
     kind = "output"
+    RING_BYTES = 16384  # rtmidi's JACK ring buffer (RtMidi.cpp, JACK_RINGBUFFER_SIZE)
+    CYCLE_BUDGET_BYTES = RING_BYTES // 2  # written at most between two of the server's cycles
 
     def __init__(self, api: str, spec: str, *, client_name: str = "improvd") -> None:
         super().__init__(_new_rt(rtmidi.MidiOut, api, client_name), api, spec, "improvd out")
+        self._init_output()
+
+    def _init_output(self) -> None:
+        """The output's own state (tests that build a port around a fake rtmidi object call it)."""
         self.sent = 0
+        self.refused = 0  # messages refused (suspended, or the budget of a cycle spent)
         self.on_lost: Callable[[], None] | None = None
+        self.frame_source: Callable[[], int | None] | None = None
+        self.suspended = False
+        self._cycle_frame: int | None = None
+        self._cycle_bytes = 0
+        self._sounding: set[tuple[int, int]] = set()  # (channel, pitch) whose note-on was written, no note-off yet
+        self._owed: list[tuple[int, int]] = []  # of those, whose note-off was refused
 
     def _losing(self) -> None:
         if self.on_lost is None:
@@ -492,12 +637,74 @@ class OutputPort(_Port):
             log.exception("releasing the notes of a lost output failed")
 
     def send(self, msg: mido.Message) -> None:
-        """Write one message now (scheduler thread)."""
+        """Write one message now (scheduler thread); `OutputSuspended` when it cannot be written safely."""
         with self._lock:
             if self.lost or self.closed:
                 return
-            self._rt.send_message(msg.bytes())
-            self.sent += 1
+            if self._owed and not self._write_owed():
+                self._refuse(msg, "the JACK server has not run a cycle since improvd's last writes")
+            if self.suspended:
+                self._refuse(msg, "the output is suspended while the JACK server stalls")
+            data = msg.bytes()
+            if not self._room(len(data)):
+                self._refuse(msg, f"the JACK server has not run a cycle while improvd wrote "
+                                  f"{self._cycle_bytes} bytes (rtmidi's ring buffer could fill and block)")
+            self._write(data)
+            if msg.type == "note_on" and msg.velocity > 0:
+                self._sounding.add((msg.channel, msg.note))
+            elif msg.type in ("note_on", "note_off"):
+                self._sounding.discard((msg.channel, msg.note))
+
+    def _room(self, size: int) -> bool:
+        """Lock held: whether `size` more bytes may be written before the server's next cycle."""
+        if self.frame_source is None:
+            return True
+        frame = self.frame_source()
+        if frame is None:  # no server to ask (it went away): the port is about to close
+            return True
+        if frame != self._cycle_frame:
+            self._cycle_frame, self._cycle_bytes = frame, 0
+        return self._cycle_bytes + size + 4 <= self.CYCLE_BUDGET_BYTES
+
+    def _write(self, data: list[int]) -> None:
+        self._rt.send_message(data)
+        self._cycle_bytes += len(data) + 4
+        self.sent += 1
+
+    def _refuse(self, msg: mido.Message, why: str):
+        self.refused += 1
+        if msg.type in ("note_on", "note_off") and (msg.type == "note_off" or msg.velocity == 0):
+            key = (msg.channel, msg.note)
+            if key in self._sounding:
+                self._sounding.discard(key)
+                self._owed.append(key)
+        raise OutputSuspended(why)
+
+    def _write_owed(self) -> bool:
+        """Lock held: write the owed note-offs (as many as fit); True when none is left."""
+        while self._owed and not self.suspended and self._room(3):
+            channel, pitch = self._owed.pop(0)
+            self._write(mido.Message("note_off", channel=channel, note=pitch, velocity=0).bytes())
+        return not self._owed
+
+    def suspend(self) -> None:
+        """Main thread: stop writing (the JACK server stalled)."""
+        with self._lock:
+            self.suspended = True
+
+    def resume(self) -> int:
+        """Main thread: write again (the server moves); the owed note-offs go first. Returns how many were owed."""
+        with self._lock:
+            self.suspended = False
+            owed = len(self._owed)
+            if not self.lost and not self.closed:
+                self._write_owed()
+            return owed
+
+    @property
+    def owed(self) -> int:
+        """Note-offs refused and not yet written."""
+        return len(self._owed)
 
 
 # ----------------------------------------------------------------------------------------------------------------

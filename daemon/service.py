@@ -45,6 +45,7 @@ from improvd.daemon import ports
 from improvd.daemon.config import Config, load_config
 from improvd.daemon.errors import ImprovdError, ModelError
 from improvd.daemon.recorder import SessionRecorder
+from improvd.daemon.watchdog import THREAD_STALL_S, ThreadWatch
 
 log = logging.getLogger("improvd")
 
@@ -52,12 +53,20 @@ TICK_S = 0.1
 PORT_CHECK_S = 0.5
 STOP_TIMEOUT_S = 0.5
 EXIT_SERVER_GONE = 3
+EXIT_THREAD_FAILED = 4  # a worker thread died or stopped making progress (the watchdog)
+# The JACK server ran no cycle for this long (seconds): it stalled; improvd stops writing to its output.
+JACK_STALL_S = 0.5
+# At shutdown, the server counts as stalled if its frame time did not move over this long (seconds): then no
+# request is made to it (closing a client waits for the server's answer, for ever if it is stopped).
+SHUTDOWN_STALL_PROBE_S = 0.05
 # How long a Python thread may hold the GIL while another waits for it (CPython's default is 5 ms). The engine, the
 # scheduler and the MIDI input poller share one interpreter; a short interval lets the scheduler send a release or a
 # due note within a fraction of a millisecond of being woken, instead of up to several milliseconds later.
 GIL_SWITCH_INTERVAL_S = 0.0002
 # SCHED_FIFO priority of the scheduler thread where the OS allows it: above every normal program, below JACK's
 # threads (jackd's default is 10, and clients' process threads run near it), so improvd never delays JACK's cycle.
+# On JACK it is taken only where the server itself runs its clients real-time, and below their priority: beside a
+# server without real-time scheduling, a real-time improvd thread would preempt every JACK client's cycle.
 SCHEDULER_RT_PRIORITY = 5
 # Input messages the engine may be behind before new input is dropped (an input flood): about 0.1-0.5 s of work.
 INPUT_QUEUE_LIMIT = 2000
@@ -257,6 +266,9 @@ class Service:
         self._last_drop_s = 0.0
         self._flush_s = config.record.flush_seconds  # [record] is read at start only
         self._server_gone = False
+        self._server_stalled = False  # at shutdown: make no request to the JACK server
+        self.progress = ports.ProgressWatch(JACK_STALL_S)
+        self.watchdog = ThreadWatch(THREAD_STALL_S)
 
     # ---- start-up ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -269,8 +281,6 @@ class Service:
         _warm_up_numpy()
         api = ports.choose_api(config.midi.api)
         self.api = api
-        if api == "jack":
-            self.monitor = ports.JackMonitor(f"{config.midi.client_name}-monitor")
         if config.record.dir:
             self.recorder = SessionRecorder(
                 config.record.dir, start_s=self.start_s, now=self.now,
@@ -294,6 +304,17 @@ class Service:
             self.clock_input = ports.InputPort(api, config.midi.clock, clock_sink,
                                                client_name=config.midi.client_name, now=self.now, clock=True,
                                                port_name="improvd clock")
+        if api == "jack":
+            # After the MIDI clients: the monitor is never activated, so it cannot inherit a dead client's synchro
+            # (ports.stale_jack_synchros); it reads the server's progress for the output and the stall watch.
+            self.monitor = ports.JackMonitor(f"{config.midi.client_name}-monitor")
+            self.output.frame_source = self.monitor.frame
+            self.scheduler.realtime_priority = self._jack_scheduler_priority(self.monitor)
+        self.watchdog.watch("engine", lambda: self.engine.thread, self.engine.heartbeat)
+        self.watchdog.watch("scheduler", lambda: self.scheduler.thread, self.scheduler.heartbeat)
+        for port in (self.input, self.clock_input):
+            if port is not None:
+                self.watchdog.watch(f"MIDI {port._port_name!r} poller", lambda p=port: p.thread, port.heartbeat)
         self.scheduler.start()
         self.engine.start()
         # What exists now lives as long as the daemon: keep it out of the collector's full passes.
@@ -303,6 +324,16 @@ class Service:
                  self.output.describe(), config.model.path, getattr(model, "context", "?"), config.improvise.mode,
                  f", clock from {self.clock_input.describe()}" if self.clock_input else "",
                  f", recording to {self.recorder.path}" if self.recorder else "")
+
+    @staticmethod
+    def _jack_scheduler_priority(monitor: "ports.JackMonitor") -> int | None:
+        """The scheduler's SCHED_FIFO priority beside this JACK server: below its clients' real-time threads, or
+        none (normal priority) where the server does not run them real-time."""
+        if not monitor.realtime or monitor.client_priority is None or monitor.client_priority <= 1:
+            log.info("the JACK server runs without real-time scheduling: improvd's scheduler stays at normal "
+                     "priority (a real-time thread would preempt the cycles of every JACK client)")
+            return None
+        return min(SCHEDULER_RT_PRIORITY, monitor.client_priority - 1)
 
     # ---- hooks called from other threads (append or log only) ---------------------------------------------
     def _on_sent(self, t_s: float, msg) -> None:
@@ -364,6 +395,13 @@ class Service:
                 log.error("the JACK server went away; improvd exits (status %d) so that it can be restarted "
                           "once the server is back", EXIT_SERVER_GONE)
                 return EXIT_SERVER_GONE
+            self._watch_server()
+            problems = self.watchdog.check()
+            if problems:
+                log.error("%s; improvd releases what sounds and exits (status %d) so that it can be restarted",
+                          "; ".join(problems), EXIT_THREAD_FAILED)
+                self.exit_status = EXIT_THREAD_FAILED
+                return EXIT_THREAD_FAILED
             self._log_events()
             self._watch_input()
             if self.stats_requested:
@@ -376,6 +414,32 @@ class Service:
                 self.recorder.drain()
                 if self.recorder.due(self._flush_s):
                     self.recorder.flush()
+
+    def _watch_server(self) -> None:
+        """JACK: notice the server stalling (no cycle for JACK_STALL_S) and moving again; the output writes
+        nothing meanwhile (`OutputPort.suspend`)."""
+        if self.monitor is None:
+            return
+        change = self.progress.update(self.now(), self.monitor.frame())
+        if change == "stalled":
+            self.output.suspend()
+            log.error("the JACK server stalled: no cycle for %.1f s; improvd writes nothing to its output until "
+                      "the server moves again", self.progress.stalled_for_s(self.now()))
+        elif change == "moving":
+            owed = self.output.resume()
+            log.warning("the JACK server moves again; output resumed (%d note-off(s) owed sent first, %d messages "
+                        "refused meanwhile)", owed, self.output.refused)
+
+    def _jack_stalled_now(self) -> bool:
+        """Shutdown: whether the JACK server is stalled right now (known, or its frame time does not move over
+        SHUTDOWN_STALL_PROBE_S)."""
+        if self.monitor is None or self._server_gone:
+            return False
+        if self.progress.stalled:
+            return True
+        first = self.monitor.frame()
+        time.sleep(SHUTDOWN_STALL_PROBE_S)
+        return first is not None and self.monitor.frame() == first
 
     def _check_ports(self) -> None:
         for port in (self.input, self.clock_input, self.output):
@@ -452,7 +516,15 @@ class Service:
     def shutdown(self) -> None:
         """Stop the engine, release every sounding note, stop the scheduler, close the ports, write the recording.
 
-        Safe to call after a partial start."""
+        Safe to call after a partial start. With the JACK server stalled, no request is made to it (the ports
+        are left open; the process's exit closes its connections) and the notes that could not be released are
+        logged."""
+        if self._jack_stalled_now():
+            self._server_stalled = True
+            if self.output is not None:
+                self.output.suspend()
+            log.error("the JACK server is stalled: improvd stops without closing its JACK clients (the server "
+                      "drops them when it moves again)")
         if self.engine is not None:
             try:
                 self.engine.stop(timeout=STOP_TIMEOUT_S)
@@ -460,9 +532,13 @@ class Service:
                 log.exception("the engine did not stop cleanly")
         if self.scheduler is not None:
             try:
-                self.scheduler.cancel()
-                self.scheduler.release_all()
-                self.scheduler.stop(STOP_TIMEOUT_S)
+                if self.exit_status == EXIT_THREAD_FAILED:  # a stuck thread may hold the scheduler's lock
+                    if not self.scheduler.release_all(lock_timeout_s=STOP_TIMEOUT_S):
+                        log.error("the scheduler's lock is held by a stuck thread: sounding notes not released")
+                else:
+                    self.scheduler.cancel()
+                    self.scheduler.release_all()
+                    self.scheduler.stop(STOP_TIMEOUT_S)
             except Exception:
                 log.exception("the scheduler did not stop cleanly")
             try:
@@ -472,7 +548,9 @@ class Service:
         # Close the JACK clients properly: a client that just exits is dropped by the server only once it misses
         # cycles, and every missed cycle is an xrun for the whole graph (a DAW's audio glitches). Once the server
         # is gone, leave rtmidi alone: libjack crashes closing clients of a dead server.
-        leave_ports = self._server_gone
+        leave_ports = self._server_gone or self._server_stalled
+        if self._server_stalled and self.output is not None and self.output.owed:
+            log.error("%d note-off(s) could not be written while the JACK server stalled", self.output.owed)
         for port in (self.input, self.clock_input, self.output):
             if port is not None:
                 port.close(server_gone=leave_ports)
@@ -499,9 +577,10 @@ def cmd_run(args, config: Config) -> int:
         status = service.run()
     finally:
         service.shutdown()
-    if service._server_gone:
-        # libjack crashes while freeing clients of a server that is gone: everything is released and written by
-        # now, so leave without running destructors.
+    if service._server_gone or service._server_stalled or status == EXIT_THREAD_FAILED:
+        # libjack crashes while freeing clients of a server that is gone, and waits for ever on one that is
+        # stopped; a stuck worker thread may hold what the interpreter's exit waits for. Everything is released
+        # and written by now, so leave without running destructors.
         logging.shutdown()
         sys.stderr.flush()
         os._exit(status)
