@@ -12,8 +12,9 @@ A port is named in the config as:
   arrival. Windows' MIDI API (WinMM) has no virtual ports; use a loopback driver such as loopMIDI there.
 
 Threads: an input's poller thread reads rtmidi's queue every millisecond, stamps each message with its arrival
-time and enqueues it; `OutputPort.send` is called by the scheduler thread alone; `check()` (the watchdog) and
-open/close run on the main thread.
+time and enqueues it; `OutputPort.send` is called by the scheduler thread alone; `check()` (the port watch),
+open/close, `OutputPort.suspend`/`resume` and `JackMonitor.frame` run on the main thread (`frame` also on the
+scheduler's, through `OutputPort`); the monitor's shutdown callback runs once on libjack's notification thread.
 
 Why polling and not rtmidi's callback: on JACK, rtmidi calls the callback from JACK's real-time process thread, and
 a Python callback has to take the GIL there. While another thread holds it, the process cycle cannot finish, and
@@ -127,9 +128,9 @@ def _libjack_silenced(lib):
 
 
 def _open_jack_client(lib, name: str, *, quiet: bool = False) -> int | None:
-    """A JACK client that is never activated (it costs no cycles), or None when no server is reachable."""
+    """A JACK client that is never activated (it costs no cycles, and having no thread that waits on its synchro it
+    needs no `settle_jack_synchros`), or None when no server is reachable."""
     status = ctypes.c_int(0)
-    settle_jack_synchros()
     if quiet:
         with _libjack_silenced(lib):
             client = lib.jack_client_open(name.encode(), _JACK_NO_START_SERVER, ctypes.byref(status))

@@ -12,6 +12,10 @@ watches: it waits on an event with a short timeout, and on each tick
 - polls the port lists every 0.5 s: a port improvd is connected to that goes away is logged once and reconnected
   when a port of that name returns; if the JACK server itself goes away, improvd says so and exits with status 3
   so that a service manager restarts it;
+- watches the JACK server's progress (its frame time, `JACK_STALL_S`): while it stalls, the output writes nothing
+  (rtmidi would block holding the GIL once its ring is full), and a stop during a stall makes no request to it;
+- watches its worker threads (`daemon/watchdog.py`): one that died or made no progress for `THREAD_STALL_S` is
+  logged, the sounding notes are released and improvd exits with status 4 (`EXIT_THREAD_FAILED`);
 - writes the session recording (`record.dir`) at least every `record.flush_seconds` (10 s);
 - logs an input overload (the engine more than `INPUT_QUEUE_LIMIT` messages behind: new input is dropped, but
   never the release of a key that was let through) once when it starts and once when it ends;
@@ -24,7 +28,7 @@ Real-time measures: the scheduler thread asks for real-time priority (`SCHEDULER
 threads), the GIL switch interval is short, and the objects that exist after start-up are moved out of the garbage
 collector's reach (`gc.freeze`), so that a full collection cannot stall the scheduler for milliseconds.
 
-Threads (DESIGN.md §5): the MIDI input's poller stamps and enqueues, the engine thread decides what to play, the
+Threads: the MIDI input's poller stamps and enqueues, the engine thread decides what to play, the
 scheduler thread alone writes to the output port, and this main thread does everything else.
 """
 

@@ -295,7 +295,7 @@ def steal_percent(before: tuple[float, float], after: tuple[float, float]) -> fl
 DRIVER_WOKE_LATE = "driver woke late"
 IMPROVD_CLIENTS = re.compile(r"client(?: =)? (improvd\S*)")  # improvd, improvd-01, improvd-monitor, ...
 PROCESS_ERROR = "Process error"
-PROCESS_ERROR_RUN = 8  # this many process errors in a row (about 10 ms of cycles) is a client that stopped
+PROCESS_ERROR_RUN = 8  # this many process errors in a row, no client named (10 ms of cycles): a client stopped
 
 
 def xrun_kind(line: str) -> str:
@@ -370,7 +370,10 @@ def graph_report(server: "JackServer", since: int, receiver: str = "receiver") -
             errors += 1
             run += 1
             longest = max(longest, run)
-        elif "XRun" not in ln:  # the server's xrun reports come between a stalled graph's process errors
+        elif xrun_kind(ln) != DRIVER_WOKE_LATE:
+            # A graph that a stopped client holds up logs a process error every cycle and names the client only
+            # when the server gives up on that cycle's graph (its timeout, hundreds of cycles); a busy host makes
+            # clients miss single cycles, each named, each followed by one or two process errors.
             run = 0
     return GraphReport(
         xruns=xruns,

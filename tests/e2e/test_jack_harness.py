@@ -66,12 +66,13 @@ def test_xruns_naming_improvd_or_a_run_of_process_errors_fail_whatever_else_happ
     with pytest.raises(AssertionError, match="1 xruns naming improvd's clients"):
         check_timing(_server_with_log(tmp_path, LATE + RECEIVER + IMPROVD, steal=(0.0, 0.0)), False, "late",
                      since=0)
-    stalled = LATE + (ERROR * 5 + RECEIVER) * 3
-    with pytest.raises(AssertionError, match="15 process errors in a row"):
+    stalled = RECEIVER + ERROR * 6 + LATE + ERROR * 6 + RECEIVER + ERROR
+    with pytest.raises(AssertionError, match="12 process errors in a row"):
         check_timing(_server_with_log(tmp_path, stalled, steal=(0.0, 0.0)), False, "late", since=0)
-    with pytest.raises(AssertionError, match="15 process errors in a row"):
+    with pytest.raises(AssertionError, match="12 process errors in a row"):
         assert_graph_clean(_server_with_log(tmp_path, stalled), 0)
-    assert_graph_clean(_server_with_log(tmp_path, LATE + ERROR * 3 + RECEIVER + LATE + ERROR), 0)
+    # a busy host: clients miss single cycles, each named, each followed by a process error or two
+    assert_graph_clean(_server_with_log(tmp_path, (RECEIVER + ERROR * 2 + LATE) * 20), 0)
     # a correctness check never becomes an expected failure
     with pytest.raises(AssertionError, match="(?s)heard 3 of 5 notes.*driver woke late"):
         midi_lost(_server_with_log(tmp_path, LATE + RECEIVER, steal=(0.0, 0.0)), 0, "heard 3 of 5 notes")
