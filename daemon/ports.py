@@ -81,9 +81,13 @@ _JACK_SYNCHRO = "/dev/shm/jack_sem."
 SETTLE_TIMEOUT_S = 0.5  # how long `settle_jack_synchros` waits at most
 
 
+def _libjack_name() -> str | None:
+    return ctypes.util.find_library("jack") or ("libjack.so.0" if sys.platform.startswith("linux") else None)
+
+
 def _libjack():
     """libjack as a ctypes library, or None when it is not installed."""
-    name = ctypes.util.find_library("jack") or ("libjack.so.0" if sys.platform.startswith("linux") else None)
+    name = _libjack_name()
     if name is None:
         return None
     try:
@@ -94,8 +98,6 @@ def _libjack():
     lib.jack_client_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
     lib.jack_client_close.argtypes = [ctypes.c_void_p]
     lib.jack_on_shutdown.argtypes = [ctypes.c_void_p, _SHUTDOWN_CB, ctypes.c_void_p]
-    lib.jack_last_frame_time.restype = ctypes.c_uint32
-    lib.jack_last_frame_time.argtypes = [ctypes.c_void_p]
     lib.jack_is_realtime.argtypes = [ctypes.c_void_p]
     lib.jack_client_real_time_priority.argtypes = [ctypes.c_void_p]
     return lib
@@ -205,6 +207,12 @@ class JackMonitor:
         if self._client is None:
             raise PortError("no JACK server is running (start one, e.g. with qjackctl or "
                             "'jackd -d alsa', or choose another API with midi.api)")
+        # The frame time is read for every message the output writes: through PyDLL, which keeps the GIL, since it
+        # is a read of shared memory that never blocks (`jack_last_frame_time`), and giving the GIL up and taking
+        # it back could make the scheduler wait for another thread's turn.
+        self._last_frame_time = ctypes.PyDLL(_libjack_name()).jack_last_frame_time
+        self._last_frame_time.restype = ctypes.c_uint32
+        self._last_frame_time.argtypes = [ctypes.c_void_p]
         self._cb = _SHUTDOWN_CB(self._on_shutdown)  # kept alive as long as the client
         self._lib.jack_on_shutdown(self._client, self._cb, None)
         self.realtime = bool(self._lib.jack_is_realtime(self._client))
@@ -218,7 +226,7 @@ class JackMonitor:
         """The server's frame time at its latest cycle (wraps at 2**32); None once the client is closed."""
         if self._client is None or self.gone.is_set():
             return None
-        return int(self._lib.jack_last_frame_time(self._client))
+        return int(self._last_frame_time(self._client))
 
     def close(self) -> None:
         """Close the monitor's client, unless the server is gone (libjack crashes closing clients then)."""
