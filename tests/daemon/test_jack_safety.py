@@ -213,3 +213,15 @@ def test_the_scheduler_is_real_time_beside_jack_only_below_a_real_time_server(ca
     with caplog.at_level("INFO", logger="improvd"):
         assert service.Service._jack_scheduler_priority(FakeMonitor(False, None)) is None
     assert "without real-time scheduling" in caplog.text
+
+
+def test_the_daemon_exits_with_status_4_naming_the_worker_that_died(caplog):
+    from improvd.daemon.config import from_dict
+    svc = service.Service(from_dict({}))
+    dead = _thread(lambda: None)
+    dead.join()
+    svc.watchdog.watch("engine", lambda: dead, Heartbeat())
+    with caplog.at_level("ERROR", logger="improvd"):
+        assert svc.run() == service.EXIT_THREAD_FAILED == 4
+    assert "the engine thread died" in caplog.text and "exits (status 4)" in caplog.text
+    assert svc.exit_status == 4
