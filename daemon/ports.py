@@ -35,6 +35,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import os
 import queue
 import re
 import sys
@@ -99,6 +100,8 @@ def _libjack():
     lib.jack_client_close.argtypes = [ctypes.c_void_p]
     lib.jack_on_shutdown.argtypes = [ctypes.c_void_p, _SHUTDOWN_CB, ctypes.c_void_p]
     lib.jack_is_realtime.argtypes = [ctypes.c_void_p]
+    lib.jack_get_sample_rate.restype = ctypes.c_uint32
+    lib.jack_get_sample_rate.argtypes = [ctypes.c_void_p]
     lib.jack_client_real_time_priority.argtypes = [ctypes.c_void_p]
     return lib
 
@@ -215,6 +218,7 @@ class JackMonitor:
         self._last_frame_time.argtypes = [ctypes.c_void_p]
         self._cb = _SHUTDOWN_CB(self._on_shutdown)  # kept alive as long as the client
         self._lib.jack_on_shutdown(self._client, self._cb, None)
+        self.rate = int(self._lib.jack_get_sample_rate(self._client))
         self.realtime = bool(self._lib.jack_is_realtime(self._client))
         priority = self._lib.jack_client_real_time_priority(self._client) if self.realtime else -1
         self.client_priority = priority if priority > 0 else None
@@ -348,13 +352,77 @@ def parse_spec(spec: str) -> tuple[bool, str]:
 
 
 def _new_rt(cls, api: str, client_name: str, **kwargs):
+    return _new_rt_threads(cls, api, client_name, **kwargs)[0]
+
+
+def _new_rt_threads(cls, api: str, client_name: str, **kwargs) -> tuple:
+    """A new rtmidi object, and the threads its JACK client started (its notification thread and the one that
+    runs its cycle; Linux, else none), for `ClientWatch`."""
     if api == "jack":
         settle_jack_synchros()
+    before = thread_ids()
     try:
-        return cls(API_BY_NAME[api], client_name, **kwargs)
+        rt = cls(API_BY_NAME[api], client_name, **kwargs)
     except (rtmidi.SystemError, RuntimeError) as err:
         hint = API_HINTS.get(api, "")
         raise PortError(f"cannot use the {DISPLAY_NAME[api]} MIDI API: {err}{hint}") from err
+    return rt, (frozenset(thread_ids() - before) if api == "jack" else frozenset())
+
+
+_TASKS = "/proc/self/task"
+
+
+def thread_ids() -> set[int]:
+    """This process's threads (Linux; an empty set elsewhere)."""
+    try:
+        return {int(t) for t in os.listdir(_TASKS)}
+    except OSError:
+        return set()
+
+
+def thread_switches(tids, tasks: str = _TASKS) -> int | None:
+    """The voluntary context switches of these threads together (Linux), None where none can be read. A JACK
+    client's thread switches at least twice a cycle (it waits for the cycle, then for the next)."""
+    total, seen = 0, False
+    for tid in tids:
+        try:
+            with open(f"{tasks}/{tid}/status", encoding="ascii", errors="replace") as fh:
+                for line in fh:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+                        seen = True
+                        break
+        except (OSError, ValueError):
+            continue
+    return total if seen else None
+
+
+class ClientWatch:
+    """Notices one of improvd's own JACK clients that stopped running its cycle while the server runs (pure logic;
+    the main thread feeds it every tick): its threads make no context switch for `stall_after_s` while the
+    server's frame time advanced by at least half that long. A client stuck so hears nothing (an input) or plays
+    nothing (an output), and the server logs a process error every cycle, for every client."""
+
+    def __init__(self, stall_after_s: float) -> None:
+        self.stall_after_s = float(stall_after_s)
+        self.stuck = False
+        self._switches: int | None = None
+        self._since_s = 0.0
+        self._since_frame = 0
+
+    def update(self, now_s: float, frame: int | None, rate: int, switches: int | None) -> bool:
+        """True once, when the client is found stuck."""
+        if frame is None or switches is None:
+            return False
+        if switches != self._switches:
+            self._switches, self._since_s, self._since_frame = switches, now_s, frame
+            self.stuck = False
+            return False
+        ran = ((frame - self._since_frame) % 2**32) / max(rate, 1)
+        if not self.stuck and now_s - self._since_s >= self.stall_after_s and ran >= self.stall_after_s / 2:
+            self.stuck = True
+            return True
+        return False
 
 
 API_HINTS = {
@@ -525,7 +593,7 @@ class InputPort(_Port):
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.heartbeat = Heartbeat()  # the poller's loop went round (the service's watchdog reads it)
-        rt = _new_rt(rtmidi.MidiIn, api, client_name, queue_size_limit=self.QUEUE_LIMIT)
+        rt, self.jack_threads = _new_rt_threads(rtmidi.MidiIn, api, client_name, queue_size_limit=self.QUEUE_LIMIT)
         rt.ignore_types(sysex=False, timing=False, active_sense=False)  # see the module's docstring
         self._ignored = _ignored_status(clock)
         super().__init__(rt, api, spec, port_name)
@@ -622,7 +690,8 @@ class OutputPort(_Port):
     CYCLE_BUDGET_BYTES = RING_BYTES // 2  # written at most between two of the server's cycles
 
     def __init__(self, api: str, spec: str, *, client_name: str = "improvd") -> None:
-        super().__init__(_new_rt(rtmidi.MidiOut, api, client_name), api, spec, "improvd out")
+        rt, self.jack_threads = _new_rt_threads(rtmidi.MidiOut, api, client_name)
+        super().__init__(rt, api, spec, "improvd out")
         self._init_output()
 
     def _init_output(self) -> None:

@@ -271,6 +271,7 @@ class Service:
         self._flush_s = config.record.flush_seconds  # [record] is read at start only
         self._server_gone = False
         self._server_stalled = False  # at shutdown: make no request to the JACK server
+        self._client_watches: list = []  # (port, ports.ClientWatch) of improvd's own JACK clients
         self.progress = ports.ProgressWatch(JACK_STALL_S)
         self.watchdog = ThreadWatch(THREAD_STALL_S)
 
@@ -314,6 +315,10 @@ class Service:
             self.monitor = ports.JackMonitor(f"{config.midi.client_name}-monitor")
             self.output.frame_source = self.monitor.frame
             self.scheduler.realtime_priority = self._jack_scheduler_priority(self.monitor)
+        if self.monitor is not None:
+            self._client_watches = [(port, ports.ClientWatch(THREAD_STALL_S))
+                                    for port in (self.output, self.input, self.clock_input)
+                                    if port is not None and port.jack_threads]
         self.watchdog.watch("engine", lambda: self.engine.thread, self.engine.heartbeat)
         self.watchdog.watch("scheduler", lambda: self.scheduler.thread, self.scheduler.heartbeat)
         for port in (self.input, self.clock_input):
@@ -400,7 +405,7 @@ class Service:
                           "once the server is back", EXIT_SERVER_GONE)
                 return EXIT_SERVER_GONE
             self._watch_server()
-            problems = self.watchdog.check()
+            problems = self.watchdog.check() + self._stuck_clients()
             if problems:
                 log.error("%s; improvd releases what sounds and exits (status %d) so that it can be restarted",
                           "; ".join(problems), EXIT_THREAD_FAILED)
@@ -433,6 +438,21 @@ class Service:
             owed = self.output.resume()
             log.warning("the JACK server moves again; output resumed (%d note-off(s) owed sent first, %d messages "
                         "refused meanwhile)", owed, self.output.refused)
+
+    def _stuck_clients(self) -> list[str]:
+        """JACK: improvd's own clients that stopped running their cycle while the server runs (`ClientWatch`)."""
+        if self.monitor is None or self.progress.stalled:
+            return []
+        frame, now = self.monitor.frame(), self.now()
+        stuck = []
+        for port, watch in self._client_watches:
+            if watch.update(now, frame, self.monitor.rate, ports.thread_switches(port.jack_threads)):
+                if port is self.output:
+                    self.output.suspend()
+                stuck.append(f"improvd's JACK client for its {port.describe()} has not run its cycle for "
+                             f"{watch.stall_after_s:.0f} s while the server ran (it "
+                             f"{'plays' if port is self.output else 'hears'} nothing)")
+        return stuck
 
     def _jack_stalled_now(self) -> bool:
         """Shutdown: whether the JACK server is stalled right now (known, or its frame time does not move over

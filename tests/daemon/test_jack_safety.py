@@ -31,6 +31,7 @@ def _output(frame_source=None):
     rt = FakeRt()
     ports._Port.__init__(out, rt, "jack", "virtual:improvd out", "improvd out")
     out._init_output()
+    out.jack_threads = frozenset()
     out.frame_source = frame_source
     return out, rt
 
@@ -225,3 +226,30 @@ def test_the_daemon_exits_with_status_4_naming_the_worker_that_died(caplog):
         assert svc.run() == service.EXIT_THREAD_FAILED == 4
     assert "the engine thread died" in caplog.text and "exits (status 4)" in caplog.text
     assert svc.exit_status == 4
+
+
+def test_a_client_whose_threads_stop_switching_while_the_server_runs_is_stuck():
+    w = ports.ClientWatch(2.0)
+    rate = 48000
+    assert not w.update(0.0, 0, rate, 100)
+    assert not w.update(1.0, 48000, rate, 1600)  # switching: running its cycle
+    assert not w.update(2.5, 120000, rate, 1600)
+    assert w.update(3.1, 148800, rate, 1600) and w.stuck  # 2.1 s without a switch, 2.1 s of cycles
+    assert not w.update(3.5, 168000, rate, 1600)  # said once
+    assert not w.update(4.0, 192000, rate, 1700) and not w.stuck  # it runs again
+
+
+def test_a_client_is_not_stuck_while_the_server_itself_stands_still():
+    w = ports.ClientWatch(2.0)
+    assert not w.update(0.0, 1000, 48000, 50)
+    assert not w.update(5.0, 1000 + 4800, 48000, 50)  # 0.1 s of cycles in 5 s: the server, not the client
+
+
+def test_thread_switches_are_read_for_this_processs_threads():
+    tids = {threading.get_native_id()}
+    first = ports.thread_switches(tids)
+    if first is None:
+        pytest.skip("no /proc/self/task here")
+    time.sleep(0.01)
+    assert ports.thread_switches(tids) > first
+    assert ports.thread_switches({999999999}) is None

@@ -294,7 +294,9 @@ def steal_percent(before: tuple[float, float], after: tuple[float, float]) -> fl
 
 DRIVER_WOKE_LATE = "driver woke late"
 IMPROVD_CLIENTS = re.compile(r"client(?: =)? (improvd\S*)")  # improvd, improvd-01, improvd-monitor, ...
-PROCESS_ERROR = "Process error"
+# A cycle whose graph did not finish: `ProcessGraphAsyncMaster: Process error` (asynchronous mode), or the driver's
+# wait for the clients timing out (`SuspendRefNum error`, synchronous mode, where no client is named).
+PROCESS_ERRORS = ("Process error", "SuspendRefNum error")
 PROCESS_ERROR_RUN = 8  # this many process errors in a row, no client named (10 ms of cycles): a client stopped
 
 
@@ -366,11 +368,11 @@ def graph_report(server: "JackServer", since: int, receiver: str = "receiver") -
     xruns = [ln for ln in lines if "XRun" in ln]
     run = longest = errors = 0
     for ln in lines:
-        if PROCESS_ERROR in ln:
+        if any(e in ln for e in PROCESS_ERRORS):
             errors += 1
             run += 1
             longest = max(longest, run)
-        elif xrun_kind(ln) != DRIVER_WOKE_LATE:
+        elif xrun_kind(ln) != DRIVER_WOKE_LATE and "ProcessWriteSlaves error" not in ln:
             # A graph that a stopped client holds up logs a process error every cycle and names the client only
             # when the server gives up on that cycle's graph (its timeout, hundreds of cycles); a busy host makes
             # clients miss single cycles, each named, each followed by one or two process errors.

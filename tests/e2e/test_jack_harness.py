@@ -71,6 +71,11 @@ def test_xruns_naming_improvd_or_a_run_of_process_errors_fail_whatever_else_happ
         check_timing(_server_with_log(tmp_path, stalled, steal=(0.0, 0.0)), False, "late", since=0)
     with pytest.raises(AssertionError, match="12 process errors in a row"):
         assert_graph_clean(_server_with_log(tmp_path, stalled), 0)
+    # synchronous mode names no client: the driver's wait for the graph times out, cycle after cycle
+    sync = ("JackTimedDriver::Process XRun = 26771 usec\nJackFreewheelDriver::ProcessSync: SuspendRefNum error\n"
+            "JackAudioDriver::ProcessGraphSync: ProcessWriteSlaves error, engine may now behave abnormally!!\n") * 9
+    with pytest.raises(AssertionError, match="9 process errors in a row"):
+        assert_graph_clean(_server_with_log(tmp_path, sync), 0)
     # a busy host: clients miss single cycles, each named, each followed by a process error or two
     assert_graph_clean(_server_with_log(tmp_path, (RECEIVER + ERROR * 2 + LATE) * 20), 0)
     # a correctness check never becomes an expected failure
