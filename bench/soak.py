@@ -1,7 +1,7 @@
 """Soak: `improvd run` in continuous mode for a long time with an automated player, over JACK; prints JSON.
 
     .venv/bin/python bench/soak.py [--minutes 30] [--window-seconds 60] [--no-record] [--rotate-minutes 60]
-                                   [--period-frames 64] [--jack-async]
+                                   [--period-frames 64] [--jack-async] [--realtime auto|0|1]
 
 improvd plays continuously (temperature 0.9) while an automated player in another process plays phrases of 3 to 8
 notes (some of them chords, random velocities, on two channels) with pauses of 0.5 to 3 s, for `--minutes`. The
@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:
 
 from bench.flood import (IMPROVD_CH, input_counts, jack_mark, jack_trouble, note_balance, rss_mb,  # noqa: E402
                          sent_counts, window_stats)
-from tests.e2e.jack import PERIOD_FRAMES, Daemon, JackServer, Player, Receiver, write_config  # noqa: E402
+from tests.e2e.jack import PERIOD_FRAMES, PROCESS_ERROR_RUN, Daemon, JackServer, Player, Receiver, write_config  # noqa: E402
 
 WARM_UP_S = 60.0
 
@@ -78,6 +78,8 @@ def main() -> int:
     parser.add_argument("--period-frames", type=int, default=PERIOD_FRAMES,
                         help=f"JACK's period at 48 kHz (default {PERIOD_FRAMES}: 1.3 ms; where a VM loses its CPU "
                              "for longer, the driver wakes late)")
+    parser.add_argument("--realtime", choices=("auto", "0", "1"), default="auto",
+                        help="the JACK server's real-time scheduling (auto: where permitted)")
     parser.add_argument("--jack-async", action="store_true",
                         help="run jackd in its default asynchronous mode (stalled clients miss cycles and their MIDI) "
                              "instead of synchronous mode (-S)")
@@ -89,7 +91,8 @@ def main() -> int:
         model = tmp / "model.onnx"
         make_step_model(model, seed=3, context=64)
     rng = random.Random(args.seed)
-    server = JackServer(period=args.period_frames, sync=not args.jack_async).start(tmp)
+    realtime = None if args.realtime == "auto" else args.realtime == "1"
+    server = JackServer(period=args.period_frames, sync=not args.jack_async, realtime=realtime).start(tmp)
     receiver = player = daemon = None
     windows, samples = [], []
     try:
@@ -122,7 +125,8 @@ def main() -> int:
             window_start = jack_mark(server)
             return {"t_min": round((now - t0) / 60, 2), "events": w["sent"], "median_ms": w["median_ms"],
                    "p99_ms": w["p99_ms"], "max_ms": w["max_ms"], "rss_mb": w["rss_mb"],
-                   "xrun_reports": jack["reports"], "improvd_overran": jack["improvd_overran"],
+                   "xrun_reports": jack["reports"], "naming_improvd": jack["naming_improvd"],
+                   "process_errors": jack["process_errors"],
                    "steal_percent": jack["host_steal_percent"]}
         while time.monotonic() < end:
             player.play(random_phrase(rng), wait=True, timeout=30)
@@ -178,7 +182,8 @@ def main() -> int:
         "exit_status": rc, **balance, "sent_by_improvd": sent_counts(lines),
     }
     result["ok"] = bool(rc == 0 and balance["note_ons"] == balance["note_offs"] and balance["note_ons"] > 0
-                        and result["sent_by_improvd"] == balance)
+                        and result["sent_by_improvd"] == balance and xruns["naming_improvd"] == 0
+                        and xruns["longest_process_error_run"] < PROCESS_ERROR_RUN)
     print(json.dumps(result, indent=2))
     return 0 if result["ok"] else 1
 

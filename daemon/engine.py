@@ -130,6 +130,7 @@ from improvd.daemon.model import StepModel
 from improvd.daemon.quantize import Grid, division_ticks, snap
 from improvd.daemon.scheduler import Scheduler
 from improvd.daemon.texture import Texture, TextureCounts, Voices, texture_for_call
+from improvd.daemon.watchdog import HEARTBEAT_S, Heartbeat
 from improvd.daemon.window import HeardNote, NoteTracker
 
 log = logging.getLogger("improvd.engine")
@@ -244,6 +245,7 @@ class Engine:
         self._pending_swap: tuple[Config, StepModel] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.heartbeat = Heartbeat()  # the thread's loop went round (the service's watchdog reads it)
 
     @staticmethod
     def _make_rng(seed: int) -> np.random.Generator:
@@ -289,6 +291,11 @@ class Engine:
     def state(self) -> str | None:
         """'idle', 'listening' or 'answering' (as last computed by the engine thread)."""
         return self._state
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The engine thread (None before `start`), for the service's watchdog."""
+        return self._thread
 
     def start(self) -> None:
         """Start the engine thread, after `begin`."""
@@ -341,7 +348,9 @@ class Engine:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
+                self.heartbeat.beat()
                 timeout = self._timeout()
+                timeout = HEARTBEAT_S if timeout is None else min(timeout, HEARTBEAT_S)
                 try:
                     if timeout is not None and timeout <= 0:
                         item = self.input_queue.get_nowait()

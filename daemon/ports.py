@@ -12,8 +12,9 @@ A port is named in the config as:
   arrival. Windows' MIDI API (WinMM) has no virtual ports; use a loopback driver such as loopMIDI there.
 
 Threads: an input's poller thread reads rtmidi's queue every millisecond, stamps each message with its arrival
-time and enqueues it; `OutputPort.send` is called by the scheduler thread alone; `check()` (the watchdog) and
-open/close run on the main thread.
+time and enqueues it; `OutputPort.send` is called by the scheduler thread alone; `check()` (the port watch),
+open/close, `OutputPort.suspend`/`resume` and `JackMonitor.frame` run on the main thread (`frame` also on the
+scheduler's, through `OutputPort`); the monitor's shutdown callback runs once on libjack's notification thread.
 
 Why polling and not rtmidi's callback: on JACK, rtmidi calls the callback from JACK's real-time process thread, and
 a Python callback has to take the GIL there. While another thread holds it, the process cycle cannot finish, and
@@ -30,9 +31,11 @@ stamped 0.1 s long. The poller drops those types itself (`_ignored_status`), aft
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
+import os
 import queue
 import re
 import sys
@@ -45,6 +48,7 @@ import rtmidi
 
 from improvd.daemon.arrival import ArrivalClock
 from improvd.daemon.errors import PortError
+from improvd.daemon.watchdog import Heartbeat
 
 log = logging.getLogger("improvd.ports")
 
@@ -65,15 +69,26 @@ _ALSA_NUMBERS = re.compile(r"\s+\d+:\d+$")
 
 # ----------------------------------------------------------------------------------------------------------------
 # JACK server probing and monitoring, through libjack directly (rtmidi does not expose the server's state).
+#
+# No Python function is ever handed to libjack for its own threads' use, except the monitor's shutdown callback
+# (called once, when the server goes away, in libjack's notification thread; it only sets an Event). In particular
+# libjack's process-wide error and info handlers stay C code: a Python handler there makes every message that
+# libjack prints on one of its threads (a client's real-time thread included) wait for the GIL.
 
 _JACK_NO_START_SERVER = 0x01
 _SHUTDOWN_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-_ERROR_CB = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+# Synchro files of JACK clients (jack2 on Linux: one shared-memory futex per client, /dev/shm/jack_sem.*).
+_JACK_SYNCHRO = "/dev/shm/jack_sem."
+SETTLE_TIMEOUT_S = 0.5  # how long `settle_jack_synchros` waits at most
+
+
+def _libjack_name() -> str | None:
+    return ctypes.util.find_library("jack") or ("libjack.so.0" if sys.platform.startswith("linux") else None)
 
 
 def _libjack():
     """libjack as a ctypes library, or None when it is not installed."""
-    name = ctypes.util.find_library("jack") or ("libjack.so.0" if sys.platform.startswith("linux") else None)
+    name = _libjack_name()
     if name is None:
         return None
     try:
@@ -84,31 +99,84 @@ def _libjack():
     lib.jack_client_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
     lib.jack_client_close.argtypes = [ctypes.c_void_p]
     lib.jack_on_shutdown.argtypes = [ctypes.c_void_p, _SHUTDOWN_CB, ctypes.c_void_p]
-    lib.jack_set_error_function.argtypes = [_ERROR_CB]
-    lib.jack_set_info_function.argtypes = [_ERROR_CB]
+    lib.jack_is_realtime.argtypes = [ctypes.c_void_p]
+    lib.jack_get_sample_rate.restype = ctypes.c_uint32
+    lib.jack_get_sample_rate.argtypes = [ctypes.c_void_p]
+    lib.jack_client_real_time_priority.argtypes = [ctypes.c_void_p]
     return lib
 
 
-@_ERROR_CB
-def _quiet_jack_message(_msg: bytes) -> None:
-    """libjack's complaints while probing for a server that is not there are expected: drop them."""
-
-
-def _open_jack_client(lib, name: str) -> int | None:
-    """A JACK client that is never activated (it costs no cycles), or None when no server is reachable."""
-    status = ctypes.c_int(0)
-    default = getattr(lib, "default_jack_error_callback", None)
-    lib.jack_set_error_function(_quiet_jack_message)
-    lib.jack_set_info_function(_quiet_jack_message)
+@contextlib.contextmanager
+def _libjack_silenced(lib):
+    """Drop libjack's messages while probing for a server that may not be there ("Cannot connect to server
+    ...", "jack server is not running"), without a Python handler: libjack keeps its handlers in two exported C function pointers
+    (`jack_error_callback`, `jack_info_callback`); they are saved, pointed at a C function that only reads its
+    argument (libc's `strlen`, whose result libjack ignores), and restored afterwards. Where libjack does not export
+    them (another JACK implementation), nothing is silenced: a message on stderr is better than Python in
+    libjack's threads."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
     try:
-        client = lib.jack_client_open(name.encode(), _JACK_NO_START_SERVER, ctypes.byref(status))
+        slots = [ctypes.c_void_p.in_dll(lib, name) for name in ("jack_error_callback", "jack_info_callback")]
+        quiet = ctypes.cast(libc.strlen, ctypes.c_void_p).value if libc is not None else None
+    except (ValueError, AttributeError):
+        slots, quiet = [], None
+    if quiet is None:
+        slots = []
+    saved = [slot.value for slot in slots]
+    for slot in slots:
+        slot.value = quiet
+    try:
+        yield
     finally:
-        if default is not None:
-            lib.jack_set_error_function(ctypes.cast(default, _ERROR_CB))
-        info = getattr(lib, "default_jack_info_callback", None)
-        if info is not None:
-            lib.jack_set_info_function(ctypes.cast(info, _ERROR_CB))
+        for slot, value in zip(slots, saved):
+            slot.value = value
+
+
+def _open_jack_client(lib, name: str, *, quiet: bool = False) -> int | None:
+    """A JACK client that is never activated (it costs no cycles, and having no thread that waits on its synchro it
+    needs no `settle_jack_synchros`), or None when no server is reachable."""
+    status = ctypes.c_int(0)
+    if quiet:
+        with _libjack_silenced(lib):
+            client = lib.jack_client_open(name.encode(), _JACK_NO_START_SERVER, ctypes.byref(status))
+    else:
+        client = lib.jack_client_open(name.encode(), _JACK_NO_START_SERVER, ctypes.byref(status))
     return client or None
+
+
+def stale_jack_synchros(maps_path: str = "/proc/self/maps") -> list[str]:
+    """The JACK synchro files this process still has mapped although their clients are gone ('(deleted)').
+
+    Why it matters (jack2 1.9.x on Linux, read in its source, `JackLibClient.cpp`, `JackLinuxFutex.cpp`): all the
+    JACK clients of one process share one table of synchros indexed by the server's client number. An entry for
+    another program's client is mapped when one of this process's clients is told that client was added, and
+    unmapped only when one of them is told, on its own notification thread, that it was removed. A new client of
+    this process that the server gives the number of a client removed a moment before, while that notice is still
+    unread, finds the entry mapped and keeps it ('Already connected'): its real-time thread then waits on the dead
+    client's futex, which nobody signals. The server logs `client = NAME was not finished, state = Triggered` and
+    `Process error` every cycle, the client hears nothing, and every client of the server loses its cycles.
+    An unlinked synchro file still mapped here is exactly such an unread notice."""
+    try:
+        with open(maps_path, encoding="ascii", errors="replace") as fh:
+            return [ln.split("/dev/shm/", 1)[1].strip() for ln in fh
+                    if _JACK_SYNCHRO in ln and ln.rstrip().endswith("(deleted)")]
+    except OSError:
+        return []
+
+
+def settle_jack_synchros(timeout_s: float = SETTLE_TIMEOUT_S, *, maps_path: str = "/proc/self/maps",
+                         sleep: Callable[[float], None] = time.sleep,
+                         clock: Callable[[], float] = time.monotonic) -> bool:
+    """Before this process opens a JACK client: wait (at most `timeout_s`) until its clients have read every
+    notice of a removed client (`stale_jack_synchros` is empty), so that the new client cannot inherit a dead
+    client's synchro. Returns whether that was reached; where /proc is not there, True at once."""
+    deadline = clock() + timeout_s
+    while stale_jack_synchros(maps_path):
+        if clock() >= deadline:
+            log.debug("JACK clients of this process still map removed clients' synchros after %.1f s", timeout_s)
+            return False
+        sleep(0.001)
+    return True
 
 
 def jack_server_running() -> bool:
@@ -116,7 +184,7 @@ def jack_server_running() -> bool:
     lib = _libjack()
     if lib is None:
         return False
-    client = _open_jack_client(lib, "improvd-probe")
+    client = _open_jack_client(lib, "improvd-probe", quiet=True)
     if client is None:
         return False
     lib.jack_client_close(client)
@@ -124,9 +192,13 @@ def jack_server_running() -> bool:
 
 
 class JackMonitor:
-    """Watches the JACK server: `gone` is set when it shuts down (from libjack's notification thread).
+    """Watches the JACK server through a client of its own that is never activated (it adds nothing to the
+    server's cycle; open it after the MIDI ports, see `stale_jack_synchros`):
 
-    The monitor is a JACK client that is never activated, so it adds nothing to the server's cycle.
+    - `gone` is set when the server shuts down (from libjack's notification thread);
+    - `frame()` is the frame time of the server's latest cycle, read from shared memory (no request to the server,
+      so it answers at once even while the server is stopped): where it stops moving, the server stalled;
+    - `realtime` and `client_priority` say whether the server runs its clients real-time, and at which priority.
     """
 
     def __init__(self, client_name: str = "improvd-monitor") -> None:
@@ -138,17 +210,65 @@ class JackMonitor:
         if self._client is None:
             raise PortError("no JACK server is running (start one, e.g. with qjackctl or "
                             "'jackd -d alsa', or choose another API with midi.api)")
+        # The frame time is read for every message the output writes: through PyDLL, which keeps the GIL, since it
+        # is a read of shared memory that never blocks (`jack_last_frame_time`), and giving the GIL up and taking
+        # it back could make the scheduler wait for another thread's turn.
+        self._last_frame_time = ctypes.PyDLL(_libjack_name()).jack_last_frame_time
+        self._last_frame_time.restype = ctypes.c_uint32
+        self._last_frame_time.argtypes = [ctypes.c_void_p]
         self._cb = _SHUTDOWN_CB(self._on_shutdown)  # kept alive as long as the client
         self._lib.jack_on_shutdown(self._client, self._cb, None)
+        self.rate = int(self._lib.jack_get_sample_rate(self._client))
+        self.realtime = bool(self._lib.jack_is_realtime(self._client))
+        priority = self._lib.jack_client_real_time_priority(self._client) if self.realtime else -1
+        self.client_priority = priority if priority > 0 else None
 
     def _on_shutdown(self, _arg) -> None:
         self.gone.set()
+
+    def frame(self) -> int | None:
+        """The server's frame time at its latest cycle (wraps at 2**32); None once the client is closed."""
+        if self._client is None or self.gone.is_set():
+            return None
+        return int(self._last_frame_time(self._client))
 
     def close(self) -> None:
         """Close the monitor's client, unless the server is gone (libjack crashes closing clients then)."""
         if self._client is not None and not self.gone.is_set():
             self._lib.jack_client_close(self._client)
         self._client = None
+
+
+class ProgressWatch:
+    """Notices a JACK server that stopped running its cycles, from `JackMonitor.frame()` readings (pure logic;
+    the main thread feeds it every tick).
+
+    `update(now_s, frame)` returns 'stalled' when the frame time has not moved for `stall_after_s`, 'moving' on
+    the first reading that moved after a stall, else None. `stalled` says where it stands, `stalled_for_s(now)`
+    how long."""
+
+    def __init__(self, stall_after_s: float) -> None:
+        self.stall_after_s = float(stall_after_s)
+        self.stalled = False
+        self._frame: int | None = None
+        self._moved_s: float | None = None
+
+    def update(self, now_s: float, frame: int | None) -> str | None:
+        if frame is None:
+            return None
+        if frame != self._frame or self._moved_s is None:
+            self._frame, self._moved_s = frame, now_s
+            if self.stalled:
+                self.stalled = False
+                return "moving"
+            return None
+        if not self.stalled and now_s - self._moved_s >= self.stall_after_s:
+            self.stalled = True
+            return "stalled"
+        return None
+
+    def stalled_for_s(self, now_s: float) -> float:
+        return now_s - self._moved_s if self._moved_s is not None else 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,11 +352,77 @@ def parse_spec(spec: str) -> tuple[bool, str]:
 
 
 def _new_rt(cls, api: str, client_name: str, **kwargs):
+    return _new_rt_threads(cls, api, client_name, **kwargs)[0]
+
+
+def _new_rt_threads(cls, api: str, client_name: str, **kwargs) -> tuple:
+    """A new rtmidi object, and the threads its JACK client started (its notification thread and the one that
+    runs its cycle; Linux, else none), for `ClientWatch`."""
+    if api == "jack":
+        settle_jack_synchros()
+    before = thread_ids()
     try:
-        return cls(API_BY_NAME[api], client_name, **kwargs)
+        rt = cls(API_BY_NAME[api], client_name, **kwargs)
     except (rtmidi.SystemError, RuntimeError) as err:
         hint = API_HINTS.get(api, "")
         raise PortError(f"cannot use the {DISPLAY_NAME[api]} MIDI API: {err}{hint}") from err
+    return rt, (frozenset(thread_ids() - before) if api == "jack" else frozenset())
+
+
+_TASKS = "/proc/self/task"
+
+
+def thread_ids() -> set[int]:
+    """This process's threads (Linux; an empty set elsewhere)."""
+    try:
+        return {int(t) for t in os.listdir(_TASKS)}
+    except OSError:
+        return set()
+
+
+def thread_switches(tids, tasks: str = _TASKS) -> int | None:
+    """The voluntary context switches of these threads together (Linux), None where none can be read. A JACK
+    client's thread switches at least twice a cycle (it waits for the cycle, then for the next)."""
+    total, seen = 0, False
+    for tid in tids:
+        try:
+            with open(f"{tasks}/{tid}/status", encoding="ascii", errors="replace") as fh:
+                for line in fh:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+                        seen = True
+                        break
+        except (OSError, ValueError):
+            continue
+    return total if seen else None
+
+
+class ClientWatch:
+    """Notices one of improvd's own JACK clients that stopped running its cycle while the server runs (pure logic;
+    the main thread feeds it every tick): its threads make no context switch for `stall_after_s` while the
+    server's frame time advanced by at least half that long. A client stuck so hears nothing (an input) or plays
+    nothing (an output), and the server logs a process error every cycle, for every client."""
+
+    def __init__(self, stall_after_s: float) -> None:
+        self.stall_after_s = float(stall_after_s)
+        self.stuck = False
+        self._switches: int | None = None
+        self._since_s = 0.0
+        self._since_frame = 0
+
+    def update(self, now_s: float, frame: int | None, rate: int, switches: int | None) -> bool:
+        """True once, when the client is found stuck."""
+        if frame is None or switches is None:
+            return False
+        if switches != self._switches:
+            self._switches, self._since_s, self._since_frame = switches, now_s, frame
+            self.stuck = False
+            return False
+        ran = ((frame - self._since_frame) % 2**32) / max(rate, 1)
+        if not self.stuck and now_s - self._since_s >= self.stall_after_s and ran >= self.stall_after_s / 2:
+            self.stuck = True
+            return True
+        return False
 
 
 API_HINTS = {
@@ -423,12 +609,15 @@ class InputPort(_Port):
         self._arrival = ArrivalClock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        rt = _new_rt(rtmidi.MidiIn, api, client_name, queue_size_limit=self.QUEUE_LIMIT)
+        self.heartbeat = Heartbeat()  # the poller's loop went round (the service's watchdog reads it)
+        rt, self.jack_threads = _new_rt_threads(rtmidi.MidiIn, api, client_name, queue_size_limit=self.QUEUE_LIMIT)
         rt.ignore_types(sysex=False, timing=False, active_sense=False)  # see the module's docstring
         self._ignored = _ignored_status(clock)
         super().__init__(rt, api, spec, port_name)
         self._client_name = client_name
         self._eox_due_s = 0.0
+        # Whether the JACK server stalls (the service's stall watch sets it; read by the poller thread).
+        self.server_stalled: Callable[[], bool] = lambda: False
         self._eox_guard = self._make_eox_guard()
         if start:
             self._thread = threading.Thread(target=self._poll_loop, name=f"improvd-{port_name.replace(' ', '-')}",
@@ -445,8 +634,8 @@ class InputPort(_Port):
             return None
         own = f":{self._own_port_name()}"
         try:
-            guard = rtmidi.MidiOut(API_BY_NAME["jack"], f"{self._client_name}-eox")
-        except (rtmidi.SystemError, RuntimeError) as err:
+            guard = _new_rt(rtmidi.MidiOut, "jack", f"{self._client_name}-eox")
+        except PortError as err:
             log.debug("no EOX guard for the MIDI %s: %s", self.kind, err)
             return None
         try:
@@ -472,7 +661,8 @@ class InputPort(_Port):
             return
         self._eox_due_s = now + EOX_GUARD_S
         with self._lock:  # the main thread swaps the guard on a reconnection
-            if self._eox_guard is None or self.lost or self.closed:
+            # nothing while the JACK server stalls: rtmidi's send spins holding the GIL once the guard's ring is full
+            if self._eox_guard is None or self.lost or self.closed or self.server_stalled():
                 return
             try:
                 self._eox_guard.send_message([EOX])
@@ -493,6 +683,7 @@ class InputPort(_Port):
     def _poll_loop(self) -> None:
         last_s = time.monotonic()
         while not self._stopping.is_set():
+            self.heartbeat.beat()
             self._send_eox()
             try:
                 read = self.poll_once()
@@ -556,12 +747,22 @@ class InputPort(_Port):
             except queue.Full:
                 self.dropped += 1
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The poller thread (None when not started), for the service's watchdog."""
+        return self._thread
+
     def close(self, *, server_gone: bool = False) -> None:
         self._stopping.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(1.0)
         self._close_eox_guard(server_gone=server_gone)
         super().close(server_gone=server_gone)
+
+
+class OutputSuspended(PortError):
+    """A message was not written: the output is suspended (the JACK server stalled), or writing it could fill
+    rtmidi's ring buffer (see `OutputPort`)."""
 
 
 class OutputPort(_Port):
@@ -571,14 +772,39 @@ class OutputPort(_Port):
     `on_lost`, when set, is called (main thread) when the port it is connected to goes away, before improvd's own
     port is closed: the service releases the sounding notes there, so that whatever else is connected to
     improvd's port (a DAW recording it) gets their note-offs.
+
+    Never blocking on JACK: rtmidi's JACK `send_message` copies the message into a ring buffer
+    (`RING_BYTES`, 4 bytes of length + the message each) that the output client's process callback empties every
+    cycle; when the ring is full it waits, yielding, holding the GIL, until a cycle makes room (RtMidi.cpp,
+    `MidiOutJack::sendMessage`). If the server stops running cycles, that wait never ends and no Python thread of
+    improvd runs again, not even the signal handlers. So `send` never writes more than `CYCLE_BUDGET_BYTES`
+    between two cycles of the server (`frame_source`, e.g. `JackMonitor.frame`, says when the server ran one), and
+    while the output is `suspend`ed (the service's stall watch) it writes nothing: the message is refused with
+    `OutputSuspended` (the scheduler counts it as failed, and a refused note-on does not sound). A refused
+    note-off of a note that did sound is owed, and written before anything else once writing is possible again
+    (`resume`, or the next send): every note-on that left improvd gets its note-off.
     """
 
     kind = "output"
+    RING_BYTES = 16384  # rtmidi's JACK ring buffer (RtMidi.cpp, JACK_RINGBUFFER_SIZE)
+    CYCLE_BUDGET_BYTES = RING_BYTES // 2  # written at most between two of the server's cycles
 
     def __init__(self, api: str, spec: str, *, client_name: str = "improvd") -> None:
-        super().__init__(_new_rt(rtmidi.MidiOut, api, client_name), api, spec, "improvd out")
+        rt, self.jack_threads = _new_rt_threads(rtmidi.MidiOut, api, client_name)
+        super().__init__(rt, api, spec, "improvd out")
+        self._init_output()
+
+    def _init_output(self) -> None:
+        """The output's own state (tests that build a port around a fake rtmidi object call it)."""
         self.sent = 0
+        self.refused = 0  # messages refused (suspended, or the budget of a cycle spent)
         self.on_lost: Callable[[], None] | None = None
+        self.frame_source: Callable[[], int | None] | None = None
+        self.suspended = False
+        self._cycle_frame: int | None = None
+        self._cycle_bytes = 0
+        self._sounding: set[tuple[int, int]] = set()  # (channel, pitch) whose note-on was written, no note-off yet
+        self._owed: list[tuple[int, int]] = []  # of those, whose note-off was refused
 
     def _losing(self) -> None:
         if self.on_lost is None:
@@ -589,14 +815,76 @@ class OutputPort(_Port):
             log.exception("releasing the notes of a lost output failed")
 
     def send(self, msg: mido.Message) -> None:
-        """Write one message now (scheduler thread). While the port is being lost (`on_lost` releasing what
-        sounds), a note-on is dropped: it would reach improvd's other connections, and its note-off would be
-        dropped once the port is lost."""
+        """Write one message now (scheduler thread); `OutputSuspended` when it cannot be written safely. While the
+        port is being lost (`on_lost` releasing what sounds), a note-on is dropped: it would reach improvd's other
+        connections, and its note-off would be dropped once the port is lost."""
         with self._lock:
             if self.lost or self.closed or (self.losing and msg.type == "note_on" and msg.velocity > 0):
                 return
-            self._rt.send_message(msg.bytes())
-            self.sent += 1
+            if self._owed and not self._write_owed():
+                self._refuse(msg, "the JACK server has not run a cycle since improvd's last writes")
+            if self.suspended:
+                self._refuse(msg, "the output is suspended while the JACK server stalls")
+            data = msg.bytes()
+            if not self._room(len(data)):
+                self._refuse(msg, f"the JACK server has not run a cycle while improvd wrote "
+                                  f"{self._cycle_bytes} bytes (rtmidi's ring buffer could fill and block)")
+            self._write(data)
+            if msg.type == "note_on" and msg.velocity > 0:
+                self._sounding.add((msg.channel, msg.note))
+            elif msg.type in ("note_on", "note_off"):
+                self._sounding.discard((msg.channel, msg.note))
+
+    def _room(self, size: int) -> bool:
+        """Lock held: whether `size` more bytes may be written before the server's next cycle."""
+        if self.frame_source is None:
+            return True
+        frame = self.frame_source()
+        if frame is None:  # no server to ask (it went away): the port is about to close
+            return True
+        if frame != self._cycle_frame:
+            self._cycle_frame, self._cycle_bytes = frame, 0
+        return self._cycle_bytes + size + 4 <= self.CYCLE_BUDGET_BYTES
+
+    def _write(self, data: list[int]) -> None:
+        self._rt.send_message(data)
+        self._cycle_bytes += len(data) + 4
+        self.sent += 1
+
+    def _refuse(self, msg: mido.Message, why: str):
+        self.refused += 1
+        if msg.type in ("note_on", "note_off") and (msg.type == "note_off" or msg.velocity == 0):
+            key = (msg.channel, msg.note)
+            if key in self._sounding:
+                self._sounding.discard(key)
+                self._owed.append(key)
+        raise OutputSuspended(why)
+
+    def _write_owed(self) -> bool:
+        """Lock held: write the owed note-offs (as many as fit); True when none is left."""
+        while self._owed and not self.suspended and self._room(3):
+            channel, pitch = self._owed.pop(0)
+            self._write(mido.Message("note_off", channel=channel, note=pitch, velocity=0).bytes())
+        return not self._owed
+
+    def suspend(self) -> None:
+        """Main thread: stop writing (the JACK server stalled)."""
+        with self._lock:
+            self.suspended = True
+
+    def resume(self) -> int:
+        """Main thread: write again (the server moves); the owed note-offs go first. Returns how many were owed."""
+        with self._lock:
+            self.suspended = False
+            owed = len(self._owed)
+            if not self.lost and not self.closed:
+                self._write_owed()
+            return owed
+
+    @property
+    def owed(self) -> int:
+        """Note-offs refused and not yet written."""
+        return len(self._owed)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -47,6 +47,8 @@ from typing import Callable
 import mido
 import numpy as np
 
+from improvd.daemon.watchdog import HEARTBEAT_S, Heartbeat
+
 log = logging.getLogger("improvd.scheduler")
 
 _ON, _OFF, _MSG = "on", "off", "msg"
@@ -125,6 +127,7 @@ class Scheduler:
         self._late = 0
         self._failed = 0
         self._send_failing = False
+        self.heartbeat = Heartbeat()  # the thread's loop went round (the service's watchdog reads it)
 
     # ---- scheduling (any thread) -------------------------------------------------------------------------
     def schedule_note(self, onset_s: float, off_s: float, pitch: int, velocity: int, channel: int = 0,
@@ -219,9 +222,14 @@ class Scheduler:
                 self.run_pending()
         return len(releasing)
 
-    def release_all(self) -> None:
-        """Drop every pending event and send a note-off for every sounding note now, from the calling thread."""
-        with self._cond:
+    def release_all(self, lock_timeout_s: float | None = None) -> bool:
+        """Drop every pending event and send a note-off for every sounding note now, from the calling thread.
+
+        With `lock_timeout_s`, give up (returning False) when the scheduler's lock cannot be had within that long:
+        the watchdog's way out when the scheduler thread is stuck holding it."""
+        if not self._cond.acquire(timeout=-1 if lock_timeout_s is None else lock_timeout_s):
+            return False
+        try:
             self._heap.clear()
             self._notes.clear()
             self._dead = 0
@@ -230,8 +238,16 @@ class Scheduler:
             for (channel, pitch), (note_id, owner) in list(self._sounding.items()):
                 self._process(now, _Event(_OFF, channel, pitch, 0, note_id, owner))
             self._sounding.clear()
+            return True
+        finally:
+            self._cond.release()
 
     # ---- thread ------------------------------------------------------------------------------------------
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The scheduler thread (None before `start`), for the service's watchdog."""
+        return self._thread
+
     @property
     def running(self) -> bool:
         """Whether the scheduler thread is alive."""
@@ -278,16 +294,17 @@ class Scheduler:
         self._set_realtime()
         try:
             while not self._stopping.is_set():
+                self.heartbeat.beat()
                 with self._cond:
                     if self._stopping.is_set():
                         break
                     if not self._heap:
-                        self._wait(self._cond, None)
+                        self._wait(self._cond, HEARTBEAT_S)
                         continue
                     due = self._heap[0][0]
                     remaining = due - self._now()
                     if remaining > self.spin_s:
-                        self._wait(self._cond, remaining - self.spin_s)
+                        self._wait(self._cond, min(remaining - self.spin_s, HEARTBEAT_S))
                         continue
                     generation = self._generation
                 # The last stretch: spin without the lock, so schedule/cancel can still get in and stop the spin.

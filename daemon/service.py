@@ -16,6 +16,10 @@ watches: it waits on an event with a short timeout, and on each tick
 - leaves the session recording (`record.dir`) to the recorder's thread, which writes it at least every
   `record.flush_seconds` (10 s): a slow or hung disk never delays a stop (at stop, the last write gets
   `RECORD_STOP_WAIT_S`, after every note is released);
+- watches the JACK server's progress (its frame time, `JACK_STALL_S`): while it stalls, the output writes nothing
+  (rtmidi would block holding the GIL once its ring is full), and a stop during a stall makes no request to it;
+- watches its worker threads (`daemon/watchdog.py`): one that died or made no progress for `THREAD_STALL_S` is
+  logged, the sounding notes are released and improvd exits with status 4 (`EXIT_THREAD_FAILED`);
 - logs an input overload (the engine more than `INPUT_QUEUE_LIMIT` messages behind: new input is dropped, but
   never the release of a key that was let through) once when it starts and once when it ends;
 - on SIGUSR1, logs the lateness of the events sent since the previous SIGUSR1 (`window stats:`) and the memory
@@ -27,9 +31,10 @@ Real-time measures: the scheduler thread asks for real-time priority (`SCHEDULER
 threads), the GIL switch interval is short, and the objects that exist after start-up are moved out of the garbage
 collector's reach (`gc.freeze`), so that a full collection cannot stall the scheduler for milliseconds.
 
-Threads (DESIGN.md §5): the MIDI input's poller stamps and enqueues, the engine thread decides what to play, the
-scheduler thread alone writes to the output port, the recorder's thread writes the recording, a reload loads on a
-thread of its own, and this main thread does everything else.
+Threads (docs/architecture.md): the MIDI input's poller stamps and enqueues, the engine thread decides what to play,
+the scheduler thread writes what is played to the output port (the releases of a lost output, a stop or the
+watchdog are written by this main thread, under the port's and the scheduler's locks), the recorder's thread
+writes the recording, a reload loads on a thread of its own, and this main thread does everything else.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from improvd.daemon import ports
 from improvd.daemon.config import Config, load_config
 from improvd.daemon.errors import ImprovdError, ModelError
 from improvd.daemon.recorder import SessionRecorder, check_directory
+from improvd.daemon.watchdog import THREAD_STALL_S, ThreadWatch
 
 log = logging.getLogger("improvd")
 
@@ -59,12 +65,20 @@ STOP_TIMEOUT_S = 0.5
 # answer by then keeps what the previous write put there, and improvd exits well within systemd's 5 s.
 RECORD_STOP_WAIT_S = 0.4
 EXIT_SERVER_GONE = 3
+EXIT_THREAD_FAILED = 4  # a worker thread died or stopped making progress (the watchdog)
+# The JACK server ran no cycle for this long (seconds): it stalled; improvd stops writing to its output.
+JACK_STALL_S = 0.5
+# At shutdown, the server counts as stalled if its frame time did not move over this long (seconds): then no
+# request is made to it (closing a client waits for the server's answer, for ever if it is stopped).
+SHUTDOWN_STALL_PROBE_S = 0.05
 # How long a Python thread may hold the GIL while another waits for it (CPython's default is 5 ms). The engine, the
 # scheduler and the MIDI input poller share one interpreter; a short interval lets the scheduler send a release or a
 # due note within a fraction of a millisecond of being woken, instead of up to several milliseconds later.
 GIL_SWITCH_INTERVAL_S = 0.0002
 # SCHED_FIFO priority of the scheduler thread where the OS allows it: above every normal program, below JACK's
 # threads (jackd's default is 10, and clients' process threads run near it), so improvd never delays JACK's cycle.
+# On JACK it is taken only where the server itself runs its clients real-time, and below their priority: beside a
+# server without real-time scheduling, a real-time improvd thread would preempt every JACK client's cycle.
 SCHEDULER_RT_PRIORITY = 5
 # Input messages the engine may be behind before new input is dropped (an input flood): about 0.1-0.5 s of work.
 INPUT_QUEUE_LIMIT = 2000
@@ -313,6 +327,10 @@ class Service:
         self._server_gone = False
         self._writer: _RecordWriter | None = None
         self._reloading: threading.Thread | None = None
+        self._server_stalled = False  # at shutdown: make no request to the JACK server
+        self._client_watches: list = []  # (port, ports.ClientWatch) of improvd's own JACK clients
+        self.progress = ports.ProgressWatch(JACK_STALL_S)
+        self.watchdog = ThreadWatch(THREAD_STALL_S)
 
     # ---- start-up ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -327,8 +345,6 @@ class Service:
         _warm_up_numpy()
         api = ports.choose_api(config.midi.api)
         self.api = api
-        if api == "jack":
-            self.monitor = ports.JackMonitor(f"{config.midi.client_name}-monitor")
         if config.record.dir:
             self.recorder = SessionRecorder(
                 record_dir, start_s=self.start_s, now=self.now,
@@ -358,6 +374,24 @@ class Service:
             self.clock_input = ports.InputPort(api, config.midi.clock, clock_sink,
                                                client_name=config.midi.client_name, now=self.now, clock=True,
                                                port_name="improvd clock")
+        for port in (self.input, self.clock_input):
+            if port is not None:
+                port.server_stalled = lambda: self.progress.stalled  # its EOX guard sends nothing then
+        if api == "jack":
+            # After the MIDI clients: the monitor is never activated, so it cannot inherit a dead client's synchro
+            # (ports.stale_jack_synchros); it reads the server's progress for the output and the stall watch.
+            self.monitor = ports.JackMonitor(f"{config.midi.client_name}-monitor")
+            self.output.frame_source = self.monitor.frame
+            self.scheduler.realtime_priority = self._jack_scheduler_priority(self.monitor)
+        if self.monitor is not None:
+            self._client_watches = [(port, ports.ClientWatch(THREAD_STALL_S))
+                                    for port in (self.output, self.input, self.clock_input)
+                                    if port is not None and port.jack_threads]
+        self.watchdog.watch("engine", lambda: self.engine.thread, self.engine.heartbeat)
+        self.watchdog.watch("scheduler", lambda: self.scheduler.thread, self.scheduler.heartbeat)
+        for port in (self.input, self.clock_input):
+            if port is not None:
+                self.watchdog.watch(f"MIDI {port._port_name!r} poller", lambda p=port: p.thread, port.heartbeat)
         self.scheduler.start()
         self.engine.start()
         if self.osc is not None:
@@ -369,6 +403,16 @@ class Service:
                  self.output.describe(), config.model.path, getattr(model, "context", "?"), config.improvise.mode,
                  f", clock from {self.clock_input.describe()}" if self.clock_input else "",
                  f", recording to {self.recorder.path}" if self.recorder else "")
+
+    @staticmethod
+    def _jack_scheduler_priority(monitor: "ports.JackMonitor") -> int | None:
+        """The scheduler's SCHED_FIFO priority beside this JACK server: below its clients' real-time threads, or
+        none (normal priority) where the server does not run them real-time."""
+        if not monitor.realtime or monitor.client_priority is None or monitor.client_priority <= 1:
+            log.info("the JACK server runs without real-time scheduling: improvd's scheduler stays at normal "
+                     "priority (a real-time thread would preempt the cycles of every JACK client)")
+            return None
+        return min(SCHEDULER_RT_PRIORITY, monitor.client_priority - 1)
 
     # ---- hooks called from other threads (append or log only) ---------------------------------------------
     def _on_sent(self, t_s: float, msg) -> None:
@@ -435,6 +479,13 @@ class Service:
                 log.error("the JACK server went away; improvd exits (status %d) so that it can be restarted "
                           "once the server is back", EXIT_SERVER_GONE)
                 return EXIT_SERVER_GONE
+            self._watch_server()
+            problems = self.watchdog.check() + self._stuck_clients()
+            if problems:
+                log.error("%s; improvd releases what sounds and exits (status %d) so that it can be restarted",
+                          "; ".join(problems), EXIT_THREAD_FAILED)
+                self.exit_status = EXIT_THREAD_FAILED
+                return EXIT_THREAD_FAILED
             self._log_events()
             self._watch_input()
             if self.stats_requested:
@@ -443,6 +494,47 @@ class Service:
             if self.now() >= next_check:
                 next_check = self.now() + PORT_CHECK_S
                 self._check_ports()
+
+    def _watch_server(self) -> None:
+        """JACK: notice the server stalling (no cycle for JACK_STALL_S) and moving again; the output writes
+        nothing meanwhile (`OutputPort.suspend`)."""
+        if self.monitor is None:
+            return
+        change = self.progress.update(self.now(), self.monitor.frame())
+        if change == "stalled":
+            self.output.suspend()
+            log.error("the JACK server stalled: no cycle for %.1f s; improvd writes nothing to its output until "
+                      "the server moves again", self.progress.stalled_for_s(self.now()))
+        elif change == "moving":
+            owed = self.output.resume()
+            log.warning("the JACK server moves again; output resumed (%d note-off(s) owed sent first, %d messages "
+                        "refused meanwhile)", owed, self.output.refused)
+
+    def _stuck_clients(self) -> list[str]:
+        """JACK: improvd's own clients that stopped running their cycle while the server runs (`ClientWatch`)."""
+        if self.monitor is None or self.progress.stalled:
+            return []
+        frame, now = self.monitor.frame(), self.now()
+        stuck = []
+        for port, watch in self._client_watches:
+            if watch.update(now, frame, self.monitor.rate, ports.thread_switches(port.jack_threads)):
+                if port is self.output:
+                    self.output.suspend()
+                stuck.append(f"improvd's JACK client for its {port.describe()} has not run its cycle for "
+                             f"{watch.stall_after_s:.0f} s while the server ran (it "
+                             f"{'plays' if port is self.output else 'hears'} nothing)")
+        return stuck
+
+    def _jack_stalled_now(self) -> bool:
+        """Shutdown: whether the JACK server is stalled right now (known, or its frame time does not move over
+        SHUTDOWN_STALL_PROBE_S)."""
+        if self.monitor is None or self._server_gone:
+            return False
+        if self.progress.stalled:
+            return True
+        first = self.monitor.frame()
+        time.sleep(SHUTDOWN_STALL_PROBE_S)
+        return first is not None and self.monitor.frame() == first
 
     def _check_ports(self) -> None:
         for port in (self.input, self.clock_input, self.output):
@@ -524,12 +616,20 @@ class Service:
     def shutdown(self) -> None:
         """Stop the engine, release every sounding note, stop the scheduler, close the ports, write the recording.
 
-        Safe to call after a partial start."""
+        Safe to call after a partial start. With the JACK server stalled, no request is made to it (the ports
+        are left open; the process's exit closes its connections) and the notes that could not be released are
+        logged."""
         if self.osc is not None:
             try:
                 self.osc.stop()
             except Exception:
                 log.exception("the OSC endpoint did not stop cleanly")
+        if self._jack_stalled_now():
+            self._server_stalled = True
+            if self.output is not None:
+                self.output.suspend()
+            log.error("the JACK server is stalled: improvd stops without closing its JACK clients (the server "
+                      "drops them when it moves again)")
         if self.engine is not None:
             try:
                 self.engine.stop(timeout=STOP_TIMEOUT_S)
@@ -537,9 +637,13 @@ class Service:
                 log.exception("the engine did not stop cleanly")
         if self.scheduler is not None:
             try:
-                self.scheduler.cancel()
-                self.scheduler.release_all()
-                self.scheduler.stop(STOP_TIMEOUT_S)
+                if self.exit_status == EXIT_THREAD_FAILED:  # a stuck thread may hold the scheduler's lock
+                    if not self.scheduler.release_all(lock_timeout_s=STOP_TIMEOUT_S):
+                        log.error("the scheduler's lock is held by a stuck thread: sounding notes not released")
+                else:
+                    self.scheduler.cancel()
+                    self.scheduler.release_all()
+                    self.scheduler.stop(STOP_TIMEOUT_S)
             except Exception:
                 log.exception("the scheduler did not stop cleanly")
             try:
@@ -549,7 +653,9 @@ class Service:
         # Close the JACK clients properly: a client that just exits is dropped by the server only once it misses
         # cycles, and every missed cycle is an xrun for the whole graph (a DAW's audio glitches). Once the server
         # is gone, leave rtmidi alone: libjack crashes closing clients of a dead server.
-        leave_ports = self._server_gone
+        leave_ports = self._server_gone or self._server_stalled
+        if self._server_stalled and self.output is not None and self.output.owed:
+            log.error("%d note-off(s) could not be written while the JACK server stalled", self.output.owed)
         for port in (self.input, self.clock_input, self.output):
             if port is not None:
                 port.close(server_gone=leave_ports)
@@ -582,9 +688,10 @@ def cmd_run(args, config: Config) -> int:
         status = service.run()
     finally:
         service.shutdown()
-    if service._server_gone:
-        # libjack crashes while freeing clients of a server that is gone: everything is released and written by
-        # now, so leave without running destructors.
+    if service._server_gone or service._server_stalled or status == EXIT_THREAD_FAILED:
+        # libjack crashes while freeing clients of a server that is gone, and waits for ever on one that is
+        # stopped; a stuck worker thread may hold what the interpreter's exit waits for. Everything is released
+        # and written by now, so leave without running destructors.
         logging.shutdown()
         sys.stderr.flush()
         os._exit(status)

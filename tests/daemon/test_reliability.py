@@ -213,8 +213,7 @@ class FakeRt:
 def _output(rt):
     out = ports.OutputPort.__new__(ports.OutputPort)
     ports._Port.__init__(out, rt, "jack", "synth", "improvd out")
-    out.sent = 0
-    out.on_lost = None
+    out._init_output()
     return out
 
 

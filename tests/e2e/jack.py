@@ -148,6 +148,7 @@ class JackServer:
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
         self._lock_fd: int | None = None
+        self._steal_marks: dict[int, tuple[float, float]] = {}
 
     def _take_name(self) -> None:
         """Hold the first free name of the pool (an exclusive lock on its file until `stop`)."""
@@ -184,6 +185,7 @@ class JackServer:
                            "-r", str(self.rate), "-p", str(self.period)],
                           env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
+        self._steal_marks = {0: cpu_steal()}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -214,18 +216,28 @@ class JackServer:
         return self.proc is not None and self.proc.poll() is None
 
     def log_size(self) -> int:
-        """Bytes in the server's log so far (a mark for `xruns`)."""
-        return self.log_path.stat().st_size if self.log_path and self.log_path.exists() else 0
+        """Bytes in the server's log so far (a mark for `xruns`, `graph_report`); the host's CPU steal is noted
+        with it (`steal_at`)."""
+        size = self.log_path.stat().st_size if self.log_path and self.log_path.exists() else 0
+        self._steal_marks.setdefault(size, cpu_steal())
+        return size
 
-    def xruns(self, since: int = 0) -> list[str]:
-        """The server's xrun reports (`JackEngine::XRun: client = NAME was not finished ...`) after byte `since`
-        of its log: cycles some client missed, whose MIDI is lost for every client of the server."""
+    def steal_at(self, mark: int) -> tuple[float, float]:
+        """The host's CPU time and steal when `log_size()` returned `mark` (the server's start for 0)."""
+        return self._steal_marks.get(mark, self._steal_marks.get(0, cpu_steal()))
+
+    def log_lines(self, since: int = 0) -> list[str]:
+        """The server's log after byte `since`."""
         if not self.log_path or not self.log_path.exists():
             return []
         with open(self.log_path, "rb") as fh:
             fh.seek(since)
-            text = fh.read().decode(errors="replace")
-        return [ln for ln in text.splitlines() if "XRun" in ln]
+            return fh.read().decode(errors="replace").splitlines()
+
+    def xruns(self, since: int = 0) -> list[str]:
+        """The server's xrun reports (`JackEngine::XRun: client = NAME was not finished ...`) after byte `since`
+        of its log: cycles some client missed, whose MIDI is lost for every client of the server."""
+        return [ln for ln in self.log_lines(since) if "XRun" in ln]
 
     def ports(self) -> list[str]:
         """All port names (`jack_lsp`); [] when the server is not reachable."""
@@ -252,28 +264,40 @@ class JackServer:
             raise AssertionError(f"jack_connect {src!r} {dst!r} failed: {out.stderr.strip()}")
 
 
-NOT_REALTIME_REASON = ("the JACK server runs without real-time scheduling here (not permitted): the dummy driver's "
-                       "frame clock loses time at every xrun, so receiver timestamps are no reliable clock")
+def cpu_steal() -> tuple[float, float]:
+    """Seconds of CPU time so far on this machine in all, and those the hypervisor gave to others (`steal` in
+    /proc/stat; (0, 0) where there is none): where steal rises, JACK's threads wake late and every client misses
+    cycles, whatever improvd does."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return sum(fields[:8]) / tick, (fields[7] if len(fields) > 7 else 0) / tick
 
 
-def midi_lost(server: JackServer, since: int, detail: str) -> NoReturn:
-    """Fail a check the receiver's record did not pass: an expected failure (xfail) where the JACK server logged
-    xruns after byte `since` of its log, since a missed cycle loses its MIDI for every client and the record is then
-    no evidence either way; else an AssertionError with `detail`."""
-    _xfail_if_xruns(server, since, "MIDI events of a missed cycle are lost", detail)
+def steal_percent(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """The share of CPU time stolen by the hypervisor between two `cpu_steal()` readings, %."""
+    total = after[0] - before[0]
+    return round(100.0 * (after[1] - before[1]) / total, 2) if total > 0 else None
 
 
-def _xfail_if_xruns(server: JackServer, since: int, why: str, detail) -> NoReturn:
-    """xfail, naming the server's xruns after byte `since` by kind and `why` they matter, where there are any;
-    else an AssertionError with `detail`."""
-    xruns = server.xruns(since)
-    if xruns:
-        kinds = collections.Counter(xrun_kind(x) for x in xruns)
-        pytest.xfail(f"the JACK server logged {len(xruns)} xruns during the test ({dict(kinds)}), and {why}: {detail}")
-    raise AssertionError(detail)
-
+# ---- what the server's log says, and what a failed check may be excused by ---------------------------------------
+#
+# The rules (issue 12): an xrun or process error that names one of improvd's clients, or a run of process errors
+# (a client that stopped running its cycle: the whole graph stalls), is a failure, never an expected failure. A
+# timing check that missed may be an expected failure only for a cause outside improvd that the log and the host
+# show: the driver woke late while the host stole CPU time (measured), or the receiver missed its own cycle; the
+# reason printed with the xfail carries that evidence. Correctness checks (notes heard, answered, balanced, exit
+# codes) never become expected failures: a test where MIDI could be lost runs its server in synchronous mode
+# (`JackServer(sync=True)`), where a late client is late, not lost.
 
 DRIVER_WOKE_LATE = "driver woke late"
+IMPROVD_CLIENTS = re.compile(r"client(?: =)? (improvd\S*)")  # improvd, improvd-01, improvd-monitor, ...
+# A cycle whose graph did not finish: `ProcessGraphAsyncMaster: Process error` (asynchronous mode), or the driver's
+# wait for the clients timing out (`SuspendRefNum error`, synchronous mode, where no client is named).
+PROCESS_ERRORS = ("Process error", "SuspendRefNum error")
+PROCESS_ERROR_RUN = 8  # this many process errors in a row, no client named (10 ms of cycles): a client stopped
 
 
 def xrun_kind(line: str) -> str:
@@ -289,26 +313,109 @@ def xrun_kind(line: str) -> str:
     return f"{m[1]} finished late" if m else line.strip()
 
 
-def driver_woke_late(server: JackServer, since: int) -> list[str]:
+def driver_woke_late(server: "JackServer", since: int) -> list[str]:
     """The dummy driver's late wake-ups after byte `since` of the server's log (`xrun_kind`). Each one loses the
     frame clock the time the driver slept too long: a receiver's timestamps (frames) then put later events earlier
     than they were sent (measured: a 5 ms stall of both CPUs -> 2.7-4.0 ms shorter intervals)."""
     return [ln for ln in server.xruns(since) if xrun_kind(ln) == DRIVER_WOKE_LATE]
 
 
-def check_timing(server: JackServer, ok: bool, detail, *, since: int) -> None:
-    """Assert a timing check measured on the receiver's frame clock. A miss is an expected failure (xfail), with
-    the reason, where the receiver's stamps were no reliable clock: the server could not run real-time, or it logged
-    xruns after byte `since` of its log. A late driver wake-up loses the frame clock that time (`driver_woke_late`);
-    a client that missed its cycle (the receiver, or one before it in the graph) can make the receiver read that
-    cycle's events later and stamp them with a later cycle's frame time (the likely mechanism of a miss seen once:
-    the first two notes of an answer 3.39 ms late against the rest, with only clients' missed cycles in the log).
-    Any other miss is an AssertionError."""
+@dataclass
+class GraphReport:
+    """What the server logged after a mark, judged by the rules above (`graph_report`)."""
+
+    xruns: list[str]
+    improvd: list[str]  # xrun reports naming one of improvd's clients
+    process_errors: int
+    longest_run: int  # the longest run of process errors in a row
+    driver_late: int
+    receiver_missed: list[str]  # reports of a receiver that missed its own cycle
+    steal_percent: float | None  # the host's CPU steal since the mark
+
+    @property
+    def failure(self) -> str | None:
+        """Why the log itself fails the test, or None."""
+        if self.improvd:
+            return (f"the JACK server logged {len(self.improvd)} xruns naming improvd's clients "
+                    f"({dict(collections.Counter(xrun_kind(x) for x in self.improvd))})")
+        if self.longest_run >= PROCESS_ERROR_RUN:
+            return (f"the JACK server logged {self.longest_run} process errors in a row: a client stopped running "
+                    f"its cycle and the whole graph stalled")
+        return None
+
+    def excuse(self) -> str | None:
+        """A cause outside improvd for a missed timing check, with its evidence, or None."""
+        if self.failure:
+            return None
+        if self.driver_late and self.steal_percent:
+            return (f"the JACK driver woke late {self.driver_late} times while the host stole "
+                    f"{self.steal_percent:.2f}% of the CPU time (xruns: {self.summary()})")
+        if self.receiver_missed:
+            return (f"the receiver missed {len(self.receiver_missed)} of its own cycles and stamps that cycle's "
+                    f"events with a later frame time (xruns: {self.summary()})")
+        return None
+
+    def summary(self) -> str:
+        kinds = dict(collections.Counter(xrun_kind(x) for x in self.xruns))
+        return (f"{len(self.xruns)} xruns {kinds}, {self.process_errors} process errors (longest run "
+                f"{self.longest_run}), host steal {self.steal_percent}%")
+
+
+def graph_report(server: "JackServer", since: int, receiver: str = "receiver") -> GraphReport:
+    """Judge the server's log after byte `since` (a `server.log_size()` mark; the host's steal is measured from
+    the same mark)."""
+    lines = server.log_lines(since)
+    xruns = [ln for ln in lines if "XRun" in ln]
+    run = longest = errors = 0
+    for ln in lines:
+        if any(e in ln for e in PROCESS_ERRORS):
+            errors += 1
+            run += 1
+            longest = max(longest, run)
+        elif xrun_kind(ln) != DRIVER_WOKE_LATE and "ProcessWriteSlaves error" not in ln:
+            # A graph that a stopped client holds up logs a process error every cycle and names the client only
+            # when the server gives up on that cycle's graph (its timeout, hundreds of cycles); a busy host makes
+            # clients miss single cycles, each named, each followed by one or two process errors.
+            run = 0
+    return GraphReport(
+        xruns=xruns,
+        improvd=[x for x in xruns if IMPROVD_CLIENTS.search(x)],
+        process_errors=errors, longest_run=longest,
+        driver_late=sum(xrun_kind(x) == DRIVER_WOKE_LATE for x in xruns),
+        receiver_missed=[x for x in xruns if re.search(rf"client (?:= )?{receiver}\S* ", x)],
+        steal_percent=steal_percent(server.steal_at(since), cpu_steal()))
+
+
+def midi_lost(server: "JackServer", since: int, detail: str) -> NoReturn:
+    """Fail a correctness check (notes heard, answered, balanced): always an AssertionError, with what the server
+    logged after byte `since` as evidence. Never an expected failure."""
+    report = graph_report(server, since)
+    raise AssertionError(f"{detail}\n(the JACK server since the test began: {report.summary()}"
+                         f"{'; ' + report.failure if report.failure else ''})")
+
+
+def check_timing(server: "JackServer", ok: bool, detail, *, since: int) -> None:
+    """Assert a timing check measured on the receiver's frame clock. A miss fails, unless the server's log after
+    byte `since` and the host show a cause outside improvd (`GraphReport.excuse`): then it is an expected failure
+    whose reason carries the evidence. xruns naming improvd's clients, or a run of process errors, fail it in any
+    case."""
     if ok:
         return
-    if not server.realtime:
-        pytest.xfail(f"{NOT_REALTIME_REASON}; measured: {detail}")
-    _xfail_if_xruns(server, since, "the receiver's stamps are then no reliable clock; measured", detail)
+    report = graph_report(server, since)
+    if report.failure:
+        raise AssertionError(f"{detail}\n{report.failure}: {report.summary()}")
+    excuse = report.excuse()
+    if excuse:
+        pytest.xfail(f"{excuse}; measured: {detail}")
+    raise AssertionError(f"{detail}\n(the JACK server: {report.summary()})")
+
+
+def assert_graph_clean(server: "JackServer", since: int) -> None:
+    """Fail when the server's log after byte `since` names improvd's clients in xruns or shows a run of process
+    errors (a test's end: whatever its checks said, improvd must not cost the graph its cycles)."""
+    report = graph_report(server, since)
+    if report.failure:
+        raise AssertionError(f"{report.failure}: {report.summary()}\n" + "\n".join(report.improvd[:10]))
 
 
 @dataclass(frozen=True)
@@ -593,10 +700,12 @@ def greedy_answer(model, prime, n: int, first_gap_s: float, *, pitch_range=(21, 
 
 @pytest.fixture(scope="module")
 def jack_server(tmp_path_factory):
-    """A JACK server with the dummy driver (48 kHz, 64 frames) for one test module."""
+    """A JACK server with the dummy driver (48 kHz, 64 frames) for one test module, in synchronous mode: the tests
+    check that every note is heard, answered and released, and in the default asynchronous mode a client the host
+    stalls past the driver's wake-up loses that cycle's MIDI, improvd or not (see `JackServer`)."""
     if JACKD is None:
         pytest.skip("jackd is not installed (apt-get install jackd2)")
-    server = JackServer().start(tmp_path_factory.mktemp("jack"))
+    server = JackServer(sync=True).start(tmp_path_factory.mktemp("jack"))
     try:
         yield server
     finally:

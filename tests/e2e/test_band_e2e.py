@@ -18,8 +18,8 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from tests.e2e.jack import (REPO, Daemon, Receiver, _LineReader, check_timing, jack_server,  # noqa: F401
-                            requires_jack, spawn, toml_config, finish)
+from tests.e2e.jack import (REPO, Daemon, Receiver, _LineReader, assert_graph_clean, check_timing,  # noqa: F401
+                            jack_server, midi_lost, requires_jack, spawn, toml_config, finish)
 from tests.modelfactory import make_step_model
 
 pytestmark = [pytest.mark.jack, requires_jack]
@@ -154,6 +154,8 @@ class Band:
         self.daemon.stop()
         self.source.stop()
         self.receiver.stop()
+        # whatever the test checked, improvd's clients must not have cost the graph its cycles
+        assert_graph_clean(self.server, self.server_log_start)
 
 
 def balance(events, channel):
@@ -271,8 +273,8 @@ def test_key_strength_1_keeps_every_answered_note_in_c_major(band, spread_model)
     ok = b.receiver.wait_events(lambda evs: sum(e.kind == "on" and e.channel == IMPROVD_CH for e in evs) >= 200, 40)
     pitches = [e.note for e in b.improvd_ons()]
     answers = sum(1 for ln in b.daemon.lines if "answer:" in ln)
-    check_timing(b.server, ok and answers >= 50, f"{len(pitches)} notes, {answers} answers in 40 s",
-                 since=b.server_log_start)
+    if not (ok and answers >= 50):  # notes answered: correctness, never excused by timing evidence
+        midi_lost(b.server, b.server_log_start, f"{len(pitches)} notes, {answers} answers in 40 s")
     assert all(p % 12 in C_MAJOR for p in pitches), sorted({p % 12 for p in pitches})
     assert len({p % 12 for p in pitches}) >= 5
     assert any("key C major" in ln for ln in b.daemon.lines)

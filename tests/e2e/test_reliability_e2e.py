@@ -20,7 +20,7 @@ import pytest
 
 from bench.flood import Flooder, input_counts, window_stats
 from tests.e2e.jack import (JackServer, Player, Receiver, _counter, _LineReader, check_timing,  # noqa: F401
-                            driver_woke_late, greedy_answer, jack_server, make_model, midi_lost, phrase,
+                            assert_graph_clean, greedy_answer, jack_server, make_model, midi_lost, phrase,
                             requires_jack, spawn)
 from tests.e2e.test_daemon_e2e import (DUR_S, IMPROVD_CH, PHRASE, PLAYER_CH, STEP_S, Session, _prime_from_receiver,
                                        balance, heard_notes, notes_of)
@@ -124,25 +124,15 @@ def test_after_a_flood_with_stuck_keys_a_phrase_is_answered(session):
     try:
         log_mark = s.server.log_size()
         flooder.flood(2.0, 10000, hang=3)
-        # improvd's JACK clients do not make the server's cycle late. With a Python MIDI callback in JACK's process
-        # thread, waiting for the GIL, they did: about 5 xruns a second of this flood, each one for every client.
-        overran = [x for x in s.server.xruns(log_mark) if f"client = {s.client}" in x and "state = Running" in x]
-        # One, rarely, on a machine loaded to the full (CPU-bound programs). More, where the host stalled the whole
-        # machine (the driver woke late: measured with SCHED_FIFO stalls, 8 in a 2 s flood), is an xfail.
-        if len(overran) > 1:
-            late = driver_woke_late(s.server, log_mark)
-            if late:
-                pytest.xfail(f"improvd's clients overran {len(overran)} cycles while the host stalled the machine "
-                             f"(the JACK driver woke late {len(late)} times): {overran[:2]}")
-            raise AssertionError(overran)
+        # improvd's JACK clients do not make the server's cycle late: no xrun names them, whatever the host does.
+        # With a Python MIDI callback in JACK's process thread, waiting for the GIL, about 5 xruns a second of this
+        # flood named improvd's input; with libjack calling a Python error handler, its input stopped for good.
+        assert_graph_clean(s.server, log_mark)
         time.sleep(0.6)  # the three stuck keys count as released after max_hold...
         s.receiver.wait_quiet(0.8, 10)  # ...and improvd may answer the flood's last notes: let that end
         before = improvd_ons(s.receiver.events)
         s.player.play(phrase(PHRASE, step_s=STEP_S, duration_s=DUR_S, channel=PLAYER_CH))
-        try:
-            s.wait_answer_notes(before + 6)
-        except AssertionError as err:
-            midi_lost(s.server, s.server_log_start, str(err))
+        s.wait_answer_notes(before + 6)
         s.receiver.wait_quiet(0.5, 10)
         stop_and_check_balance(s)
     finally:

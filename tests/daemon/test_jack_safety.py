@@ -1,0 +1,255 @@
+"""JACK safety without a server: the output never writes into a ring that could be full and owes the note-offs it
+could not write; the stall watch; the thread watchdog; the stale-synchro check; libjack's handlers stay C code."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+
+import mido
+import pytest
+
+from improvd.daemon import ports, service
+from improvd.daemon.scheduler import Scheduler
+from improvd.daemon.watchdog import Heartbeat, ThreadWatch
+
+
+class FakeRt:
+    def __init__(self):
+        self.sent = []
+
+    def send_message(self, data):
+        self.sent.append(tuple(data))
+
+    def open_virtual_port(self, name):
+        self.port = name
+
+
+def _output(frame_source=None):
+    out = ports.OutputPort.__new__(ports.OutputPort)
+    rt = FakeRt()
+    ports._Port.__init__(out, rt, "jack", "virtual:improvd out", "improvd out")
+    out._init_output()
+    out.jack_threads = frozenset()
+    out.frame_source = frame_source
+    return out, rt
+
+
+def on(p, v=90):
+    return mido.Message("note_on", note=p, velocity=v)
+
+
+def off(p):
+    return mido.Message("note_off", note=p, velocity=0)
+
+
+def test_no_more_than_half_the_ring_between_two_server_cycles():
+    frame = [0]
+    out, rt = _output(lambda: frame[0])
+    fits = ports.OutputPort.CYCLE_BUDGET_BYTES // 7  # 3-byte messages, 4 bytes of length each
+    for i in range(fits):
+        out.send(mido.Message("control_change", control=1, value=i % 128))
+    with pytest.raises(ports.OutputSuspended, match="has not run a cycle"):
+        out.send(mido.Message("control_change", control=1, value=0))
+    assert len(rt.sent) == fits and out.refused == 1
+    frame[0] += 64  # the server ran a cycle: rtmidi's process callback emptied the ring
+    out.send(mido.Message("control_change", control=1, value=0))
+    assert len(rt.sent) == fits + 1
+
+
+def test_a_refused_note_off_is_owed_and_written_first_on_resume():
+    out, rt = _output(lambda: 0)
+    out.send(on(60))
+    out.send(on(62))
+    out.suspend()
+    with pytest.raises(ports.OutputSuspended):
+        out.send(off(60))
+    with pytest.raises(ports.OutputSuspended):
+        out.send(on(64))  # refused: it never sounds, so no note-off is owed for it
+    with pytest.raises(ports.OutputSuspended):
+        out.send(off(64))
+    assert out.owed == 1
+    assert out.resume() == 1
+    assert rt.sent == [(0x90, 60, 90), (0x90, 62, 90), (0x80, 60, 0)]
+    out.send(off(62))
+    assert rt.sent[-1] == (0x80, 62, 0) and out.owed == 0
+
+
+def test_owed_note_offs_go_out_before_the_next_message_when_the_budget_refused_them():
+    frame = [0]
+    out, rt = _output(lambda: frame[0])
+    out.send(on(60))
+    out._cycle_bytes = ports.OutputPort.CYCLE_BUDGET_BYTES  # this cycle's budget is spent
+    with pytest.raises(ports.OutputSuspended):
+        out.send(off(60))
+    frame[0] += 64
+    out.send(on(61))
+    assert rt.sent[-2:] == [(0x80, 60, 0), (0x90, 61, 90)]
+
+
+def test_the_stall_watch_says_stalled_once_and_moving_once():
+    w = ports.ProgressWatch(0.5)
+    assert w.update(0.0, 100) is None
+    assert w.update(0.3, 100) is None
+    assert w.update(0.6, 100) == "stalled" and w.stalled
+    assert w.update(5.0, 100) is None and w.stalled_for_s(5.0) == pytest.approx(5.0)
+    assert w.update(5.1, 164) == "moving" and not w.stalled
+    assert w.update(5.2, None) is None  # no reading (server gone): nothing said
+
+
+def _thread(target):
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t
+
+
+def test_the_watchdog_names_a_dead_thread_and_a_stuck_one():
+    now = [0.0]
+    watch = ThreadWatch(2.0, clock=lambda: now[0])
+    dead = _thread(lambda: None)
+    dead.join()
+    stop = threading.Event()
+    alive = _thread(stop.wait)
+    hb_dead, hb_stuck, hb_ok = (Heartbeat(lambda: now[0]) for _ in range(3))
+    watch.watch("engine", lambda: dead, hb_dead)
+    watch.watch("scheduler", lambda: alive, hb_stuck)
+    watch.watch("poller", lambda: alive, hb_ok)
+    watch.watch("not started", lambda: None, Heartbeat(lambda: now[0]))
+    assert watch.check() == ["the engine thread died"]
+    for t in (0.1, 1.0, 1.9, 2.05):
+        now[0] = t
+        hb_ok.beat()
+        problems = watch.check()
+    assert problems == ["the engine thread died", "the scheduler thread made no progress for 2.0 s"]
+    stop.set()
+
+
+def test_the_watchdog_does_not_blame_threads_when_the_whole_process_stood_still():
+    now = [0.0]
+    watch = ThreadWatch(2.0, clock=lambda: now[0])
+    stop = threading.Event()
+    t = _thread(stop.wait)
+    hb = Heartbeat(lambda: now[0])
+    watch.watch("engine", lambda: t, hb)
+    assert watch.check() == []
+    now[0] = 30.0  # SIGSTOP or a laptop's sleep: the main thread did not run either
+    assert watch.check() == []
+    now[0] = 30.1
+    hb.beat()
+    assert watch.check() == []
+    stop.set()
+
+
+def test_release_all_gives_up_when_a_stuck_thread_holds_the_schedulers_lock():
+    sent = []
+    s = Scheduler(sent.append)
+    s.schedule_note(0.0, 10.0, 60, 90)
+    s.run_pending()
+    held = threading.Event()
+    done = threading.Event()
+
+    def hold():
+        with s._cond:
+            held.set()
+            done.wait(5)
+    _thread(hold)
+    held.wait(2)
+    t0 = time.monotonic()
+    assert s.release_all(lock_timeout_s=0.1) is False
+    assert time.monotonic() - t0 < 1.0
+    done.set()
+    assert s.release_all(lock_timeout_s=1.0) is True
+    assert sent[-1].type == "note_off"
+
+
+def test_stale_synchros_are_the_unlinked_jack_files_still_mapped(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text(
+        "7f00-7f01 rw-s 00000000 00:1a 12 /dev/shm/jack_sem.1000_default_improvd\n"
+        "7f01-7f02 rw-s 00000000 00:1a 13 /dev/shm/jack_sem.1000_default_jack_lsp (deleted)\n"
+        "7f02-7f03 rw-s 00000000 00:1a 14 /dev/shm/jack-1000-0 (deleted)\n"
+        "7f03-7f04 r-xp 00000000 08:01 15 /usr/lib/libjack.so.0.1.0\n")
+    assert ports.stale_jack_synchros(str(maps)) == ["jack_sem.1000_default_jack_lsp (deleted)"]
+    # settle: waits while one is mapped, returns once it is gone
+    calls = []
+
+    def sleep(_s):
+        calls.append(1)
+        if len(calls) == 3:
+            maps.write_text("7f00-7f01 rw-s 00000000 00:1a 12 /dev/shm/jack_sem.1000_default_improvd\n")
+    assert ports.settle_jack_synchros(1.0, maps_path=str(maps), sleep=sleep) is True
+    assert len(calls) == 3
+    maps.write_text("7f01-7f02 rw-s 00000000 00:1a 13 /dev/shm/jack_sem.1000_default_x (deleted)\n")
+    clock = iter([0.0, 0.2, 0.6])
+    assert ports.settle_jack_synchros(0.5, maps_path=str(maps), sleep=lambda s: None,
+                                      clock=lambda: next(clock)) is False
+
+
+def test_probing_leaves_libjacks_handlers_as_they_were_and_never_python():
+    lib = ports._libjack()
+    if lib is None:
+        pytest.skip("libjack is not installed")
+    try:
+        slots = [ctypes.c_void_p.in_dll(lib, n) for n in ("jack_error_callback", "jack_info_callback")]
+    except ValueError:
+        pytest.skip("this libjack does not export its handlers")
+    before = [s.value for s in slots]
+    seen = []
+    with ports._libjack_silenced(lib):
+        seen = [s.value for s in slots]
+    assert [s.value for s in slots] == before
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    assert seen == [ctypes.cast(libc.strlen, ctypes.c_void_p).value] * 2  # C code, not a Python trampoline
+
+
+class FakeMonitor:
+    def __init__(self, realtime, priority):
+        self.realtime, self.client_priority = realtime, priority
+
+
+def test_the_scheduler_is_real_time_beside_jack_only_below_a_real_time_server(caplog):
+    assert service.Service._jack_scheduler_priority(FakeMonitor(True, 9)) == service.SCHEDULER_RT_PRIORITY
+    assert service.Service._jack_scheduler_priority(FakeMonitor(True, 4)) == 3
+    with caplog.at_level("INFO", logger="improvd"):
+        assert service.Service._jack_scheduler_priority(FakeMonitor(False, None)) is None
+    assert "without real-time scheduling" in caplog.text
+
+
+def test_the_daemon_exits_with_status_4_naming_the_worker_that_died(caplog):
+    from improvd.daemon.config import from_dict
+    svc = service.Service(from_dict({}))
+    dead = _thread(lambda: None)
+    dead.join()
+    svc.watchdog.watch("engine", lambda: dead, Heartbeat())
+    with caplog.at_level("ERROR", logger="improvd"):
+        assert svc.run() == service.EXIT_THREAD_FAILED == 4
+    assert "the engine thread died" in caplog.text and "exits (status 4)" in caplog.text
+    assert svc.exit_status == 4
+
+
+def test_a_client_whose_threads_stop_switching_while_the_server_runs_is_stuck():
+    w = ports.ClientWatch(2.0)
+    rate = 48000
+    assert not w.update(0.0, 0, rate, 100)
+    assert not w.update(1.0, 48000, rate, 1600)  # switching: running its cycle
+    assert not w.update(2.5, 120000, rate, 1600)
+    assert w.update(3.1, 148800, rate, 1600) and w.stuck  # 2.1 s without a switch, 2.1 s of cycles
+    assert not w.update(3.5, 168000, rate, 1600)  # said once
+    assert not w.update(4.0, 192000, rate, 1700) and not w.stuck  # it runs again
+
+
+def test_a_client_is_not_stuck_while_the_server_itself_stands_still():
+    w = ports.ClientWatch(2.0)
+    assert not w.update(0.0, 1000, 48000, 50)
+    assert not w.update(5.0, 1000 + 4800, 48000, 50)  # 0.1 s of cycles in 5 s: the server, not the client
+
+
+def test_thread_switches_are_read_for_this_processs_threads():
+    tids = {threading.get_native_id()}
+    first = ports.thread_switches(tids)
+    if first is None:
+        pytest.skip("no /proc/self/task here")
+    time.sleep(0.01)
+    assert ports.thread_switches(tids) > first
+    assert ports.thread_switches({999999999}) is None
