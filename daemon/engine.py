@@ -1,5 +1,5 @@
 """The engine thread: listens to the player, decides when to answer, predicts notes ahead and hands them to the
-scheduler. It owns the note tracker (rolling window), the `Improviser` (model state) and the mode (DESIGN.md §5).
+scheduler. It owns the note tracker (rolling window), the `Improviser` (model state) and the mode (docs/architecture.md).
 
 Input: `input_queue` receives (t_s, mido.Message) items, t_s the arrival time on the same clock as `now`
 (`time.perf_counter`), from the input's poller thread, which only puts. `None` is the stop sentinel.
@@ -9,7 +9,7 @@ the engine learns of them. Each fed note's step is the gap from the previous fed
 [0, improvise.step_range high] (a pause between phrases, or a player's note that began before improvd's last one,
 stays within what the model knows). A player's note is complete, and fed, when it is released (its duration is
 known then). An answered note whose onset is exactly the previous onset plus its predicted step is fed exactly as
-predicted; so with temperature 0, every answered note after the first is the greedy continuation (DESIGN.md §3) of
+predicted; so with temperature 0, every answered note after the first is the greedy continuation (docs/model-format.md) of
 the notes fed before it. The first note of an answer usually comes later than predicted (the silence has passed),
 and is fed with its real gap.
 

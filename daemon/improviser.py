@@ -13,7 +13,7 @@ Context: each `feed` is one model step (O(1)). When the notes fed since the last
 context (`improvd.context`, C), the state is rebuilt from zero over the last C notes fed, so the state always
 summarises between C and 2C notes (fewer right after `reset`). Exactly: with k notes fed since the last priming
 (or since `reset`), the feed that makes k = C + 1 is followed by `reset` of the state and a feed of the last C
-notes, and k becomes 0. A third party reproduces the greedy output (DESIGN.md §3) by doing the same.
+notes, and k becomes 0. A third party reproduces the greedy output (docs/model-format.md) by doing the same.
 
 Session adaptation (`improvise.adapt`, daemon/adapt.py): with a `SessionAdapter`, each note fed is told to it
 (`feed(note, player=True)` for the player's notes, which it learns from; improvd's own notes only extend its

@@ -1,4 +1,4 @@
-"""The step-format ONNX model (DESIGN.md §3), loaded and checked with onnxruntime.
+"""The step-format ONNX model (docs/model-format.md), loaded and checked with onnxruntime.
 
 `StepModel` is the only place the daemon touches onnxruntime. It checks the file at load time (format tag, inputs,
 outputs, metadata) and raises `ModelError` naming what is wrong, so a bad model fails at start-up or keeps the old

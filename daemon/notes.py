@@ -1,4 +1,4 @@
-"""The note format every part of improvd shares (DESIGN.md §2).
+"""The note format every part of improvd shares (docs/model-format.md).
 
 A sequence of notes is a float64 array of shape [N, 4] with columns `PITCH` (MIDI 0..127), `STEP` (seconds from
 the previous note's onset to this one's; 0 for the first note and for the notes of a chord), `DURATION`

@@ -1,4 +1,8 @@
-"""The scheduler: the only writer to the MIDI output, sending each event at its absolute deadline.
+"""The scheduler: every MIDI message improvd plays goes through it, sent at its absolute deadline.
+
+The scheduler thread writes what is played, and a `cancel`'s note-offs too (queued due now). `release_all` writes
+its note-offs from the thread that calls it (the main thread when the output is lost, at stop, and from the
+watchdog), under the same lock, so the set of sounding notes has one owner at a time (docs/architecture.md).
 
 Events wait in a heap of (due_s, sequence, event); a `threading.Condition` wakes the scheduler thread when an earlier
 event is scheduled, on a cancel and on stop. The thread waits on the condition until about `spin_s` (0.3 ms) before

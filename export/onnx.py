@@ -1,4 +1,4 @@
-"""Keras model → ONNX with tf2onnx, in the step format of DESIGN.md §3 (and optionally the window format).
+"""Keras model → ONNX with tf2onnx, in the step format of docs/model-format.md (and optionally the window format).
 
 The step model is rebuilt from the Keras model's weights: the input normalisation (the tutorial's pitch / 128, or
 improvd's `NoteEncoder`), one LSTM cell per layer written out as matrix products (Keras' gate order i, f, c, o),

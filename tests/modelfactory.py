@@ -1,13 +1,13 @@
 """Step-format ONNX models for tests, built with the `onnx` package only (no TensorFlow), and their numpy twin.
 
-`make_step_model(path, ...)` writes a valid "step" model (DESIGN.md §3): the note is normalised inside the graph
+`make_step_model(path, ...)` writes a valid "step" model (docs/model-format.md): the note is normalised inside the graph
 (pitch/128 - 0.5, step and duration as they are, velocity/128), goes through one or more LSTM cells written as
 MatMul/Add/Sigmoid/Tanh ops (Keras gate order i, f, g, o) with random but seeded weights, and three or four heads:
 pitch logits, step = step_scale * sigmoid(.), duration = duration_scale * sigmoid(.) and, when F = 4,
 velocity = 127 * sigmoid(.). The state is every layer's h then c, concatenated: S = layers * 2 * hidden.
 
 The returned `FactoryModel` computes the same step function in numpy (`step`), and `greedy_continuation` follows
-DESIGN.md §3 (zero state, feed, argmax within the pitch range, clamp) so tests can check what the daemon answers.
+docs/model-format.md (zero state, feed, argmax within the pitch range, clamp) so tests can check what the daemon answers.
 Keyword arguments make broken variants: non-finite outputs, a wrong format tag, missing outputs or metadata.
 """
 
@@ -85,7 +85,7 @@ class FactoryModel:
 
     def greedy_continuation(self, prime: np.ndarray, n: int, *, pitch_range=(0, 127), step_range=(0.0, 60.0),
                             duration_range=(0.001, 60.0)) -> np.ndarray:
-        """The greedy continuation of `prime` (float [K, 4] notes) by DESIGN.md §3, without re-priming.
+        """The greedy continuation of `prime` (float [K, 4] notes) by docs/model-format.md, without re-priming.
 
         Each generated note is [argmax pitch within pitch_range, clamped step, clamped duration, velocity]
         (velocity is the model's, rounded to 1..127, when F = 4, else 0) and is fed back before the next one is

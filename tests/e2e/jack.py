@@ -674,7 +674,7 @@ def make_model(directory: Path, seed: int = 3, context: int = 64):
 
 def greedy_answer(model, prime, n: int, first_gap_s: float, *, pitch_range=(21, 108), step_range=(0.0, 2.0),
                   duration_range=(0.03, 4.0), velocity: float = 90.0):
-    """The greedy answer (DESIGN.md §3) of a tests.modelfactory model, as the engine plays it: after the prime
+    """The greedy answer (docs/model-format.md) of a tests.modelfactory model, as the engine plays it: after the prime
     (float [K, 4] notes), every note is fed as predicted except the first, which comes after the silence and is
     fed with its real gap from the last heard onset (`first_gap_s`). Returns float [n, 4]."""
     import numpy as np
