@@ -391,7 +391,7 @@ class Service:
         self.watchdog.watch("scheduler", lambda: self.scheduler.thread, self.scheduler.heartbeat)
         for port in (self.input, self.clock_input):
             if port is not None:
-                self.watchdog.watch(f"MIDI {port._port_name!r} poller", lambda p=port: p.thread, port.heartbeat)
+                self.watchdog.watch(f"{port.describe()} poller", lambda p=port: p.thread, port.heartbeat)
         self.scheduler.start()
         self.engine.start()
         if self.osc is not None:

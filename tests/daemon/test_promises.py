@@ -147,7 +147,7 @@ def test_a_note_on_sent_while_a_lost_output_is_released_never_goes_out():
     rt = _FakeRt(["synth:in"])
     out = ports.OutputPort.__new__(ports.OutputPort)
     ports._Port.__init__(out, rt, "jack", "synth", "improvd out")
-    out.sent = 0
+    out._init_output()
 
     def release_all():  # the scheduler's release_all, and the scheduler thread sending a due note-on meanwhile
         out.send(mido.Message("note_off", note=60))

@@ -23,6 +23,7 @@ import pytest
 
 from improvd.daemon import config as cfg
 from improvd.daemon import midifile, ports, service
+from improvd.daemon.watchdog import Heartbeat
 from improvd.daemon.config import Config, ImproviseConfig, MidiConfig, from_dict
 from improvd.daemon.engine import Engine
 from improvd.daemon.errors import ConfigError, ModelError
@@ -439,9 +440,11 @@ def _inet_sockets() -> set[tuple[str, str]]:
 class _FakePort:
     invalid = 0
     on_lost = None
+    thread = None  # no poller thread: the watchdog has nothing to judge
+    jack_threads = frozenset()
 
     def __init__(self, *args, **kwargs):
-        pass
+        self.heartbeat = Heartbeat()
 
     def send(self, msg):
         pass
