@@ -418,6 +418,18 @@ def assert_graph_clean(server: "JackServer", since: int) -> None:
         raise AssertionError(f"{report.failure}: {report.summary()}\n" + "\n".join(report.improvd[:10]))
 
 
+def balance(events, channel: int) -> dict[int, int]:
+    """Receiver events' note-ons minus note-offs per pitch on a channel (a note-off without a sounding note does not
+    count); {} when every note-on got its note-off."""
+    sounding: dict[int, int] = collections.defaultdict(int)
+    for ev in events:
+        if ev.channel == channel and ev.kind == "on":
+            sounding[ev.note] += 1
+        elif ev.channel == channel and ev.kind == "off" and sounding[ev.note] > 0:
+            sounding[ev.note] -= 1
+    return {p: n for p, n in sounding.items() if n}
+
+
 @dataclass(frozen=True)
 class MidiEvent:
     """One event seen by the receiver: server time (s, from the receiver's start) and the raw bytes."""

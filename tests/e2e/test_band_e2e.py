@@ -13,12 +13,11 @@ import re
 import subprocess
 import sys
 import time
-from collections import defaultdict
 
 import numpy as np
 import pytest
 
-from tests.e2e.jack import (REPO, Daemon, Receiver, _LineReader, assert_graph_clean, check_timing,  # noqa: F401
+from tests.e2e.jack import (REPO, Daemon, Receiver, _LineReader, assert_graph_clean, balance, check_timing,  # noqa: F401
                             jack_server, midi_lost, requires_jack, spawn, toml_config, finish)
 from tests.modelfactory import make_step_model
 
@@ -156,16 +155,6 @@ class Band:
         self.receiver.stop()
         # whatever the test checked, improvd's clients must not have cost the graph its cycles
         assert_graph_clean(self.server, self.server_log_start)
-
-
-def balance(events, channel):
-    sounding = defaultdict(int)
-    for ev in events:
-        if ev.channel == channel and ev.kind == "on":
-            sounding[ev.note] += 1
-        elif ev.channel == channel and ev.kind == "off" and sounding[ev.note] > 0:
-            sounding[ev.note] -= 1
-    return {p: n for p, n in sounding.items() if n}
 
 
 @pytest.fixture

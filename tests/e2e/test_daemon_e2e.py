@@ -14,7 +14,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from tests.e2e.jack import (Daemon, JackServer, Player, Receiver, assert_graph_clean, check_timing,  # noqa: F401
+from tests.e2e.jack import (Daemon, JackServer, Player, Receiver, assert_graph_clean, balance, check_timing,  # noqa: F401,E501
                             greedy_answer, jack_server, make_model, midi_lost, phrase, requires_jack, write_config)
 
 pytestmark = [pytest.mark.jack, requires_jack]
@@ -48,17 +48,6 @@ def notes_of(events, channel):
         elif held[ev.note]:
             out[held[ev.note].pop(0)][2] = ev.t_s
     return out
-
-
-def balance(events, channel):
-    """note-ons minus note-offs per pitch on a channel (a note-off without a sounding note does not count)."""
-    sounding = defaultdict(int)
-    for ev in events:
-        if ev.channel == channel and ev.kind == "on":
-            sounding[ev.note] += 1
-        elif ev.channel == channel and ev.kind == "off" and sounding[ev.note] > 0:
-            sounding[ev.note] -= 1
-    return {p: n for p, n in sounding.items() if n}
 
 
 class Session:
