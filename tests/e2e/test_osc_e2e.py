@@ -23,8 +23,8 @@ from pythonosc.osc_message import OscMessage  # noqa: E402
 
 from tests.e2e.jack import (REPO, Daemon, Receiver, _LineReader, assert_graph_clean, balance, check_timing,  # noqa: E402,F401,E501
                             finish, greedy_answer, jack_server, requires_jack, spawn, toml_config)
+from tests.e2e.test_band_e2e import long_model, spread_model  # noqa: E402,F401 (fixtures)
 from tests.e2e.test_daemon_e2e import _prime_from_receiver, notes_of  # noqa: E402
-from tests.modelfactory import make_step_model  # noqa: E402
 
 pytestmark = [pytest.mark.jack, requires_jack]
 
@@ -182,18 +182,6 @@ def rig(jack_server, tmp_path):
     yield make
     for r in made:
         r.close()
-
-
-@pytest.fixture(scope="module")
-def long_model(tmp_path_factory):
-    return make_step_model(tmp_path_factory.mktemp("m") / "long.onnx", seed=4, context=64, step_scale=0.6,
-                           duration_scale=2.0)
-
-
-@pytest.fixture(scope="module")
-def spread_model(tmp_path_factory):
-    return make_step_model(tmp_path_factory.mktemp("m") / "spread.onnx", seed=6, context=64, step_scale=0.12,
-                           duration_scale=0.08, logit_scale=0.3)
 
 
 def test_osc_panic_silences_within_10_ms_and_states_arrive_in_order(rig, long_model):
