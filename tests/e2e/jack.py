@@ -613,17 +613,13 @@ def write_config(path: Path, *, model: Path, midi: dict | None = None, improvise
 
 
 def toml_config(path: Path, sections: dict) -> Path:
-    """Write `{section: {key: value}}` as TOML to `path` (values: str, int, float, bool or lists of them)."""
-    def fmt(v) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        return json.dumps(v)
+    """Write `{section: {key: value}}` as TOML to `path` (values: str, int, float, bool or lists of them), each
+    value as `improvd config` writes it."""
+    from improvd.daemon.config_cmd import toml_value
     lines = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
-        lines += [f"{k} = {fmt(v)}" for k, v in values.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
