@@ -197,7 +197,8 @@ ADDRESSES = ["/improvd/temperature", "/improvd/top_p", "/improvd/length", "/impr
 # OSC strings end at their first NUL, so a text argument holding one is not a message python-osc's builder can
 # make (it re-parses what it built and raises); raw datagrams (st.binary above) still carry any byte, NULs included.
 ARG = st.one_of(st.integers(-2**31, 2**31 - 1), st.floats(allow_nan=True, allow_infinity=True, width=32),
-                st.text(st.characters(blacklist_characters="\x00"), max_size=20), st.booleans(),
+                st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20),
+                st.booleans(),
                 st.binary(min_size=1, max_size=8))
 
 
