@@ -2,7 +2,7 @@
 
 (a) the step model with its state carried (one call per note), and (b) the window model re-run over the last
 `context` notes for every new note (what a model without carried state costs), measured in the same run.
-(c) `step_adapted`: (a) plus session adaptation (`improvise.adapt = "cache"`, daemon/adapt.py) as the
+(c) `step_adapted`: (a) plus session adaptation (`improvise.adapt = "cache"`, daemon/predict/adapt.py) as the
 Improviser does it per note: softmax of the logits, the adapter's mixture, and `observe` of the note (weights
 and counts updated), on a pitch stream that repeats motifs (so contexts match) with the memory full
 (`--adapt-memory`, default the config's). `adapt_cost_ratio_median` = median (c) / median (a).
@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from improvd.daemon.adapt import SessionAdapter, softmax  # noqa: E402
-from improvd.daemon.model import StepModel  # noqa: E402
+from improvd.daemon.predict.adapt import SessionAdapter, softmax  # noqa: E402
+from improvd.daemon.predict.model import StepModel  # noqa: E402
 
 
 def _session(path: str):
@@ -102,8 +102,8 @@ def bench_step_adapted(path: str, notes: int, memory: int, warmup: int = 200) ->
 
 
 def bench_improviser(path: str, notes: int, memory: int | None, warmup: int = 200) -> dict:
-    from improvd.daemon.config import ImproviseConfig
-    from improvd.daemon.improviser import Decoding, Improviser
+    from improvd.core.config import ImproviseConfig
+    from improvd.daemon.predict.improviser import Decoding, Improviser
 
     model = StepModel(path, threads=1)
     rng = np.random.default_rng(0)
@@ -155,7 +155,7 @@ def main() -> int:
                         help="session memory of the adapted measurement (default: improvise.adapt_memory)")
     args = parser.parse_args()
     if args.adapt_memory is None:
-        from improvd.daemon.config import ImproviseConfig
+        from improvd.core.config import ImproviseConfig
         args.adapt_memory = ImproviseConfig().adapt_memory
     # Interleave the measurements in rounds so that machine noise hits them alike.
     step_rounds, window_rounds, adapted_rounds, imp_rounds, imp_adapted_rounds = [], [], [], [], []

@@ -21,8 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from improvd.daemon import notes as nt  # noqa: E402
-from improvd.daemon.midifile import Track, write_notes  # noqa: E402
+from improvd.core import notes as nt  # noqa: E402
+from improvd.core.midifile import Track, write_notes  # noqa: E402
 from improvd.train.data import find_midi_files, load_collection  # noqa: E402
 
 

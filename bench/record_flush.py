@@ -35,9 +35,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.flood import rss_mb  # noqa: E402
-from improvd.daemon import midifile  # noqa: E402
-from improvd.daemon import notes as nt  # noqa: E402
-from improvd.daemon.recorder import SessionRecorder  # noqa: E402
+from improvd.core import midifile  # noqa: E402
+from improvd.core import notes as nt  # noqa: E402
+from improvd.daemon.io.recorder import SessionRecorder  # noqa: E402
 from tests.daemon.fakes import Clock  # noqa: E402
 
 STEP_S, DURATION_S = 0.020, 0.010

@@ -1,4 +1,4 @@
-"""Texture bounds with the shipped model (daemon/texture.py): how the answers to a melody and two chorale-like calls
+"""Texture bounds with the shipped model (daemon/music/texture.py): how the answers to a melody and two chorale-like calls
 look with `polyphony`/`register` "match" against unbounded, and how often the bounds overrode the model; prints
 JSON.
 
@@ -24,13 +24,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from improvd.daemon import notes as nt  # noqa: E402
-from improvd.daemon.config import ImproviseConfig  # noqa: E402
+from improvd.core import notes as nt  # noqa: E402
+from improvd.core.config import ImproviseConfig  # noqa: E402
 from improvd.daemon.generate import continue_notes, prime_texture  # noqa: E402
-from improvd.daemon.improviser import Improviser  # noqa: E402
-from improvd.daemon.model import StepModel  # noqa: E402
-from improvd.daemon.sampling import Decoding  # noqa: E402
-from improvd.daemon.texture import TextureCounts, max_simultaneous  # noqa: E402
+from improvd.daemon.predict.improviser import Improviser  # noqa: E402
+from improvd.daemon.predict.model import StepModel  # noqa: E402
+from improvd.daemon.predict.sampling import Decoding  # noqa: E402
+from improvd.daemon.music.texture import TextureCounts, max_simultaneous  # noqa: E402
 from tests.daemon.test_texture import CHORALE_1, CHORALE_2, MELODY, chorale  # noqa: E402
 
 CALLS = {"melody": MELODY, "chorale I-IV-V-I in C": chorale(CHORALE_1),

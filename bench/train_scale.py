@@ -30,8 +30,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from improvd.daemon import notes as nt  # noqa: E402
-from improvd.daemon.midifile import Track, write_notes  # noqa: E402
+from improvd.core import notes as nt  # noqa: E402
+from improvd.core.midifile import Track, write_notes  # noqa: E402
 
 
 def synthetic_notes(seed: int, n: int) -> np.ndarray:

@@ -29,7 +29,7 @@ def worker(preset_name: str, data: str | None, minutes: float, sample: int, out:
     import keras
     import numpy as np
 
-    from improvd.daemon.config import load_config
+    from improvd.core.config import load_config
     from improvd.train.cli import data_source, load_data, make_split
     from improvd.train.evaluate import evaluate, keras_predictor
     from improvd.train.fit import fit

@@ -12,17 +12,17 @@ import logging
 import sys
 from typing import Callable
 
-from improvd.daemon.config import Config, load_config
-from improvd.daemon.errors import ImprovdError
-from improvd.daemon.paths import USER_CONFIG, version
+from improvd.core.config import Config, load_config
+from improvd.core.errors import ImprovdError
+from improvd.core.paths import USER_CONFIG, version
 
 log = logging.getLogger("improvd")
 
 # subcommand -> (module, function); the function takes (args, config) and returns an exit status.
 HANDLERS = {
-    "run": ("improvd.daemon.service", "cmd_run"),
+    "run": ("improvd.daemon.live.service", "cmd_run"),
     "config": ("improvd.daemon.config_cmd", "cmd_config"),
-    "ports": ("improvd.daemon.ports", "cmd_ports"),
+    "ports": ("improvd.daemon.io.ports", "cmd_ports"),
     "generate": ("improvd.daemon.generate", "cmd_generate"),
     "train": ("improvd.train.cli", "cmd_train"),
     "eval": ("improvd.train.cli", "cmd_eval"),

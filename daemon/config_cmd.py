@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from improvd.daemon.atomic import atomic_writer
-from improvd.daemon.config import Config, load_config_with_origins
-from improvd.daemon.errors import ConfigError
-from improvd.daemon.paths import DEFAULT_CONFIG, USER_CONFIG
+from improvd.core.atomic import atomic_writer
+from improvd.core.config import Config, load_config_with_origins
+from improvd.core.errors import ConfigError
+from improvd.core.paths import DEFAULT_CONFIG, USER_CONFIG
 
 
 def toml_value(value: Any) -> str:

@@ -5,7 +5,7 @@ so the model's times survive to the millisecond. `--beam K` searches over pitch 
 (steps and durations greedy). No TensorFlow is needed.
 
 `--polyphony N|match` and `--register free|match` (default: `improvise.polyphony` / `improvise.register`) bound the
-continuation's texture as the daemon bounds an answer (daemon/texture.py), the prime being the call: a note that
+continuation's texture as the daemon bounds an answer (daemon/music/texture.py), the prime being the call: a note that
 would sound with N others waits for a release, pitches are sampled within the prime's span widened by
 `REGISTER_WIDEN` semitones. The summary line says how often the bounds overrode the model.
 """
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from improvd.daemon import notes as nt
-from improvd.daemon.config import Config
-from improvd.daemon.errors import ImprovdError, MidiFileError
-from improvd.daemon.improviser import Improviser, Snapshot
-from improvd.daemon.midifile import Track, read_notes, write_notes
-from improvd.daemon.model import StepModel
-from improvd.daemon.sampling import Decoding, log_softmax
-from improvd.daemon.texture import Texture, TextureCounts, Voices, check_polyphony, check_register, texture_for_call
+from improvd.core import notes as nt
+from improvd.core.config import Config
+from improvd.core.errors import ImprovdError, MidiFileError
+from improvd.daemon.predict.improviser import Improviser, Snapshot
+from improvd.core.midifile import Track, read_notes, write_notes
+from improvd.daemon.predict.model import StepModel
+from improvd.daemon.predict.sampling import Decoding, log_softmax
+from improvd.daemon.music.texture import Texture, TextureCounts, Voices, check_polyphony, check_register, texture_for_call
 
 log = logging.getLogger("improvd.generate")
 
@@ -43,7 +43,7 @@ def continue_notes(improviser: Improviser, prime: np.ndarray, max_notes: int,
     """Prime the improviser with `prime` and decode up to `max_notes` notes (or until `max_seconds` of onsets).
 
     Args:
-        texture: polyphony and register bounds (daemon/texture.py); None = none. A note delayed by the polyphony
+        texture: polyphony and register bounds (daemon/music/texture.py); None = none. A note delayed by the polyphony
             bound gets the real step (and is fed with it, clipped to `step_range` like the daemon's).
         counts: filled with how often the bounds overrode the model.
 

@@ -8,8 +8,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from improvd.daemon.config import Config
-from improvd.daemon.errors import ImprovdError
+from improvd.core.config import Config
+from improvd.core.errors import ImprovdError
 from improvd.export import onnx as ex
 from improvd.export.parity import check, random_windows, real_windows
 

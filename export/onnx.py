@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from improvd.daemon.atomic import atomic_writer
+from improvd.core.atomic import atomic_writer
 
 FORMAT = "step-1"
 OPSET = 17

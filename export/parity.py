@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from improvd.daemon import notes as nt
+from improvd.core import notes as nt
 
 LOGIT_ATOL = 1e-4
 TIME_ATOL = 1e-5
@@ -73,7 +73,7 @@ def check(model, step_path, windows: dict[str, np.ndarray], window_path=None) ->
     """Compare the Keras `model` with the exported ONNX file(s) on named sets of raw windows [N, T, 4]."""
     import onnxruntime as ort
 
-    from improvd.daemon.model import StepModel
+    from improvd.daemon.predict.model import StepModel
     from improvd.train.evaluate import onnx_predictor
     from improvd.train.model import predict_next
 

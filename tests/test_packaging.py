@@ -23,7 +23,7 @@ import mido
 import numpy as np
 import pytest
 
-from improvd.daemon import midifile
+from improvd.core import midifile
 from improvd.daemon.cli import HANDLERS, build_parser
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from improvd.daemon import notes as nt
+from improvd.core import notes as nt
 from improvd.train.data import NoteSet, as_note_set
 
 RELEASE_EVERY = 512  # batches between drops of the memory-mapped pages this process touched (keeps RSS flat)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from improvd.daemon.config import Config
-from improvd.daemon.errors import ImprovdError
+from improvd.core.config import Config
+from improvd.core.errors import ImprovdError
 from improvd.train import data as td
 from improvd.train.evaluate import evaluate, format_table, keras_predictor, onnx_predictor
 from improvd.train.markov import evaluate_orders, transpose_sequences
@@ -268,7 +268,7 @@ def _model_split(path: Path) -> dict | None:
     if (run_dir / "split.json").exists():
         return json.loads((run_dir / "split.json").read_text())
     if path.suffix == ".onnx":
-        from improvd.daemon.model import StepModel
+        from improvd.daemon.predict.model import StepModel
         card = StepModel(str(path)).card
         return card.get("split") if isinstance(card.get("split"), dict) else None
     return None
@@ -281,7 +281,7 @@ def load_predictor(path: Path, config: Config):
     if not path.exists():
         raise ImprovdError(f"model {str(path)!r} does not exist")
     if path.suffix == ".onnx":
-        from improvd.daemon.model import StepModel
+        from improvd.daemon.predict.model import StepModel
         return path.name, onnx_predictor(StepModel(str(path), threads=max(1, config.model.threads)))
     if path.suffix == ".keras":
         from improvd.train.model import load_keras

@@ -39,9 +39,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from improvd.daemon import notes as nt
-from improvd.daemon.errors import MidiFileError
-from improvd.daemon.midifile import read_notes
+from improvd.core import notes as nt
+from improvd.core.errors import MidiFileError
+from improvd.core.midifile import read_notes
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from improvd.daemon import notes as nt
+from improvd.core import notes as nt
 
 Predictor = Callable[[np.ndarray], dict[str, np.ndarray]]  # raw windows [N, T, 4] -> next-note outputs
 
@@ -140,7 +140,7 @@ def evaluate_adapted(predict: Predictor, files, context: int = 25, memory: int =
     """
     from tqdm import tqdm
 
-    from improvd.daemon.adapt import SessionAdapter
+    from improvd.daemon.predict.adapt import SessionAdapter
     from improvd.train.data import as_note_set
 
     notes = as_note_set(files)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from improvd.daemon.errors import ImprovdError
-from improvd.daemon.paths import SHIPPED_KERAS
+from improvd.core.errors import ImprovdError
+from improvd.core.paths import SHIPPED_KERAS
 
 SHIPPED = "shipped"
 

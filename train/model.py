@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from improvd.daemon import notes as nt
+from improvd.core import notes as nt
 
 FEATURES_3 = ("pitch", "step", "duration")
 FEATURES_4 = ("pitch", "step", "duration", "velocity")

@@ -1,4 +1,4 @@
-"""Session adaptation (daemon/adapt.py) and its use by the Improviser, the engine and the control map."""
+"""Session adaptation (daemon/predict/adapt.py) and its use by the Improviser, the engine and the control map."""
 
 import time
 
@@ -6,12 +6,12 @@ import mido
 import numpy as np
 import pytest
 
-from improvd.daemon import adapt
-from improvd.daemon.adapt import SessionAdapter
-from improvd.daemon.config import Config, ControlConfig
-from improvd.daemon.control import Action, ControlMap
-from improvd.daemon.improviser import Decoding, Improviser
-from improvd.daemon.model import StepModel
+from improvd.daemon.predict import adapt
+from improvd.daemon.predict.adapt import SessionAdapter
+from improvd.core.config import Config, ControlConfig
+from improvd.daemon.control.cc import Action, ControlMap
+from improvd.daemon.predict.improviser import Decoding, Improviser
+from improvd.daemon.predict.model import StepModel
 from tests.daemon.test_engine import Rig, improvise
 from tests.modelfactory import make_step_model
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from improvd.daemon.arrival import ArrivalClock
+from improvd.daemon.music.arrival import ArrivalClock
 
 
 def test_a_late_poll_keeps_the_spacing_of_the_messages():

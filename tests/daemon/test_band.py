@@ -14,10 +14,10 @@ import mido
 import numpy as np
 import pytest
 
-from improvd.daemon.config import Config, ControlConfig, ImproviseConfig, MidiConfig, TimingConfig
-from improvd.daemon.engine import Engine
-from improvd.daemon.model import StepModel
-from improvd.daemon.scheduler import Scheduler
+from improvd.core.config import Config, ControlConfig, ImproviseConfig, MidiConfig, TimingConfig
+from improvd.daemon.live.engine import Engine
+from improvd.daemon.predict.model import StepModel
+from improvd.daemon.live.scheduler import Scheduler
 from tests.modelfactory import make_step_model
 
 C_MAJOR = {0, 2, 4, 5, 7, 9, 11}

@@ -6,8 +6,8 @@ import mido
 import numpy as np
 import pytest
 
-from improvd.daemon.clock import ClockTracker
-from improvd.daemon.quantize import DIVISION_TICKS, Grid, division_ticks, snap
+from improvd.daemon.music.clock import ClockTracker
+from improvd.daemon.music.quantize import DIVISION_TICKS, Grid, division_ticks, snap
 
 TICK = mido.Message("clock")
 
@@ -131,7 +131,7 @@ def test_divisions():
     assert division_ticks("1/8d") == 18
     with pytest.raises(ValueError, match="'1/7'.*'1/16'"):
         division_ticks("1/7")
-    from improvd.daemon.config import QUANTIZE_CHOICES
+    from improvd.core.config import QUANTIZE_CHOICES
     assert set(QUANTIZE_CHOICES) == {"off", *DIVISION_TICKS}
 
 

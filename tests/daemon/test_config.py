@@ -1,11 +1,11 @@
-"""Tests for the configuration (daemon/config.py): loading, checking, --set overrides and paths."""
+"""Tests for the configuration (core/config.py): loading, checking, --set overrides and paths."""
 
 from pathlib import Path
 
 import pytest
 
-from improvd.daemon.config import Config, load_config, parse_override
-from improvd.daemon.errors import ConfigError
+from improvd.core.config import Config, load_config, parse_override
+from improvd.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -143,7 +143,7 @@ def test_no_file_gives_the_defaults(tmp_path, monkeypatch):
 def test_the_printed_configuration_reads_back_as_the_same_config(tmp_path):
     import tomllib
 
-    from improvd.daemon.config import from_dict, load_config_with_origins
+    from improvd.core.config import from_dict, load_config_with_origins
     from improvd.daemon.config_cmd import format_effective
 
     path = write(tmp_path, '[improvise]\ntemperature = 0.3\nkey = "D dorian"\n[midi]\noutput = "a \\"quoted\\" port"\n')
@@ -164,7 +164,7 @@ def test_the_printed_configuration_reads_back_as_the_same_config(tmp_path):
 
 
 def test_origins_name_every_key_of_every_section():
-    from improvd.daemon.config import ORIGIN_BUILT_IN, load_config_with_origins
+    from improvd.core.config import ORIGIN_BUILT_IN, load_config_with_origins
 
     config, origins = load_config_with_origins(REPO / "config.toml", ["log.level=debug"])
     assert set(origins) == {f"{s}.{k}" for s, keys in config.to_dict().items() for k in keys}

@@ -1,11 +1,11 @@
-"""CC mappings (daemon/control.py) and the [control] / [timing] / new [midi] and [improvise] config keys."""
+"""CC mappings (daemon/control/cc.py) and the [control] / [timing] / new [midi] and [improvise] config keys."""
 
 import mido
 import pytest
 
-from improvd.daemon.config import ControlConfig, load_config
-from improvd.daemon.control import Action, ControlMap
-from improvd.daemon.errors import ConfigError
+from improvd.core.config import ControlConfig, load_config
+from improvd.daemon.control.cc import Action, ControlMap
+from improvd.core.errors import ConfigError
 
 
 def cc(control, value, channel=0):

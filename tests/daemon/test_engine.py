@@ -12,10 +12,10 @@ import mido
 import numpy as np
 import pytest
 
-from improvd.daemon.config import Config, ImproviseConfig, MidiConfig
-from improvd.daemon.engine import Engine
-from improvd.daemon.model import StepModel
-from improvd.daemon.scheduler import Scheduler
+from improvd.core.config import Config, ImproviseConfig, MidiConfig
+from improvd.daemon.live.engine import Engine
+from improvd.daemon.predict.model import StepModel
+from improvd.daemon.live.scheduler import Scheduler
 from tests.modelfactory import make_step_model
 
 

@@ -8,10 +8,10 @@ import onnxruntime as ort
 import pytest
 
 import improvd.daemon.generate as generate_module
-from improvd.daemon import notes as nt
+from improvd.core import notes as nt
 from improvd.daemon.cli import main
-from improvd.daemon.midifile import Track, notes_from_midi, read_notes, write_notes
-from improvd.daemon.sampling import log_softmax
+from improvd.core.midifile import Track, notes_from_midi, read_notes, write_notes
+from improvd.daemon.predict.sampling import log_softmax
 from tests.modelfactory import make_step_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,8 +111,8 @@ def hand_rolled(model_path, prime, n, seconds=None):
 
 def pitch_logp(model_path, prime, cont):
     """Summed log-probability (within the pitch range) of the continuation's pitches, with re-priming."""
-    from improvd.daemon.improviser import Decoding, Improviser
-    from improvd.daemon.model import StepModel
+    from improvd.daemon.predict.improviser import Decoding, Improviser
+    from improvd.daemon.predict.model import StepModel
     imp = Improviser(StepModel(model_path), Decoding(pitch_range=PITCH_RANGE))
     imp.prime(prime)
     lo, hi = PITCH_RANGE

@@ -10,9 +10,10 @@ import time
 import mido
 import pytest
 
-from improvd.daemon import ports, service
-from improvd.daemon.scheduler import Scheduler
-from improvd.daemon.watchdog import Heartbeat, ThreadWatch
+from improvd.daemon.io import ports
+from improvd.daemon.live import service
+from improvd.daemon.live.scheduler import Scheduler
+from improvd.daemon.live.watchdog import Heartbeat, ThreadWatch
 
 
 class FakeRt:
@@ -217,7 +218,7 @@ def test_the_scheduler_is_real_time_beside_jack_only_below_a_real_time_server(ca
 
 
 def test_the_daemon_exits_with_status_4_naming_the_worker_that_died(caplog):
-    from improvd.daemon.config import from_dict
+    from improvd.core.config import from_dict
     svc = service.Service(from_dict({}))
     dead = _thread(lambda: None)
     dead.join()

@@ -1,4 +1,4 @@
-"""Tests for MIDI files <-> notes (daemon/midifile.py). Every fixture is built in code."""
+"""Tests for MIDI files <-> notes (core/midifile.py). Every fixture is built in code."""
 
 import struct
 
@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from improvd.daemon import notes as nt
-from improvd.daemon.errors import MidiFileError
-from improvd.daemon.midifile import TICKS_PER_BEAT, Track, read_notes, track_events, write_notes
+from improvd.core import notes as nt
+from improvd.core.errors import MidiFileError
+from improvd.core.midifile import TICKS_PER_BEAT, Track, read_notes, track_events, write_notes
 
 
 def save(path, tracks, *, ticks_per_beat=480, midi_type=1):

@@ -4,8 +4,8 @@ import numpy as np
 import onnx
 import pytest
 
-from improvd.daemon.errors import ModelError
-from improvd.daemon.model import StepModel
+from improvd.core.errors import ModelError
+from improvd.daemon.predict.model import StepModel
 from tests.modelfactory import make_step_model
 
 

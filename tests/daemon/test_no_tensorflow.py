@@ -32,7 +32,7 @@ def probe(modules, extra=""):
 
 
 def test_importing_the_daemon_loads_no_tensorflow_train_or_export():
-    result = probe(["improvd.daemon.cli", "improvd.daemon.service", "improvd.daemon.engine"])
+    result = probe(["improvd.daemon.cli", "improvd.daemon.live.service", "improvd.daemon.live.engine"])
     assert "improvd.daemon.cli" in result["imported"]
     assert result["heavy"] == []
 

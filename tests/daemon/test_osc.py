@@ -1,4 +1,4 @@
-"""OSC control (daemon/oscmap.py, daemon/osc.py, daemon/oscaddr.py): the addresses and their natural units, bad
+"""OSC control (daemon/control/oscmap.py, daemon/io/osc.py, daemon/control/oscaddr.py): the addresses and their natural units, bad
 input, and the UDP endpoint with a real client on 127.0.0.1 (no MIDI: the engine is a recorder of actions here;
 tests/e2e/test_osc_e2e.py drives the daemon)."""
 
@@ -16,12 +16,12 @@ pytest.importorskip("pythonosc", reason="the OSC tests need python-osc (pip inst
 from pythonosc.osc_message_builder import OscMessageBuilder  # noqa: E402
 from pythonosc.udp_client import SimpleUDPClient  # noqa: E402
 
-from improvd.daemon.config import OscConfig, from_dict  # noqa: E402
-from improvd.daemon.control import Action  # noqa: E402
-from improvd.daemon.errors import ConfigError  # noqa: E402
-from improvd.daemon.osc import OscServer  # noqa: E402
-from improvd.daemon.oscaddr import is_loopback, parse_host_port  # noqa: E402
-from improvd.daemon.oscmap import OscInputError, parse  # noqa: E402
+from improvd.core.config import OscConfig, from_dict  # noqa: E402
+from improvd.daemon.control.cc import Action  # noqa: E402
+from improvd.core.errors import ConfigError  # noqa: E402
+from improvd.daemon.io.osc import OscServer  # noqa: E402
+from improvd.daemon.control.oscaddr import is_loopback, parse_host_port  # noqa: E402
+from improvd.daemon.control.oscmap import OscInputError, parse  # noqa: E402
 
 
 @pytest.mark.parametrize("address,args,action", [
@@ -160,7 +160,7 @@ def test_state_messages_arrive_in_order(endpoint):
 
 
 def test_a_busy_port_is_a_clear_error():
-    from improvd.daemon.errors import ImprovdError
+    from improvd.core.errors import ImprovdError
     taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     taken.bind(("127.0.0.1", 0))
     try:
@@ -172,7 +172,7 @@ def test_a_busy_port_is_a_clear_error():
 
 def test_missing_python_osc_names_the_extra(monkeypatch):
     import builtins
-    from improvd.daemon.errors import ImprovdError
+    from improvd.core.errors import ImprovdError
     real_import = builtins.__import__
 
     def no_pythonosc(name, *args, **kwargs):
@@ -250,7 +250,7 @@ def test_the_engine_applies_osc_actions_in_its_thread(caplog):
 
 
 def test_a_flood_of_control_messages_is_cut_at_the_rate_limit(endpoint, caplog):
-    from improvd.daemon.osc import MAX_RATE
+    from improvd.daemon.io.osc import MAX_RATE
     server, rec, _ = endpoint
     caplog.set_level(logging.WARNING, logger="improvd.osc")
     data = _message("/improvd/temperature", [0.5])

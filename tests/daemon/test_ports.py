@@ -6,8 +6,8 @@ import threading
 import mido
 import pytest
 
-from improvd.daemon import ports
-from improvd.daemon.errors import PortError
+from improvd.daemon.io import ports
+from improvd.core.errors import PortError
 
 ALSA = ["Midi Through:Midi Through Port-0 14:0", "FLUID Synth (4321):Synth input port (4321:0) 128:0",
         "Keystation 49:Keystation 49 MIDI 1 20:0", "Keystation 49:Keystation 49 MIDI 2 20:1"]

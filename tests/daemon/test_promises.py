@@ -23,10 +23,12 @@ from pathlib import Path
 import mido
 import pytest
 
-from improvd.daemon import ports, recorder, service
-from improvd.daemon.config import Config
-from improvd.daemon.model import StepModel
-from improvd.daemon.recorder import SessionRecorder
+from improvd.daemon.io import ports
+from improvd.daemon.io import recorder
+from improvd.daemon.live import service
+from improvd.core.config import Config
+from improvd.daemon.predict.model import StepModel
+from improvd.daemon.io.recorder import SessionRecorder
 from tests.daemon.fakes import Clock
 from tests.daemon.test_band import PLAYER_CH, T0, Sim, balanced
 from tests.daemon.test_reliability import _drain
@@ -480,8 +482,8 @@ def test_without_rotation_a_failing_recording_is_bounded_by_size(tmp_path, caplo
 # ---- 7. a model's metadata is bounded --------------------------------------------------------------------------
 
 def test_a_model_declaring_a_huge_context_is_refused_naming_the_bound(tmp_path):
-    from improvd.daemon import model as model_mod
-    from improvd.daemon.errors import ModelError
+    from improvd.daemon.predict import model as model_mod
+    from improvd.core.errors import ModelError
     huge = make_step_model(tmp_path / "huge.onnx", context=1_000_000)
     with pytest.raises(ModelError, match=r"improvd.context = '1000000', expected .* at most 256"):
         StepModel(huge.path)
@@ -499,7 +501,7 @@ def umask_022():
 
 
 def test_writing_a_file_never_changes_the_process_umask(tmp_path, monkeypatch, umask_022):
-    from improvd.daemon import atomic
+    from improvd.core import atomic
     calls = []
     real = os.umask
     monkeypatch.setattr(os, "umask", lambda mask: (calls.append(mask), real(mask))[1])
@@ -525,7 +527,7 @@ def test_recordings_are_0600_or_stricter_by_the_umask(tmp_path, umask, mode):
 
 
 def test_other_files_keep_the_mode_open_would_give(tmp_path, umask_022):
-    from improvd.daemon import atomic
+    from improvd.core import atomic
     with atomic.atomic_writer(tmp_path / "model.onnx") as fh:
         fh.write(b"x")
     assert (tmp_path / "model.onnx").stat().st_mode & 0o777 == 0o644
@@ -534,7 +536,7 @@ def test_other_files_keep_the_mode_open_would_give(tmp_path, umask_022):
 # ---- also: NaN deadlines, a clock that stops without Stop, thru under a flood of held keys -----------------------
 
 def test_a_non_finite_deadline_is_refused_and_never_blocks_the_notes_behind_it():
-    from improvd.daemon.scheduler import Scheduler
+    from improvd.daemon.live.scheduler import Scheduler
     clock = Clock(10.0)
     sent = []
     s = Scheduler(lambda m: sent.append((clock.t, m)), now=clock)
@@ -569,7 +571,7 @@ def test_a_clock_that_stops_without_stop_does_not_stall_a_quantized_answer(model
 
 
 def test_releasing_thru_notes_under_a_flood_of_held_keys_never_rebuilds_the_schedule(model, monkeypatch):
-    from improvd.daemon import scheduler as scheduler_mod
+    from improvd.daemon.live import scheduler as scheduler_mod
     sim = Sim(model, improvise_kw=dict(max_notes=2, max_hold=60.0, silence=30.0), midi=dict(thru=True))
     keys = [(ch, p) for ch in range(16) for p in range(128)][:1500]
     t = T0 + 0.1
@@ -592,7 +594,7 @@ def test_releasing_thru_notes_under_a_flood_of_held_keys_never_rebuilds_the_sche
 
 
 def test_end_note_releases_a_sounding_note_now_and_a_future_one_never_starts():
-    from improvd.daemon.scheduler import Scheduler
+    from improvd.daemon.live.scheduler import Scheduler
     clock = Clock(10.0)
     sent = []
     s = Scheduler(lambda m: sent.append((clock.t, m.type, m.note)), now=clock)
@@ -632,7 +634,7 @@ def test_messages_swallowed_by_an_unterminated_sysex_are_recovered():
 
 
 def test_where_the_umask_cannot_be_read_files_are_kept_private(tmp_path, monkeypatch):
-    from improvd.daemon import atomic
+    from improvd.core import atomic
     monkeypatch.setattr(atomic, "current_umask", lambda: None)  # no /proc (macOS): never wider than 0600
     with atomic.atomic_writer(tmp_path / "model.onnx") as fh:
         fh.write(b"x")

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from improvd.daemon import midifile
-from improvd.daemon import notes as nt
-from improvd.daemon.recorder import IMPROVD, PLAYER, SessionRecorder
+from improvd.core import midifile
+from improvd.core import notes as nt
+from improvd.daemon.io.recorder import IMPROVD, PLAYER, SessionRecorder
 from tests.daemon.fakes import Clock, off, on
 
 TICKS_PER_S = midifile.TICKS_PER_BEAT * 1e6 / midifile.TEMPO_US  # 1920

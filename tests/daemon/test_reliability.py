@@ -21,15 +21,17 @@ import mido
 import numpy as np
 import pytest
 
-from improvd.daemon import config as cfg
-from improvd.daemon import midifile, ports, service
-from improvd.daemon.watchdog import Heartbeat
-from improvd.daemon.config import Config, ImproviseConfig, MidiConfig, from_dict
-from improvd.daemon.engine import Engine
-from improvd.daemon.errors import ConfigError, ModelError
-from improvd.daemon.model import StepModel
-from improvd.daemon.recorder import SessionRecorder
-from improvd.daemon.scheduler import Scheduler
+from improvd.core import config as cfg
+from improvd.core import midifile
+from improvd.daemon.io import ports
+from improvd.daemon.live import service
+from improvd.daemon.live.watchdog import Heartbeat
+from improvd.core.config import Config, ImproviseConfig, MidiConfig, from_dict
+from improvd.daemon.live.engine import Engine
+from improvd.core.errors import ConfigError, ModelError
+from improvd.daemon.predict.model import StepModel
+from improvd.daemon.io.recorder import SessionRecorder
+from improvd.daemon.live.scheduler import Scheduler
 from tests.daemon.fakes import Clock, off, on
 from tests.modelfactory import make_step_model
 
@@ -59,7 +61,7 @@ def test_stats_are_computed_outside_the_lock(monkeypatch):
         t.start()
         t.join(1.0)
         return real_median(values, *args, **kwargs)
-    monkeypatch.setattr("improvd.daemon.scheduler.np.median", median)
+    monkeypatch.setattr("improvd.daemon.live.scheduler.np.median", median)
     s.stats()
     assert others_got_in == [1]
 
@@ -406,13 +408,13 @@ def test_only_onnx_is_loaded_as_a_model_and_numpy_caches_refuse_pickles():
                 offenders.append(f"{path.relative_to(REPO)}: {bad}")
     assert not offenders, offenders
     daemon_text = "\n".join(p.read_text(encoding="utf-8") for p in (REPO / "daemon").rglob("*.py"))
-    assert "InferenceSession(" in daemon_text and daemon_text.count("InferenceSession(") == 1  # daemon/model.py
-    # The one network interface is OSC (daemon/osc.py, off by default); nothing else in the daemon opens a socket.
+    assert "InferenceSession(" in daemon_text and daemon_text.count("InferenceSession(") == 1  # daemon/predict/model.py
+    # The one network interface is OSC (daemon/io/osc.py, off by default); nothing else in the daemon opens a socket.
     # That the default daemon opens none is checked at run time below.
     network = re.compile(r"\b(socket|http\.server|socketserver|asyncio\.start_server)\b")
     users = sorted(str(p.relative_to(REPO)) for p in (REPO / "daemon").rglob("*.py")
                    if network.search(p.read_text(encoding="utf-8")))
-    assert users == ["daemon/osc.py"], users
+    assert users == ["daemon/io/osc.py"], users
 
 
 def _inet_sockets() -> set[tuple[str, str]]:

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from improvd.daemon import config as cfg
-from improvd.daemon.config import Config, from_dict, load_config, parse_override
-from improvd.daemon.errors import ConfigError
-from improvd.daemon.service import _InputSink
-from improvd.daemon.window import NoteTracker
+from improvd.core import config as cfg
+from improvd.core.config import Config, from_dict, load_config, parse_override
+from improvd.core.errors import ConfigError
+from improvd.daemon.live.service import _InputSink
+from improvd.daemon.music.tracker import NoteTracker
 
 SECTIONS = cfg._section_types()
 KEYS = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in SECTIONS.items()}

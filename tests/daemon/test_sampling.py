@@ -3,8 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from improvd.daemon.config import ImproviseConfig
-from improvd.daemon.sampling import Decoding, choose_pitch, choose_velocity, clamp, decode, log_softmax
+from improvd.core.config import ImproviseConfig
+from improvd.daemon.predict.sampling import Decoding, choose_pitch, choose_velocity, clamp, decode, log_softmax
 
 
 def test_log_softmax_matches_definition():

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from improvd.daemon.scheduler import Scheduler
+from improvd.daemon.live.scheduler import Scheduler
 
 
 class FakeClock:

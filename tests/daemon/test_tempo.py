@@ -1,8 +1,8 @@
-"""The player's pulse and the time scale (daemon/tempo.py)."""
+"""The player's pulse and the time scale (daemon/music/tempo.py)."""
 
 import pytest
 
-from improvd.daemon import tempo
+from improvd.daemon.music import tempo
 
 
 def test_reference_ioi_from_config_card_or_default():

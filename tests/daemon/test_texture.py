@@ -1,4 +1,4 @@
-"""Texture bounds (daemon/texture.py): polyphony and register, pure; in the engine on a fake clock (respond and
+"""Texture bounds (daemon/music/texture.py): polyphony and register, pure; in the engine on a fake clock (respond and
 continuous); in `improvd generate`, also with the shipped model on the 8-note C-major melody and two chorale-like
 calls."""
 
@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from improvd.daemon import notes as nt
-from improvd.daemon.config import ImproviseConfig
+from improvd.core import notes as nt
+from improvd.core.config import ImproviseConfig
 from improvd.daemon.generate import continue_notes, parse_polyphony, prime_texture
-from improvd.daemon.improviser import Improviser
-from improvd.daemon.model import StepModel
-from improvd.daemon.sampling import Decoding
-from improvd.daemon.texture import (REGISTER_WIDEN, Texture, TextureCounts, Voices, call_register,
+from improvd.daemon.predict.improviser import Improviser
+from improvd.daemon.predict.model import StepModel
+from improvd.daemon.predict.sampling import Decoding
+from improvd.daemon.music.texture import (REGISTER_WIDEN, Texture, TextureCounts, Voices, call_register,
                                     max_simultaneous, texture_for_call)
 from tests.daemon.test_band import T0, Sim, balanced
 from tests.modelfactory import make_step_model
@@ -144,7 +144,7 @@ def test_delayed_notes_are_fed_with_their_real_gap(tmp_path):
 
 def test_generate_cli_reports_the_bounds(tmp_path, capsys):
     from improvd.daemon.cli import main
-    from improvd.daemon.midifile import Track, read_notes, write_notes
+    from improvd.core.midifile import Track, read_notes, write_notes
     ref = make_step_model(tmp_path / "long.onnx", seed=4, context=64, step_scale=0.3, duration_scale=2.0)
     write_notes(tmp_path / "prime.mid", [Track("prime", MELODY, channel=0)])
     out = tmp_path / "out.mid"

@@ -1,4 +1,4 @@
-"""Turn-taking (daemon/turns.py): the phrase end measured in the player's pulse, the sustain pedal, the answer's
+"""Turn-taking (daemon/music/turns.py): the phrase end measured in the player's pulse, the sustain pedal, the answer's
 entry on the clock's beat and its length; pure functions, then the engine on a fake clock (tests/daemon/test_band.py's
 `Sim`: every message at exactly its deadline)."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import mido
 import pytest
 
-from improvd.daemon import turns
-from improvd.daemon.turns import AnswerLength, Budget, Sustain, answer_budget, parse_answer_length, phrase_end_s
+from improvd.daemon.music import turns
+from improvd.daemon.music.turns import AnswerLength, Budget, Sustain, answer_budget, parse_answer_length, phrase_end_s
 from tests.daemon.test_band import PLAYER_CH, T0, Sim, balanced, model  # noqa: F401
 
 

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from improvd.daemon.config import ImproviseConfig, MidiConfig
-from improvd.daemon.window import HeardNote, NoteTracker
+from improvd.core.config import ImproviseConfig, MidiConfig
+from improvd.daemon.music.tracker import HeardNote, NoteTracker
 
 
 def on(note, velocity=100, channel=0):

@@ -91,8 +91,8 @@ def _record_session(server, tmp_path, rec_dir: Path, pitches: list[int]) -> tupl
 @pytest.mark.tf
 def test_a_recorded_session_fine_tunes_on_the_players_notes_only(jack_server, tmp_path):
     pytest.importorskip("tensorflow")
-    from improvd.daemon.midifile import Track, write_notes
-    from improvd.daemon import notes as nt
+    from improvd.core.midifile import Track, write_notes
+    from improvd.core import notes as nt
     from improvd.train.data import find_midi_files, load_collection
 
     rec = tmp_path / "recordings"

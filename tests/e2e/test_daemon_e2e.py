@@ -205,7 +205,7 @@ def test_signal_mid_answer_releases_every_note_and_exits_0(session, tmp_path, si
     s.receiver.wait_quiet(0.2, 5)
     assert balance(s.receiver.events, IMPROVD_CH) == {}
 
-    from improvd.daemon.midifile import read_notes
+    from improvd.core.midifile import read_notes
     import mido
     files = list(rec_dir.glob("*.mid"))
     assert len(files) == 1, s.daemon.log()

@@ -10,7 +10,7 @@ import time
 import pytest
 import rtmidi
 
-from improvd.daemon.ports import EOX_GUARD_S, InputPort
+from improvd.daemon.io.ports import EOX_GUARD_S, InputPort
 from tests.e2e.jack import _counter, jack_server, requires_jack  # noqa: F401
 
 pytestmark = [pytest.mark.jack, requires_jack]

@@ -1,4 +1,4 @@
-"""Turn-taking of `improvd run` end to end over real JACK MIDI ports (daemon/turns.py): silence = "auto" answers fast
+"""Turn-taking of `improvd run` end to end over real JACK MIDI ports (daemon/music/turns.py): silence = "auto" answers fast
 eighths quickly and never cuts into slow legato quarters, answer_length = "match" answers about as long as the call,
 and with MIDI clock running the answer enters on a beat. The calls and measures are tests/e2e/turns_measure.py's
 (bench/turns.py runs the whole set)."""

@@ -1,5 +1,5 @@
 """Scripted calls and what a receiver heard of them: the turn-taking measures shared by bench/turns.py and
-tests/e2e/test_turns_e2e.py (daemon/turns.py).
+tests/e2e/test_turns_e2e.py (daemon/music/turns.py).
 
 A call is 8 notes at a tempo (60, 100, 160 bpm), in quarter or eighth notes, legato (each note held 95% of its
 inter-onset interval), detached (50%) or staccato (30%), with or without a held last note (two beats). For each

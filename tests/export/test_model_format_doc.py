@@ -12,9 +12,9 @@ import mido
 import numpy as np
 import pytest
 
-from improvd.daemon import notes as nt
+from improvd.core import notes as nt
 from improvd.daemon.cli import main
-from improvd.daemon.midifile import Track, notes_from_midi, read_notes, write_notes
+from improvd.core.midifile import Track, notes_from_midi, read_notes, write_notes
 from tests.modelfactory import make_step_model
 
 REPO = Path(__file__).resolve().parents[2]

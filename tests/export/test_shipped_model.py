@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from improvd.daemon.model import StepModel
+from improvd.daemon.predict.model import StepModel
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "models" / "bach.onnx"

@@ -7,8 +7,8 @@ import mido
 import numpy as np
 import pytest
 
-from improvd.daemon import notes as nt
-from improvd.daemon.midifile import Track, write_notes
+from improvd.core import notes as nt
+from improvd.core.midifile import Track, write_notes
 from improvd.train import batches as tb
 from improvd.train import data as td
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from improvd.daemon import notes as nt
-from improvd.daemon.midifile import Track, write_notes
+from improvd.core import notes as nt
+from improvd.core.midifile import Track, write_notes
 from improvd.train.distribute import Cluster, read_tf_config
 
 REPO = Path(__file__).resolve().parents[2]

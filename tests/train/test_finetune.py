@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from improvd.daemon import notes as nt
-from improvd.daemon.errors import MidiFileError
-from improvd.daemon.midifile import Track, read_notes, write_notes
+from improvd.core import notes as nt
+from improvd.core.errors import MidiFileError
+from improvd.core.midifile import Track, read_notes, write_notes
 from tests.train.test_train_cli import GOOD_FILES, REPO, exported, improvd, read_history, run, song, work  # noqa: F401
 
 pytestmark = [pytest.mark.tf,
@@ -76,7 +76,7 @@ def test_a_window_format_export_rebuilds_the_keras_model(run, exported):
 
 def test_the_shipped_keras_weights_are_the_shipped_model():
     """models/bach.keras (for --init shipped) predicts what models/bach.onnx (what the daemon plays) predicts."""
-    from improvd.daemon.model import StepModel
+    from improvd.daemon.predict.model import StepModel
     from improvd.train.evaluate import onnx_predictor
     from improvd.train.init import SHIPPED_KERAS, load_init
     from improvd.train.model import predict_next

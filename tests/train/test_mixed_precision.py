@@ -6,7 +6,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from improvd.daemon.config import load_config
+from improvd.core.config import load_config
 from improvd.train import batches as tb
 from improvd.train.data import NoteSet
 

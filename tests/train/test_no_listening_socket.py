@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from improvd.daemon.midifile import Track, write_notes
+from improvd.core.midifile import Track, write_notes
 from improvd.train.distribute import read_tf_config, server_warning
 from tests.train.test_distributed import melody
 

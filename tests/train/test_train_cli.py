@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 import pytest
 
-from improvd.daemon import notes as nt
+from improvd.core import notes as nt
 from improvd.daemon.cli import main
-from improvd.daemon.midifile import Track, write_notes
+from improvd.core.midifile import Track, write_notes
 from tests.train.test_data import make_bad_files
 
 pytestmark = [pytest.mark.tf,
@@ -145,7 +145,7 @@ def test_export_writes_both_models_with_metadata_and_passes_parity(work, run, ex
     assert "created" in card and "data" in card
     assert {p.key: p.value for p in onnx.load(str(window)).metadata_props}["improvd.format"] == "window-1"
 
-    from improvd.daemon.model import StepModel
+    from improvd.daemon.predict.model import StepModel
     model = StepModel(exported)
     assert model.num_features == 4 and model.has_velocity and model.state_size == 2 * 16 and model.context == 25
 
@@ -206,7 +206,7 @@ def test_a_model_built_the_tutorials_way_exports(work, capsys):
     printed = capsys.readouterr().out
     assert "OK" in printed and "FAIL" not in printed
 
-    from improvd.daemon.model import StepModel
+    from improvd.daemon.predict.model import StepModel
     step = StepModel(out)
     assert step.features == ("pitch", "step", "duration") and step.state_size == 32 and step.context == 25
     # The step model fed note by note equals the Keras model on a raw window (pitch / 128 inside the graph).

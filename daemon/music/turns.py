@@ -55,7 +55,7 @@ from typing import NamedTuple
 import mido
 import numpy as np
 
-from improvd.daemon import tempo
+from improvd.daemon.music import tempo
 
 AUTO = "auto"
 AUTO_IOIS = 1.5  # phrase end: this many reference IOIs after the last onset...

@@ -21,7 +21,7 @@ a Python callback has to take the GIL there. While another thread holds it, the 
 JACK counts an xrun for the whole server: every client's MIDI of that cycle is lost and a DAW's audio glitches.
 Measured with `bench/flood.py --mode respond --seconds 5`: 67 xruns naming improvd's input client with the
 callback. Polled, rtmidi's own C++ code queues the message in the process thread (no Python, no GIL), and the
-arrival time still comes from rtmidi's timestamps (`daemon/arrival.py`), not from when the poll ran.
+arrival time still comes from rtmidi's timestamps (`daemon/music/arrival.py`), not from when the poll ran.
 
 Why rtmidi ignores no message type: rtmidi computes each message's delta time from the previous message it
 received, ignored ones included, so an ignored message takes its delta with it. Active sensing (many keyboards
@@ -46,9 +46,9 @@ from typing import Callable
 import mido
 import rtmidi
 
-from improvd.daemon.arrival import ArrivalClock
-from improvd.daemon.errors import PortError
-from improvd.daemon.watchdog import Heartbeat
+from improvd.daemon.music.arrival import ArrivalClock
+from improvd.core.errors import PortError
+from improvd.daemon.live.watchdog import Heartbeat
 
 log = logging.getLogger("improvd.ports")
 

@@ -13,7 +13,7 @@ Values 0..127 map as follows (`lo`, `hi` from the config's `*_range` keys):
 | mute | switch | value >= 64: muted (improvd listens but does not play) |
 | panic | button | acts when the value goes from below 64 to 64 or more: release everything now |
 | reload | button | the same edge: reload the config and the model (as SIGHUP does) |
-| forget | button | the same edge: clear the session memory of `improvise.adapt` (daemon/adapt.py) |
+| forget | button | the same edge: clear the session memory of `improvise.adapt` (daemon/predict/adapt.py) |
 
 Buttons act on the rising edge so that a button sending 127 on press and 0 on release acts once. CCs on other
 channels than `control.channel` (1..16; 0 = any) and unmapped CC numbers give no action.
@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import mido
 
-from improvd.daemon.config import CONTROL_FUNCTIONS, ControlConfig
+from improvd.core.config import CONTROL_FUNCTIONS, ControlConfig
 
 KNOBS = ("temperature", "top_p", "max_notes", "key_strength")
 SWITCHES = ("mode", "mute")

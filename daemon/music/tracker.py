@@ -22,8 +22,8 @@ from typing import Iterable, NamedTuple
 import mido
 import numpy as np
 
-from improvd.daemon import notes as nt
-from improvd.daemon.config import ImproviseConfig, MidiConfig
+from improvd.core import notes as nt
+from improvd.core.config import ImproviseConfig, MidiConfig
 
 
 class HeardNote(NamedTuple):

@@ -14,14 +14,14 @@ the notes fed before it. The first note of an answer usually comes later than pr
 and is fed with its real gap.
 
 respond mode: when the phrase is over (`improvise.silence`: a fixed silence, or "auto", measured in the player's
-pulse; never while a key or the sustain pedal holds the sound; daemon/turns.py), the phrase's notes are fed and an
+pulse; never while a key or the sustain pedal holds the sound; daemon/music/turns.py), the phrase's notes are fed and an
 answer starts. Its first note is due at the last fed onset plus the predicted step, or at once (now + `lead_s`) if
 that has passed (with MIDI clock running: moved to the clock's next beat, or the next point of a coarser quantize
 grid); each next note at the previous onset plus its predicted step (kept even when the engine is a
 little late: the scheduler then sends it at once; only after a stall of more than `catch_up_s` does it move to now);
 each note-off at onset plus duration.
 The answer stops after `max_notes` notes or when a note would start more than `max_seconds` after the first one,
-or earlier at its `improvise.answer_length` (daemon/turns.py: "match" = as long as the call, in beats when a pulse
+or earlier at its `improvise.answer_length` (daemon/music/turns.py: "match" = as long as the call, in beats when a pulse
 is known, else in notes; a length in beats also keeps its note-offs within the span); it is finished when its last
 note-off is due. A note-on from the player during the answer cancels it at once
 (`scheduler.cancel`): nothing more is sent and its sounding notes are released; notes handed to the scheduler that
@@ -56,11 +56,11 @@ music); `notes_played` in the summary does not count them.
 Playing with a band (config [timing], [control], midi.thru/program, improvise.key):
 
 - MIDI clock: 'clock', 'start', 'continue', 'stop' and 'songpos' messages come through the same queue and feed a
-  `ClockTracker` (daemon/clock.py) when `timing.follow_clock`. Stop cancels the answer (its notes are released),
+  `ClockTracker` (daemon/music/clock.py) when `timing.follow_clock`. Stop cancels the answer (its notes are released),
   releases the thru notes sounding, and keeps improvd silent until Start or Continue (phrases are still heard and
   fed to the model); Start resets the
   bar (the grid's position 0 is the first tick after it).
-- Quantize (`timing.quantize`): a note's predicted onset is snapped to the nearest grid point (daemon/quantize.py),
+- Quantize (`timing.quantize`): a note's predicted onset is snapped to the nearest grid point (daemon/music/quantize.py),
   never earlier than now + `lead_s`, and a predicted step longer than `CHORD_S` never becomes a chord (it takes at
   least one grid step). The grid is the clock's while ticks arrive, else `timing.bpm`'s, else the player's pulse
   (timing.bpm = 0), anchored at the first onset of the phrase being answered. A note keeps its grid position, and its
@@ -68,24 +68,24 @@ Playing with a band (config [timing], [control], midi.thru/program, improvise.ke
   When the clock's ticks stop without a Stop mid-answer, the answer goes on on the clock's last grid; a position
   that would move a note more than `REGRID_STEPS` grid steps belongs to another grid, and the note is snapped again
   from its time. The model is fed the real gaps.
-- Follow tempo (`timing.follow_tempo`, daemon/tempo.py): the time scale (player's median IOI / the model's) is
+- Follow tempo (`timing.follow_tempo`, daemon/music/tempo.py): the time scale (player's median IOI / the model's) is
   measured on each phrase (continuous: on the player's last notes); the player's steps and durations are divided by
   it before they are fed, the model's multiplied by it (then clamped to step_range / duration_range) before they are
   played. Rows reported by `on_note_heard` / `on_note_played` are as fed, in the model's time.
-- Texture (`improvise.polyphony`, `improvise.register`, daemon/texture.py): measured on the phrase (continuous: on the
+- Texture (`improvise.polyphony`, `improvise.register`, daemon/music/texture.py): measured on the phrase (continuous: on the
   player's last `CALL_NOTES` notes); the register bounds the pitch before sampling (`Improviser.predict`), and a note
   whose onset would make more than `polyphony` of the answer's notes sound waits for a release (fed with its real
   gap). The summary counts the notes delayed and re-chosen.
-- OSC (`[osc]`, daemon/osc.py): `control(action)` (any thread) queues a `control.Action`, applied in the engine
+- OSC (`[osc]`, daemon/io/osc.py): `control(action)` (any thread) queues a `control.Action`, applied in the engine
   thread as a CC's; besides the CC functions it may set `key` and `answer_length`, and `forget` (clears
   `improvise.adapt`'s session memory; with adaptation off it logs "forget: no session memory"). `on_state(state)` is
   called in the engine thread on each change of state.
-- Live control (`[control]`, daemon/control.py): CCs change temperature, top_p, max_notes, key_strength and mode
+- Live control (`[control]`, daemon/control/cc.py): CCs change temperature, top_p, max_notes, key_strength and mode
   (from the next note; they stay across a reload), mute (cancels the answer; phrases are still fed), panic (every
   sounding note released at once, improvd's and thru, an All Notes Off on the output channel, the answer and the
   pending phrase dropped), reload (`on_reload_request()` is called; the service reloads), forget (the session
   memory of `improvise.adapt` is cleared). Each CC is logged at debug.
-- Session adaptation (`improvise.adapt = "cache"`, daemon/adapt.py): the player's notes are fed with
+- Session adaptation (`improvise.adapt = "cache"`, daemon/predict/adapt.py): the player's notes are fed with
   `player=True`, so the Improviser's `SessionAdapter` learns from them (improvd's own notes only extend its
   context); `Engine.forget()` clears it from any thread (at the engine's next wake-up). A reload keeps the memory
   unless `adapt_memory` changed or adaptation was turned off.
@@ -95,7 +95,7 @@ Playing with a band (config [timing], [control], midi.thru/program, improvise.ke
   scheduler, each as a tracked note (so panic, Stop and exit release it; a key held past `improvise.max_hold` is
   released then).
 - Program change (`midi.program`) through the scheduler when the engine starts.
-- Key (`improvise.key`, daemon/keys.py): a fixed key's scale, or with "auto" the Krumhansl-Schmuckler estimate over
+- Key (`improvise.key`, daemon/music/keys.py): a fixed key's scale, or with "auto" the Krumhansl-Schmuckler estimate over
   the window (at each answer; continuous: at each player note), weighted by `improvise.key_strength` in decoding.
 
 Faults: malformed queue items are skipped; an exception while handling input or time is logged, the current answer
@@ -118,20 +118,21 @@ from typing import Callable
 import mido
 import numpy as np
 
-from improvd.daemon import notes as nt
-from improvd.daemon import tempo, turns
-from improvd.daemon.clock import CLOCK_TYPES, ClockTracker
-from improvd.daemon.config import Config, ImproviseConfig
-from improvd.daemon.adapt import SessionAdapter
-from improvd.daemon.control import Action, ControlMap
-from improvd.daemon.improviser import Decoding, Improviser
-from improvd.daemon.keys import Key, estimate_key, parse_key
-from improvd.daemon.model import StepModel
-from improvd.daemon.quantize import Grid, division_ticks, snap
-from improvd.daemon.scheduler import Scheduler
-from improvd.daemon.texture import Texture, TextureCounts, Voices, texture_for_call
-from improvd.daemon.watchdog import HEARTBEAT_S, Heartbeat
-from improvd.daemon.window import HeardNote, NoteTracker
+from improvd.core import notes as nt
+from improvd.daemon.music import tempo
+from improvd.daemon.music import turns
+from improvd.daemon.music.clock import CLOCK_TYPES, ClockTracker
+from improvd.core.config import Config, ImproviseConfig
+from improvd.daemon.predict.adapt import SessionAdapter
+from improvd.daemon.control.cc import Action, ControlMap
+from improvd.daemon.predict.improviser import Decoding, Improviser
+from improvd.daemon.music.keys import Key, estimate_key, parse_key
+from improvd.daemon.predict.model import StepModel
+from improvd.daemon.music.quantize import Grid, division_ticks, snap
+from improvd.daemon.live.scheduler import Scheduler
+from improvd.daemon.music.texture import Texture, TextureCounts, Voices, texture_for_call
+from improvd.daemon.live.watchdog import HEARTBEAT_S, Heartbeat
+from improvd.daemon.music.tracker import HeardNote, NoteTracker
 
 log = logging.getLogger("improvd.engine")
 
@@ -324,7 +325,7 @@ class Engine:
                 log.warning("the engine thread did not stop within %.1f s", timeout)
 
     def control(self, action: Action) -> None:
-        """Apply a control action (from OSC, daemon/oscmap.py) in the engine thread, as a CC's; any thread."""
+        """Apply a control action (from OSC, daemon/control/oscmap.py) in the engine thread, as a CC's; any thread."""
         self.input_queue.put((self._now(), action))
 
     def forget(self) -> None:
@@ -587,7 +588,7 @@ class Engine:
 
     # ---- listening ---------------------------------------------------------------------------------------
     def _phrase_end_s(self) -> float | None:
-        """When the pending phrase is over (daemon/turns.py), or None (no phrase, or something still held)."""
+        """When the pending phrase is over (daemon/music/turns.py), or None (no phrase, or something still held)."""
         if not self._phrase:
             return None
         quiet = self._sustain.quiet_since_s(self._tracker.quiet_since_s())
@@ -668,7 +669,7 @@ class Engine:
                                 pitch_range=(int(imp.pitch_range[0]), int(imp.pitch_range[1])))
 
     def _beat_s(self, now: float) -> float | None:
-        """The pulse answers are measured in (daemon/turns.py): the clock's beat while it runs, else the grid's when
+        """The pulse answers are measured in (daemon/music/turns.py): the clock's beat while it runs, else the grid's when
         quantize is on, else the player's pulse; None when none is known."""
         if self._config.timing.follow_clock and self._clock.running(now) and self._clock.bpm:
             return 60.0 / self._clock.bpm
@@ -713,7 +714,7 @@ class Engine:
         delay = 0.0
         if a.texture.polyphony is not None:
             later = a.voices.earliest_onset(onset, a.texture.polyphony)
-            if later > onset:  # as many notes as allowed sound: wait for a release (daemon/texture.py)
+            if later > onset:  # as many notes as allowed sound: wait for a release (daemon/music/texture.py)
                 delayed_to, moved, position = self._delay_to(later, now)
                 delay, onset = delayed_to - onset, delayed_to
         a.next_flags = (delay, rechosen)
@@ -721,7 +722,7 @@ class Engine:
 
     def _clock_entry(self, row: np.ndarray, now: float) -> tuple[float, bool, int] | None:
         """The first note of an answer while a MIDI clock runs: at its predicted onset (or now, if that has passed)
-        moved to the next beat, or the next point of a quantize grid coarser than a beat (daemon/turns.py); None
+        moved to the next beat, or the next point of a quantize grid coarser than a beat (daemon/music/turns.py); None
         without a running clock."""
         if not (self._config.timing.follow_clock and self._clock.running(now)):
             return None
@@ -833,7 +834,7 @@ class Engine:
             self._finish(interrupted=False)
 
     def _over_budget(self, a: _Answer, onset_s: float) -> bool:
-        """Whether a note at `onset_s` is beyond the answer's `improvise.answer_length` (daemon/turns.py)."""
+        """Whether a note at `onset_s` is beyond the answer's `improvise.answer_length` (daemon/music/turns.py)."""
         if a.budget.notes is not None and a.handed >= a.budget.notes:
             return True
         span = self._span_s(a)

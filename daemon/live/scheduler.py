@@ -51,7 +51,7 @@ from typing import Callable
 import mido
 import numpy as np
 
-from improvd.daemon.watchdog import HEARTBEAT_S, Heartbeat
+from improvd.daemon.live.watchdog import HEARTBEAT_S, Heartbeat
 
 log = logging.getLogger("improvd.scheduler")
 

@@ -18,7 +18,7 @@ watches: it waits on an event with a short timeout, and on each tick
   `RECORD_STOP_WAIT_S`, after every note is released);
 - watches the JACK server's progress (its frame time, `JACK_STALL_S`): while it stalls, the output writes nothing
   (rtmidi would block holding the GIL once its ring is full), and a stop during a stall makes no request to it;
-- watches its worker threads (`daemon/watchdog.py`): one that died or made no progress for `THREAD_STALL_S` is
+- watches its worker threads (`daemon/live/watchdog.py`): one that died or made no progress for `THREAD_STALL_S` is
   logged, the sounding notes are released and improvd exits with status 4 (`EXIT_THREAD_FAILED`);
 - logs an input overload (the engine more than `INPUT_QUEUE_LIMIT` messages behind: new input is dropped, but
   never the release of a key that was let through) once when it starts and once when it ends;
@@ -50,11 +50,11 @@ import time
 
 import mido
 
-from improvd.daemon import ports
-from improvd.daemon.config import Config, load_config
-from improvd.daemon.errors import ImprovdError, ModelError
-from improvd.daemon.recorder import SessionRecorder, check_directory
-from improvd.daemon.watchdog import THREAD_STALL_S, ThreadWatch
+from improvd.daemon.io import ports
+from improvd.core.config import Config, load_config
+from improvd.core.errors import ImprovdError, ModelError
+from improvd.daemon.io.recorder import SessionRecorder, check_directory
+from improvd.daemon.live.watchdog import THREAD_STALL_S, ThreadWatch
 
 log = logging.getLogger("improvd")
 
@@ -261,8 +261,8 @@ def _load_model(config: Config):
     first note of the first answer."""
     import numpy as np
 
-    from improvd.daemon.improviser import Decoding, Improviser
-    from improvd.daemon.model import StepModel  # onnxruntime is imported with it
+    from improvd.daemon.predict.improviser import Decoding, Improviser
+    from improvd.daemon.predict.model import StepModel  # onnxruntime is imported with it
 
     model = StepModel(config.model.path, threads=config.model.threads)
     bad = model.nonfinite_outputs()
@@ -312,7 +312,7 @@ class Service:
         self.output: ports.OutputPort | None = None
         self.scheduler = None
         self.engine = None
-        self.osc = None  # daemon/osc.py, when osc.enabled
+        self.osc = None  # daemon/io/osc.py, when osc.enabled
         self.recorder: SessionRecorder | None = None
         self.events: collections.deque | None = collections.deque(maxlen=10000) if verbose else None
         self.answers = 0
@@ -335,8 +335,8 @@ class Service:
     # ---- start-up ---------------------------------------------------------------------------------------
     def start(self) -> None:
         """Load the model, open the ports, start the scheduler and the engine. Raises ImprovdError on failure."""
-        from improvd.daemon.engine import Engine
-        from improvd.daemon.scheduler import Scheduler
+        from improvd.daemon.live.engine import Engine
+        from improvd.daemon.live.scheduler import Scheduler
 
         config = self.config
         if config.record.dir:  # a cheap check first: an unusable record.dir fails before the model is loaded
@@ -352,7 +352,7 @@ class Service:
                 output_channel=config.midi.output_channel - 1, rotate_s=config.record.rotate_minutes * 60.0)
         self.output = ports.OutputPort(api, config.midi.output, client_name=config.midi.client_name)
         if config.osc.enabled:  # the only network port improvd opens, and only when asked to
-            from improvd.daemon.osc import OscServer
+            from improvd.daemon.io.osc import OscServer
             self.osc = OscServer(config.osc, lambda action: self.engine.control(action),
                                  output_channel=config.midi.output_channel - 1)
         hook = self._on_sent if (self.recorder is not None or self.events is not None

@@ -4,7 +4,7 @@
 its input queue (`handle(t_s, msg)` for mido types 'clock', 'start', 'continue', 'stop', 'songpos').
 
 Tempo and phase: the time of tick n is modelled as a + b·n, fitted over the last `window` (48, two beats) ticks
-that arrived cleanly. Stamps come from rtmidi's arrival times (see daemon/arrival.py), which a busy machine can
+that arrived cleanly. Stamps come from rtmidi's arrival times (see daemon/music/arrival.py), which a busy machine can
 hold up (a late JACK cycle, a late ALSA thread): ticks then arrive late, often in a bunch. So:
 
 - a tick that arrives less than half a tick length after the previous one (a bunch) is counted but left out of
@@ -34,7 +34,7 @@ from collections import deque
 import mido
 import numpy as np
 
-from improvd.daemon.quantize import TICKS_PER_BEAT, Grid
+from improvd.daemon.music.quantize import TICKS_PER_BEAT, Grid
 
 CLOCK_TYPES = frozenset({"clock", "start", "continue", "stop", "songpos"})
 

@@ -2,8 +2,8 @@
 extra: pip install 'improvd[osc]') to parse and build packets; this module owns the one UDP socket.
 
 - In: a thread (`improvd-osc`) receives datagrams on `osc.listen`:`osc.port` (loopback by default; any other
-  address only with `osc.allow_network`, daemon/oscaddr.py), parses each (a message or a bundle of them), turns every
-  message into a control action (daemon/oscmap.py) and hands it to the engine (`Engine.control`: the engine thread
+  address only with `osc.allow_network`, daemon/control/oscaddr.py), parses each (a message or a bundle of them), turns every
+  message into a control action (daemon/control/oscmap.py) and hands it to the engine (`Engine.control`: the engine thread
   applies it as it applies a CC). Bad input (garbage datagrams, unknown addresses, wrong types, values out of
   range) is logged once per kind at warning level, with a message naming what was wrong; it is counted and
   dropped, nothing reaches the engine. More than `MAX_RATE` control messages in a second (a flood, not a hand on a
@@ -25,10 +25,10 @@ import socket
 import threading
 import time
 
-from improvd.daemon.config import OscConfig
-from improvd.daemon.errors import ImprovdError
-from improvd.daemon.oscaddr import parse_host_port
-from improvd.daemon.oscmap import STATE_ADDRESS, OscInputError, parse
+from improvd.core.config import OscConfig
+from improvd.core.errors import ImprovdError
+from improvd.daemon.control.oscaddr import parse_host_port
+from improvd.daemon.control.oscmap import STATE_ADDRESS, OscInputError, parse
 
 log = logging.getLogger("improvd.osc")
 

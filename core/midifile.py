@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import mido
 import numpy as np
 
-from improvd.daemon import notes as nt
-from improvd.daemon.atomic import atomic_writer
-from improvd.daemon.errors import MidiFileError
+from improvd.core import notes as nt
+from improvd.core.atomic import atomic_writer
+from improvd.core.errors import MidiFileError
 
 DRUM_CHANNEL = 9
 TICKS_PER_BEAT = 960

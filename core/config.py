@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from improvd.daemon.errors import ConfigError
-from improvd.daemon.paths import SHIPPED_MODEL, USER_CONFIG
+from improvd.core.errors import ConfigError
+from improvd.core.paths import SHIPPED_MODEL, USER_CONFIG
 
 DEFAULT_CONFIG_NAMES = ("config.toml", USER_CONFIG)
 
@@ -163,7 +163,7 @@ CONTROL_FUNCTIONS = ("temperature", "top_p", "max_notes", "key_strength", "mode"
 
 @dataclass(frozen=True)
 class OscConfig:
-    """OSC control and state messages over UDP (daemon/osc.py); off by default."""
+    """OSC control and state messages over UDP (daemon/io/osc.py); off by default."""
 
     enabled: bool = _opt(False)
     listen: str = _opt("127.0.0.1")
@@ -292,12 +292,12 @@ def _check_pairs(name: str, section: Any) -> None:
 def _check_special(name: str, section: Any) -> None:
     """Checks that need more than a range: keys, tempo, CC assignments."""
     if name == "improvise":
-        from improvd.daemon.keys import VALID_FORMS, check_key_setting  # here: numpy stays out of a bare config load
+        from improvd.daemon.music.keys import VALID_FORMS, check_key_setting  # here: numpy stays out of a bare config load
         try:
             check_key_setting(section.key)
         except ValueError:
             raise ConfigError(f"improvise.key = {section.key!r} is not valid: expected {VALID_FORMS}") from None
-        from improvd.daemon.turns import parse_answer_length
+        from improvd.daemon.music.turns import parse_answer_length
         try:
             parse_answer_length(section.answer_length)
         except ValueError as err:
@@ -307,7 +307,7 @@ def _check_special(name: str, section: Any) -> None:
             raise ConfigError(f"timing.bpm = {section.bpm!r} is out of range: allowed 0 (follow the player's pulse) "
                               f"or 20..400")
     elif name == "osc":
-        from improvd.daemon.oscaddr import check_osc  # here: kept out of a bare config load
+        from improvd.daemon.control.oscaddr import check_osc  # here: kept out of a bare config load
         try:
             check_osc(section)
         except ValueError as err:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from improvd.daemon.config import ImproviseConfig
+from improvd.core.config import ImproviseConfig
 
 VELOCITY_POLICIES = ("model", "follow", "fixed")
 
@@ -83,7 +83,7 @@ class Decoding:
 
         The scale is `improvise.key`'s; with key "auto" it is `scale_pcs` (the caller's estimate; None = none yet).
         """
-        from improvd.daemon.keys import parse_key
+        from improvd.daemon.music.keys import parse_key
 
         setting = improvise.key.strip().lower()
         if setting == "auto":

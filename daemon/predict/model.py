@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from improvd.daemon.errors import ModelError
+from improvd.core.errors import ModelError
 
 log = logging.getLogger("improvd.model")
 

@@ -53,10 +53,10 @@ from typing import Callable
 
 import mido
 
-from improvd.daemon import midifile
-from improvd.daemon import notes as nt
-from improvd.daemon.atomic import atomic_writer
-from improvd.daemon.errors import ConfigError
+from improvd.core import midifile
+from improvd.core import notes as nt
+from improvd.core.atomic import atomic_writer
+from improvd.core.errors import ConfigError
 
 log = logging.getLogger("improvd.record")
 

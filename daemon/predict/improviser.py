@@ -15,7 +15,7 @@ summarises between C and 2C notes (fewer right after `reset`). Exactly: with k n
 (or since `reset`), the feed that makes k = C + 1 is followed by `reset` of the state and a feed of the last C
 notes, and k becomes 0. A third party reproduces the greedy output (docs/model-format.md) by doing the same.
 
-Session adaptation (`improvise.adapt`, daemon/adapt.py): with a `SessionAdapter`, each note fed is told to it
+Session adaptation (`improvise.adapt`, daemon/predict/adapt.py): with a `SessionAdapter`, each note fed is told to it
 (`feed(note, player=True)` for the player's notes, which it learns from; improvd's own notes only extend its
 context), and `predict` decodes the pitch from the adapter's mixture of the model's distribution and the
 session's memory instead of the model's alone. `forget()` clears that memory. Without an adapter (the default)
@@ -36,10 +36,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from improvd.daemon import notes as nt
-from improvd.daemon.adapt import SessionAdapter, softmax
-from improvd.daemon.model import Prediction, StepModel
-from improvd.daemon.sampling import Decoding, choose_pitch, decode
+from improvd.core import notes as nt
+from improvd.daemon.predict.adapt import SessionAdapter, softmax
+from improvd.daemon.predict.model import Prediction, StepModel
+from improvd.daemon.predict.sampling import Decoding, choose_pitch, decode
 
 __all__ = ["Decoding", "Improviser", "Snapshot"]
 
@@ -167,7 +167,7 @@ class Improviser:
             velocity_hint: the player's recent mean velocity for the "follow" policy; when None, the mean of
                 the last notes fed is followed.
             register: (low, high) pitches the note must keep within, on top of the decoding's `pitch_range`
-                (`improvise.register = "match"`, daemon/texture.py); None = the decoding's range only. With a
+                (`improvise.register = "match"`, daemon/music/texture.py); None = the decoding's range only. With a
                 register, `rechosen` tells afterwards whether the same draw without it would have picked another
                 pitch (the generator is left as if only the bounded draw had been made).
 

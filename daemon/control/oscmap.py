@@ -1,5 +1,5 @@
 """OSC control: the addresses improvd answers to, their arguments in natural units, and what they become (pure: no
-network I/O, no thread; daemon/osc.py receives the datagrams and calls `parse`).
+network I/O, no thread; daemon/io/osc.py receives the datagrams and calls `parse`).
 
 | address | argument | does |
 | --- | --- | --- |
@@ -16,7 +16,7 @@ network I/O, no thread; daemon/osc.py receives the datagrams and calls `parse`).
 | /improvd/forget | none | forget the session (clears `improvise.adapt`'s session memory; logs "forget: no session memory" with adaptation off) |
 
 Numbers may come as OSC int or float (TouchOSC sends floats, Pure Data floats); booleans as OSC T/F or numbers.
-Ranges are the config's own (`improvd.daemon.config` field metadata): one home for them. Anything else raises
+Ranges are the config's own (`improvd.core.config` field metadata): one home for them. Anything else raises
 `OscInputError` with a `kind` (for "logged once per kind") and a message naming the address, the value and what
 is valid; nothing of it reaches the engine.
 
@@ -28,8 +28,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from improvd.daemon.config import ImproviseConfig
-from improvd.daemon.control import Action
+from improvd.core.config import ImproviseConfig
+from improvd.daemon.control.cc import Action
 
 PREFIX = "/improvd"
 STATE_ADDRESS = PREFIX + "/state"  # sent: "idle" / "listening" / "answering", and "note" pitch velocity
@@ -90,7 +90,7 @@ def parse(address: str, args: list) -> Action | None:
         return Action(KNOBS[name], _number(address, args, KNOBS[name]))
     if name == "length":
         if len(args) == 1 and isinstance(args[0], str):
-            from improvd.daemon.turns import parse_answer_length
+            from improvd.daemon.music.turns import parse_answer_length
             try:
                 parse_answer_length(args[0])
             except ValueError as err:
@@ -105,7 +105,7 @@ def parse(address: str, args: list) -> Action | None:
         if len(args) != 1 or not isinstance(args[0], str):
             raise OscInputError(f"wrong type {address}", f"OSC {address} {_show(args)}: expected one string such "
                                                          f"as 'D dorian', 'auto' or 'none'")
-        from improvd.daemon.keys import VALID_FORMS, check_key_setting
+        from improvd.daemon.music.keys import VALID_FORMS, check_key_setting
         try:
             check_key_setting(args[0])
         except ValueError:

@@ -1,5 +1,5 @@
 """The network addresses of `[osc]`: which listen addresses count as loopback, and `send_to` ("host:port"). Pure;
-the config check and daemon/osc.py (main thread, at start) call it.
+the config check and daemon/io/osc.py (main thread, at start) call it.
 
 Binding anything but a loopback address exposes improvd's controls (panic, mute, reload...) to every machine that
 can reach that address: OSC has no authentication. It is allowed only with `osc.allow_network = true`.
