@@ -21,7 +21,7 @@ from improvd.core.atomic import atomic_writer
 from improvd.core.errors import MidiFileError
 
 DRUM_CHANNEL = 9
-TICKS_PER_BEAT = 960
+FILE_TICKS_PER_BEAT = 960  # the resolution of the MIDI files improvd writes (ticks per quarter note)
 TEMPO_US = 500_000  # 120 bpm
 MIN_DURATION_S = 0.001
 
@@ -156,7 +156,7 @@ class Track:
 
 
 def _seconds_to_ticks(t_s: float) -> int:
-    return int(round(t_s * TICKS_PER_BEAT * 1e6 / TEMPO_US))
+    return int(round(t_s * FILE_TICKS_PER_BEAT * 1e6 / TEMPO_US))
 
 
 def track_events(notes: np.ndarray, start_s: float = 0.0) -> list[tuple[int, int, int, int]]:
@@ -193,7 +193,7 @@ def write_notes(path: str | os.PathLike, tracks: list[Track]) -> None:
         path: the output file; it is either written whole or left as it was.
         tracks: the tracks, each with notes as in `daemon.notes`.
     """
-    midi = mido.MidiFile(type=1, ticks_per_beat=TICKS_PER_BEAT)
+    midi = mido.MidiFile(type=1, ticks_per_beat=FILE_TICKS_PER_BEAT)
     meta = mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=TEMPO_US, time=0)])
     midi.tracks.append(meta)
     for track in tracks:

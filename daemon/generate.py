@@ -149,37 +149,6 @@ def beam_search(improviser: Improviser, prime: np.ndarray, max_notes: int, beams
     return np.array(live[0].notes, dtype=np.float64).reshape(-1, 4)
 
 
-def plot_piano_roll(prime: np.ndarray, continuation: np.ndarray, cont_start_s: float, path: Path,
-                    title: str) -> None:
-    """Draw prime and continuation as a piano roll (seconds on x, MIDI pitch on y) to a PNG."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ModuleNotFoundError as err:
-        raise ImprovdError("--plot needs matplotlib: pip install matplotlib (or the 'train' extra)") from err
-    fig, ax = plt.subplots(figsize=(12, 4.5))
-    for notes, start, colour, label in ((prime, 0.0, "tab:blue", "prime"),
-                                        (continuation, cont_start_s, "tab:orange", "continuation")):
-        if not len(notes):
-            continue
-        t = nt.onsets(notes, start)
-        for onset, row in zip(t, notes):
-            ax.broken_barh([(onset, row[nt.DURATION])], (row[nt.PITCH] - 0.4, 0.8), color=colour)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("MIDI pitch")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    from matplotlib.patches import Patch
-    ax.legend(handles=[Patch(color="tab:blue", label="prime"), Patch(color="tab:orange", label="continuation")],
-              loc="upper right")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-
-
 def cmd_generate(args, config: Config) -> int:
     """`improvd generate`: prime → continuation → MIDI file (and piano roll)."""
     model = StepModel(args.model or config.model.path, threads=config.model.threads)
@@ -224,6 +193,10 @@ def cmd_generate(args, config: Config) -> int:
     cont_start = last_onset + (cont[0, nt.STEP] if len(cont) else 0.0)
     write_notes(args.out, [Track("prime", prime, channel=0), Track("improvd", cont, channel=1, start_s=cont_start)])
     if args.plot:
+        try:  # matplotlib comes with the 'train' extra, not with the runtime install
+            from improvd.train.plots import plot_piano_roll
+        except ModuleNotFoundError as err:
+            raise ImprovdError("--plot needs matplotlib: pip install matplotlib (or the 'train' extra)") from err
         plot_piano_roll(prime, cont, cont_start, Path(args.plot), f"{Path(args.out).name}: prime and continuation")
     how = f"beam search ({args.beam} beams)" if args.beam else \
         ("greedy" if decoding.temperature == 0 else f"temperature {decoding.temperature}, top-p {decoding.top_p}")

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from improvd.core.atomic import atomic_writer
+from improvd.core.modelformat import META_CARD, META_CONTEXT, META_FEATURES, META_FORMAT, STEP_FORMAT, WINDOW_FORMAT
 
-FORMAT = "step-1"
 OPSET = 17
 
 
@@ -179,8 +179,8 @@ def save_atomic(onnx_model, path: Path) -> None:
 
 
 def metadata(spec: StepSpec, card: dict) -> dict[str, str]:
-    return {"improvd.format": FORMAT, "improvd.features": ",".join(spec.features),
-            "improvd.context": str(spec.context), "improvd.card": json.dumps(card, sort_keys=True)}
+    return {META_FORMAT: STEP_FORMAT, META_FEATURES: ",".join(spec.features),
+            META_CONTEXT: str(spec.context), META_CARD: json.dumps(card, sort_keys=True)}
 
 
 def export_step(model, spec: StepSpec, card: dict, out: Path) -> None:
@@ -190,5 +190,5 @@ def export_step(model, spec: StepSpec, card: dict, out: Path) -> None:
 
 def export_window(model, spec: StepSpec, card: dict, out: Path) -> None:
     """Write the window-format ONNX model ([N, context, F] in, next-note outputs) to `out`."""
-    meta = metadata(spec, card) | {"improvd.format": "window-1"}
+    meta = metadata(spec, card) | {META_FORMAT: WINDOW_FORMAT}
     save_atomic(_convert(window_function(model, spec), meta), out)

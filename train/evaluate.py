@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from improvd.core import notes as nt
+from improvd.daemon.predict.sampling import log_softmax  # the daemon's own: evaluation scores what it plays
 
 Predictor = Callable[[np.ndarray], dict[str, np.ndarray]]  # raw windows [N, T, 4] -> next-note outputs
 
@@ -36,12 +37,6 @@ def protocol_batches(files: list[np.ndarray], context: int, batch_size: int) -> 
         yield windows, np.asarray(notes.notes[target], dtype=np.float64)
         if b // batch_size % 64 == 63:
             notes.release()  # keep a memory-mapped pack's resident pages few
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = np.asarray(logits, dtype=np.float64)
-    m = logits.max(axis=-1, keepdims=True)
-    return logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
 
 
 def evaluate(predict: Predictor, files: list[np.ndarray], context: int = 25, batch_size: int = 512,

@@ -40,7 +40,8 @@ from numbers import Integral
 
 import numpy as np
 
-NUM_PITCHES = 128
+from improvd.core.notes import NUM_PITCHES
+
 """Size of the pitch vocabulary: MIDI pitches 0..127."""
 
 MAX_ORDER = 8

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from improvd.core import notes as nt
+from improvd.core.modelformat import FEATURES_3, FEATURES_4
 
-FEATURES_3 = ("pitch", "step", "duration")
-FEATURES_4 = ("pitch", "step", "duration", "velocity")
 TIME_SCALE_S = 0.1  # step and duration enter the network as log1p(t / 0.1 s): 0..~3 for 0..2 s
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from improvd.core.modelformat import FEATURES_4, META_CARD, META_FEATURES, META_FORMAT, WINDOW_FORMAT
+
 HEADS = ("pitch", "step", "duration", "velocity")
 PARITY_TOLERANCE = 1e-3  # largest |keras - onnx| allowed on the pitch logits of random windows
 
@@ -33,12 +35,12 @@ def _onnx_to_keras_gates(w: np.ndarray, units: int) -> np.ndarray:
 
 def _card(model_proto) -> dict:
     props = {p.key: p.value for p in model_proto.metadata_props}
-    if props.get("improvd.format") != "window-1":
-        raise ValueError(f"format {props.get('improvd.format')!r}: only a window-format export (window-1) keeps "
+    if props.get(META_FORMAT) != WINDOW_FORMAT:
+        raise ValueError(f"format {props.get(META_FORMAT)!r}: only a window-format export ({WINDOW_FORMAT}) keeps "
                          f"the weights a Keras model needs; export the run with --format window, or pass its "
                          f"run directory or .keras file")
-    return {"card": json.loads(props.get("improvd.card", "{}")),
-            "features": tuple(props.get("improvd.features", "pitch,step,duration,velocity").split(","))}
+    return {"card": json.loads(props.get(META_CARD, "{}")),
+            "features": tuple(props.get(META_FEATURES, ",".join(FEATURES_4)).split(","))}
 
 
 def keras_from_window_onnx(path: str | Path):

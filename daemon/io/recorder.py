@@ -64,7 +64,7 @@ PLAYER, IMPROVD = "player", "improvd"
 FLUSH_INTERVAL_S = 10.0
 _NOTE_TYPES = ("note_on", "note_off")
 _NOTE_OFF, _NOTE_ON = 0, 1  # event kinds; sorting by kind puts note-offs first at a tick
-_SECONDS_PER_TICK = midifile.TEMPO_US / 1e6 / midifile.TICKS_PER_BEAT
+_SECONDS_PER_TICK = midifile.TEMPO_US / 1e6 / midifile.FILE_TICKS_PER_BEAT
 _END_OF_TRACK = b"\x00\xff\x2f\x00"
 # While writes fail, a file's encoded notes are kept (to be written once the disk takes them) up to this size
 # (about 500,000 notes, three hours at the shipped model's 47 notes/s) or the rotation, whichever comes first;
@@ -98,7 +98,7 @@ def _chunk_header(kind: bytes, length: int) -> bytes:
 
 
 _TRACKS_IN_FILE = 3  # the tempo track, the player's, improvd's
-_HEADER = _chunk_header(b"MThd", 6) + struct.pack(">hhh", 1, _TRACKS_IN_FILE, midifile.TICKS_PER_BEAT)
+_HEADER = _chunk_header(b"MThd", 6) + struct.pack(">hhh", 1, _TRACKS_IN_FILE, midifile.FILE_TICKS_PER_BEAT)
 _TEMPO_EVENTS = b"\x00\xff\x51\x03" + midifile.TEMPO_US.to_bytes(3, "big") + _END_OF_TRACK
 _TEMPO_TRACK = _chunk_header(b"MTrk", len(_TEMPO_EVENTS)) + _TEMPO_EVENTS
 

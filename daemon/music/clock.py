@@ -34,7 +34,7 @@ from collections import deque
 import mido
 import numpy as np
 
-from improvd.daemon.music.quantize import TICKS_PER_BEAT, Grid
+from improvd.daemon.music.quantize import CLOCK_TICKS_PER_BEAT, Grid
 
 CLOCK_TYPES = frozenset({"clock", "start", "continue", "stop", "songpos"})
 
@@ -115,7 +115,7 @@ class ClockTracker:
 
     def song_position(self, sixteenths: int) -> None:
         """Song Position Pointer: the next tick is at `sixteenths` × 6 ticks (applied now if playing)."""
-        position = int(sixteenths) * (TICKS_PER_BEAT // 4)
+        position = int(sixteenths) * (CLOCK_TICKS_PER_BEAT // 4)
         if self.state == "playing":
             self._offset = self.ticks - position
         else:
@@ -205,7 +205,7 @@ class ClockTracker:
     def bpm(self) -> float | None:
         """The estimated tempo in quarter notes per minute, or None before two ticks."""
         tick_s = self.tick_s
-        return 60.0 / (tick_s * TICKS_PER_BEAT) if tick_s else None
+        return 60.0 / (tick_s * CLOCK_TICKS_PER_BEAT) if tick_s else None
 
     @property
     def last_tick_s(self) -> float | None:

@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from improvd.core.notes import NUM_PITCHES
+
 NOTE_NAMES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
 _LETTERS = {"c": 0, "d": 2, "e": 4, "f": 5, "g": 7, "a": 9, "b": 11}
 # Semitones above the tonic of each scale.
@@ -136,4 +138,4 @@ def scale_mask(pitch_classes) -> np.ndarray:
     """bool [128]: True for the MIDI pitches whose pitch class is in `pitch_classes`."""
     pcs = np.zeros(12, dtype=bool)
     pcs[list(pitch_classes)] = True
-    return pcs[np.arange(128) % 12]
+    return pcs[np.arange(NUM_PITCHES) % 12]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-TICKS_PER_BEAT = 24
+CLOCK_TICKS_PER_BEAT = 24  # MIDI clock: 24 pulses per quarter note (the MIDI 1.0 specification)
 # Division name -> grid step in clock ticks.
 DIVISION_TICKS: dict[str, int] = {
     "1/1": 96, "1/2": 48, "1/4": 24, "1/8": 12, "1/16": 6, "1/32": 3,
@@ -51,19 +51,19 @@ class Grid(NamedTuple):
         """The grid of a tempo in quarter notes per minute, position 0 at `origin_s`."""
         if not bpm > 0:
             raise ValueError(f"bpm must be > 0, got {bpm!r}")
-        return cls(float(origin_s), 60.0 / (bpm * TICKS_PER_BEAT))
+        return cls(float(origin_s), 60.0 / (bpm * CLOCK_TICKS_PER_BEAT))
 
     @classmethod
     def from_beat(cls, beat_s: float, origin_s: float) -> "Grid":
         """The grid whose quarter note lasts `beat_s` seconds, position 0 at `origin_s`."""
         if not beat_s > 0:
             raise ValueError(f"beat_s must be > 0, got {beat_s!r}")
-        return cls(float(origin_s), beat_s / TICKS_PER_BEAT)
+        return cls(float(origin_s), beat_s / CLOCK_TICKS_PER_BEAT)
 
     @property
     def bpm(self) -> float:
         """Quarter notes per minute."""
-        return 60.0 / (self.tick_s * TICKS_PER_BEAT)
+        return 60.0 / (self.tick_s * CLOCK_TICKS_PER_BEAT)
 
     def time_of(self, position: float) -> float:
         """Seconds at `position` (ticks)."""

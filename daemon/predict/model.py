@@ -21,13 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from improvd.core.errors import ModelError
+from improvd.core.modelformat import META_CARD, META_CONTEXT, META_FEATURES, META_FORMAT, STEP_FORMAT, VALID_FEATURES
+from improvd.core.notes import NUM_PITCHES
 
 log = logging.getLogger("improvd.model")
 
-FORMAT_TAG = "step-1"
-VALID_FEATURES = (("pitch", "step", "duration"), ("pitch", "step", "duration", "velocity"))
 REQUIRED_OUTPUTS = ("pitch_logits", "step", "duration", "state_out")
-NUM_PITCHES = 128
 # The most notes of context (`improvd.context`) a model may declare. Every C notes the improviser re-primes: it
 # replays the last C notes from the zero state in one go, inside the engine's hand-off, which must fit within the
 # 50 ms a note is handed ahead of its onset (Engine lookahead_s); the shipped model's step costs ~100 us on an idle
@@ -102,20 +101,20 @@ class StepModel:
 
     # ---- validation -------------------------------------------------------------------------------------
     def _fail(self, what: str) -> ModelError:
-        return ModelError(f"model {str(self._path)!r} is not a step-format model ({FORMAT_TAG}): {what}")
+        return ModelError(f"model {str(self._path)!r} is not a step-format model ({STEP_FORMAT}): {what}")
 
     def _check_and_read_metadata(self) -> None:
         meta = dict(self._session.get_modelmeta().custom_metadata_map)
-        tag = meta.get("improvd.format")
-        if tag != FORMAT_TAG:
+        tag = meta.get(META_FORMAT)
+        if tag != STEP_FORMAT:
             found = "no improvd.format metadata" if tag is None else f"improvd.format = {tag!r}"
-            raise self._fail(f"{found}, expected {FORMAT_TAG!r} (export it with `improvd export`)")
-        features = tuple(name.strip() for name in meta.get("improvd.features", "").split(",") if name.strip())
+            raise self._fail(f"{found}, expected {STEP_FORMAT!r} (export it with `improvd export`)")
+        features = tuple(name.strip() for name in meta.get(META_FEATURES, "").split(",") if name.strip())
         if features not in VALID_FEATURES:
             allowed = " or ".join(repr(",".join(v)) for v in VALID_FEATURES)
-            raise self._fail(f"improvd.features = {meta.get('improvd.features')!r}, expected {allowed}")
+            raise self._fail(f"improvd.features = {meta.get(META_FEATURES)!r}, expected {allowed}")
         self._features = features
-        raw_context = meta.get("improvd.context")
+        raw_context = meta.get(META_CONTEXT)
         try:
             context = int(raw_context)  # type: ignore[arg-type]
         except (TypeError, ValueError):
@@ -124,7 +123,7 @@ class StepModel:
             raise self._fail(f"improvd.context = {raw_context!r}, expected a positive integer at most {MAX_CONTEXT} "
                              f"(re-priming replays that many notes in one go while improvd plays)")
         self._context = context
-        raw_card = meta.get("improvd.card")
+        raw_card = meta.get(META_CARD)
         if raw_card is None:
             self._card: dict = {}
         else:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from improvd.core.config import ImproviseConfig
+from improvd.core.notes import NUM_PITCHES
 
 VELOCITY_POLICIES = ("model", "follow", "fixed")
 
@@ -110,7 +111,7 @@ def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
         return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
 
 
-_PITCH_CLASS = np.arange(128) % 12
+_PITCH_CLASS = np.arange(NUM_PITCHES) % 12
 
 
 def key_penalty(scale_pcs, key_strength: float) -> np.ndarray | None:

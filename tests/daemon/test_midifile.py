@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from improvd.core import notes as nt
 from improvd.core.errors import MidiFileError
-from improvd.core.midifile import TICKS_PER_BEAT, Track, read_notes, track_events, write_notes
+from improvd.core.midifile import FILE_TICKS_PER_BEAT, Track, read_notes, track_events, write_notes
 
 
 def save(path, tracks, *, ticks_per_beat=480, midi_type=1):
@@ -72,7 +72,7 @@ def test_round_trip_to_the_millisecond(tmp_path, seed):
     notes = random_notes(seed)
     path = tmp_path / "rt.mid"
     write_notes(path, [Track("t", notes)])
-    assert mido.MidiFile(str(path)).ticks_per_beat == TICKS_PER_BEAT == 960
+    assert mido.MidiFile(str(path)).ticks_per_beat == FILE_TICKS_PER_BEAT == 960
     back = read_notes(path)
     assert back.shape == notes.shape
     np.testing.assert_array_equal(back[:, nt.PITCH], notes[:, nt.PITCH])

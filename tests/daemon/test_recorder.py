@@ -13,7 +13,7 @@ from improvd.core import notes as nt
 from improvd.daemon.io.recorder import IMPROVD, PLAYER, SessionRecorder
 from tests.daemon.fakes import Clock, off, on
 
-TICKS_PER_S = midifile.TICKS_PER_BEAT * 1e6 / midifile.TEMPO_US  # 1920
+TICKS_PER_S = midifile.FILE_TICKS_PER_BEAT * 1e6 / midifile.TEMPO_US  # 1920
 
 
 def _events(midi: mido.MidiFile) -> dict[str, list[tuple[int, str, int, int, int]]]:
