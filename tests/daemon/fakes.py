@@ -71,14 +71,15 @@ class FakeRt:
 
 
 class FakeMidi:
-    """Stands for `open_rt_client` (daemon/io/port.py) when a test builds a port: the first client opened is `rt`;
-    any later one (an input's EOX guard on JACK) is a new FakeRt without ports, so it finds nothing to connect to.
-    `opened` lists what was asked: (direction, api, client_name, keyword arguments)."""
+    """Stands for `open_rt_client` (daemon/io/port.py) when a test builds a port: the clients opened are `rts` in
+    order (the port's own first, then e.g. an input's EOX guard on JACK), and any further one a new FakeRt without
+    ports (an EOX guard then finds nothing to connect to). `opened` lists what was asked: (direction, api,
+    client_name, keyword arguments)."""
 
-    def __init__(self, rt):
-        self.rt = rt
+    def __init__(self, *rts):
+        self.rts = list(rts)
         self.opened = []
 
     def __call__(self, direction, api, client_name, **kwargs):
         self.opened.append((direction, api, client_name, kwargs))
-        return (self.rt if len(self.opened) == 1 else FakeRt()), frozenset()
+        return (self.rts.pop(0) if self.rts else FakeRt()), frozenset()

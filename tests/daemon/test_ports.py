@@ -2,13 +2,14 @@
 object (no MIDI device needed)."""
 
 import queue
+import time
 
 import mido
 import pytest
 
 from improvd.core.errors import PortError
-from improvd.daemon.io import portnames
-from improvd.daemon.io.inport import InputPort
+from improvd.daemon.io import port, portnames
+from improvd.daemon.io.inport import EOX_GUARD_S, InputPort
 from improvd.daemon.io.outport import OutputPort
 from improvd.daemon.music.arrival import ArrivalClock
 from tests.daemon.fakes import FakeMidi, FakeRt
@@ -142,3 +143,54 @@ def test_input_poll_reads_a_flood_in_bounded_batches():
     assert port.poll_once() == 10
     times = [sink.get_nowait()[0] for _ in range(n)]
     assert times == sorted(times) and times[-1] <= 3.0
+
+
+def test_list_ports_gives_the_inputs_and_outputs_and_deletes_its_clients():
+    mi, mo = FakeRt(["kbd:out"]), FakeRt(["synth:in", "daw:in"])
+    midi = FakeMidi(mi, mo)
+    assert port.list_ports("alsa", open_client=midi) == (["kbd:out"], ["synth:in", "daw:in"])
+    assert [o[:3] for o in midi.opened] == [("in", "alsa", "improvd-list"), ("out", "alsa", "improvd-list")]
+    assert mi.deleted and mo.deleted
+
+
+def test_the_input_opens_its_client_with_rtmidis_queue_limit_and_asks_rtmidi_to_ignore_nothing():
+    rt = FakeRt(["kbd"])
+    midi = FakeMidi(rt)
+    InputPort("alsa", "kbd", queue.Queue(), client_name="me", start=False, open_client=midi)
+    assert midi.opened == [("in", "alsa", "me", {"queue_size_limit": InputPort.QUEUE_LIMIT})]  # ALSA: no EOX guard
+    assert rt.ignored_types == {"sysex": False, "timing": False, "active_sense": False}  # their deltas count
+
+
+def _wait_for(condition, timeout_s=5.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_the_eox_guard_connects_to_improvds_own_input_only_and_sends_a_lone_eox_unless_the_server_stalls():
+    # improvd's own client is 'improvd', or 'improvd-NN' when JACK renamed a second one; another program's port of
+    # the same name is not improvd's
+    rt, guard = FakeRt(), FakeRt(["other:improvd in", "improvd-2:improvd in"])
+    port_ = InputPort("jack", "virtual:improvd in", queue.Queue(), open_client=FakeMidi(rt, guard))
+    try:
+        assert guard.calls[0] == ("open", "improvd-2:improvd in")
+        assert _wait_for(lambda: guard.sent)  # the poller's first round sends one at once
+        port_.server_stalled = lambda: True  # rtmidi's send could spin holding the GIL: nothing now
+        time.sleep(EOX_GUARD_S + 0.1)  # a send already past the check may still land
+        stalled = len(guard.sent)
+        time.sleep(3 * EOX_GUARD_S)
+        assert len(guard.sent) == stalled
+        port_.server_stalled = lambda: False
+        assert _wait_for(lambda: len(guard.sent) > stalled)
+    finally:
+        port_.close()
+    assert set(guard.sent) == {(0xF7,)}
+    assert guard.calls[-2:] == [("close",), ("delete",)] and rt.calls[-2:] == [("close",), ("delete",)]
+
+
+def test_no_eox_guard_where_improvds_own_input_cannot_be_told_apart():
+    rt, guard = FakeRt(), FakeRt(["improvd:improvd in", "improvd-2:improvd in"])
+    port_ = InputPort("jack", "virtual:improvd in", queue.Queue(), start=False, open_client=FakeMidi(rt, guard))
+    port_.close()
+    assert guard.calls == [("delete",)]  # never opened, deleted at once
