@@ -22,7 +22,7 @@ log = logging.getLogger("improvd")
 HANDLERS = {
     "run": ("improvd.daemon.live.service", "cmd_run"),
     "config": ("improvd.daemon.config_cmd", "cmd_config"),
-    "ports": ("improvd.daemon.io.ports", "cmd_ports"),
+    "ports": ("improvd.daemon.ports_cmd", "cmd_ports"),
     "generate": ("improvd.daemon.generate", "cmd_generate"),
     "train": ("improvd.train.cli", "cmd_train"),
     "eval": ("improvd.train.cli", "cmd_eval"),

@@ -50,7 +50,7 @@ import time
 
 import mido
 
-from improvd.daemon.io import ports
+from improvd.daemon.io import inport, jackwatch, libjack, outport, portnames
 from improvd.core.config import Config, load_config
 from improvd.core.errors import ImprovdError, ModelError
 from improvd.daemon.io.recorder import SessionRecorder, check_directory
@@ -306,10 +306,10 @@ class Service:
         self.stop_requested = False
         self.reload_requested = False
         self.exit_status = 0
-        self.monitor: ports.JackMonitor | None = None
-        self.input: ports.InputPort | None = None
-        self.clock_input: ports.InputPort | None = None  # midi.clock, when set
-        self.output: ports.OutputPort | None = None
+        self.monitor: libjack.JackMonitor | None = None
+        self.input: inport.InputPort | None = None
+        self.clock_input: inport.InputPort | None = None  # midi.clock, when set
+        self.output: outport.OutputPort | None = None
         self.scheduler = None
         self.engine = None
         self.osc = None  # daemon/io/osc.py, when osc.enabled
@@ -328,8 +328,8 @@ class Service:
         self._writer: _RecordWriter | None = None
         self._reloading: threading.Thread | None = None
         self._server_stalled = False  # at shutdown: make no request to the JACK server
-        self._client_watches: list = []  # (port, ports.ClientWatch) of improvd's own JACK clients
-        self.progress = ports.ProgressWatch(JACK_STALL_S)
+        self._client_watches: list = []  # (port, jackwatch.ClientWatch) of improvd's own JACK clients
+        self.progress = jackwatch.ProgressWatch(JACK_STALL_S)
         self.watchdog = ThreadWatch(THREAD_STALL_S)
 
     # ---- start-up ---------------------------------------------------------------------------------------
@@ -343,14 +343,14 @@ class Service:
             record_dir = check_directory(config.record.dir)
         model = _load_model(config)
         _warm_up_numpy()
-        api = ports.choose_api(config.midi.api)
+        api = portnames.choose_api(config.midi.api)
         self.api = api
         if config.record.dir:
             self.recorder = SessionRecorder(
                 record_dir, start_s=self.start_s, now=self.now,
                 player_channels=tuple(c - 1 for c in config.midi.input_channels),
                 output_channel=config.midi.output_channel - 1, rotate_s=config.record.rotate_minutes * 60.0)
-        self.output = ports.OutputPort(api, config.midi.output, client_name=config.midi.client_name)
+        self.output = outport.OutputPort(api, config.midi.output, client_name=config.midi.client_name)
         if config.osc.enabled:  # the only network port improvd opens, and only when asked to
             from improvd.daemon.io.osc import OscServer
             self.osc = OscServer(config.osc, lambda action: self.engine.control(action),
@@ -366,25 +366,25 @@ class Service:
                              on_state=self.osc.state if self.osc is not None else None)
         self.sink = _InputSink(self.engine.input_queue, self.recorder, self.events)
         follow_clock = config.timing.follow_clock
-        self.input = ports.InputPort(api, config.midi.input, self.sink, client_name=config.midi.client_name,
-                                     now=self.now, clock=follow_clock and not config.midi.clock)
+        self.input = inport.InputPort(api, config.midi.input, self.sink, client_name=config.midi.client_name,
+                                      now=self.now, clock=follow_clock and not config.midi.clock)
         # with a separate clock port, the main input ignores clock: a source wired to both must not count twice
         if config.midi.clock and follow_clock:
             clock_sink = _InputSink(self.engine.input_queue, None, self.events, clock_only=True)
-            self.clock_input = ports.InputPort(api, config.midi.clock, clock_sink,
-                                               client_name=config.midi.client_name, now=self.now, clock=True,
-                                               port_name="improvd clock")
+            self.clock_input = inport.InputPort(api, config.midi.clock, clock_sink,
+                                                client_name=config.midi.client_name, now=self.now, clock=True,
+                                                port_name="improvd clock")
         for port in (self.input, self.clock_input):
             if port is not None:
                 port.server_stalled = lambda: self.progress.stalled  # its EOX guard sends nothing then
         if api == "jack":
             # After the MIDI clients: the monitor is never activated, so it cannot inherit a dead client's synchro
-            # (ports.stale_jack_synchros); it reads the server's progress for the output and the stall watch.
-            self.monitor = ports.JackMonitor(f"{config.midi.client_name}-monitor")
+            # (libjack.stale_jack_synchros); it reads the server's progress for the output and the stall watch.
+            self.monitor = libjack.JackMonitor(f"{config.midi.client_name}-monitor")
             self.output.frame_source = self.monitor.frame
             self.scheduler.realtime_priority = self._jack_scheduler_priority(self.monitor)
         if self.monitor is not None:
-            self._client_watches = [(port, ports.ClientWatch(THREAD_STALL_S))
+            self._client_watches = [(port, jackwatch.ClientWatch(THREAD_STALL_S))
                                     for port in (self.output, self.input, self.clock_input)
                                     if port is not None and port.jack_threads]
         self.watchdog.watch("engine", lambda: self.engine.thread, self.engine.heartbeat)
@@ -405,7 +405,7 @@ class Service:
                  f", recording to {self.recorder.path}" if self.recorder else "")
 
     @staticmethod
-    def _jack_scheduler_priority(monitor: "ports.JackMonitor") -> int | None:
+    def _jack_scheduler_priority(monitor: "libjack.JackMonitor") -> int | None:
         """The scheduler's SCHED_FIFO priority beside this JACK server: below its clients' real-time threads, or
         none (normal priority) where the server does not run them real-time."""
         if not monitor.realtime or monitor.client_priority is None or monitor.client_priority <= 1:
@@ -517,7 +517,7 @@ class Service:
         frame, now = self.monitor.frame(), self.now()
         stuck = []
         for port, watch in self._client_watches:
-            if watch.update(now, frame, self.monitor.rate, ports.thread_switches(port.jack_threads)):
+            if watch.update(now, frame, self.monitor.rate, jackwatch.thread_switches(port.jack_threads)):
                 if port is self.output:
                     self.output.suspend()
                 stuck.append(f"improvd's JACK client for its {port.describe()} has not run its cycle for "

@@ -1,6 +1,6 @@
 """Arrival times of polled MIDI input on the daemon's clock, from rtmidi's delta times (pure logic, no I/O).
 
-improvd reads its input by polling rtmidi's queue (see `daemon/io/ports.py`: a Python callback would run in JACK's
+improvd reads its input by polling rtmidi's queue (see `daemon/io/inport.py`: a Python callback would run in JACK's
 real-time thread and make the whole JACK graph late while it waits for the GIL). A polled message comes with the
 time since the previous message, measured by rtmidi when the message arrived (on JACK, `jack_get_time()` in the
 process cycle: microseconds on the monotonic clock), so the spacing between messages is exact however late the

@@ -10,29 +10,17 @@ import time
 import mido
 import pytest
 
-from improvd.daemon.io import ports
+from improvd.daemon.io import jackwatch, libjack
+from improvd.daemon.io.outport import OutputPort, OutputSuspended
 from improvd.daemon.live import service
 from improvd.daemon.live.scheduler import Scheduler
 from improvd.daemon.live.watchdog import Heartbeat, ThreadWatch
-
-
-class FakeRt:
-    def __init__(self):
-        self.sent = []
-
-    def send_message(self, data):
-        self.sent.append(tuple(data))
-
-    def open_virtual_port(self, name):
-        self.port = name
+from tests.daemon.fakes import FakeMidi, FakeRt
 
 
 def _output(frame_source=None):
-    out = ports.OutputPort.__new__(ports.OutputPort)
     rt = FakeRt()
-    ports._Port.__init__(out, rt, "jack", "virtual:improvd out", "improvd out")
-    out._init_output()
-    out.jack_threads = frozenset()
+    out = OutputPort("jack", "virtual:improvd out", open_client=FakeMidi(rt))
     out.frame_source = frame_source
     return out, rt
 
@@ -48,10 +36,10 @@ def off(p):
 def test_no_more_than_half_the_ring_between_two_server_cycles():
     frame = [0]
     out, rt = _output(lambda: frame[0])
-    fits = ports.OutputPort.CYCLE_BUDGET_BYTES // 7  # 3-byte messages, 4 bytes of length each
+    fits = OutputPort.CYCLE_BUDGET_BYTES // 7  # 3-byte messages, 4 bytes of length each
     for i in range(fits):
         out.send(mido.Message("control_change", control=1, value=i % 128))
-    with pytest.raises(ports.OutputSuspended, match="has not run a cycle"):
+    with pytest.raises(OutputSuspended, match="has not run a cycle"):
         out.send(mido.Message("control_change", control=1, value=0))
     assert len(rt.sent) == fits and out.refused == 1
     frame[0] += 64  # the server ran a cycle: rtmidi's process callback emptied the ring
@@ -64,11 +52,11 @@ def test_a_refused_note_off_is_owed_and_written_first_on_resume():
     out.send(on(60))
     out.send(on(62))
     out.suspend()
-    with pytest.raises(ports.OutputSuspended):
+    with pytest.raises(OutputSuspended):
         out.send(off(60))
-    with pytest.raises(ports.OutputSuspended):
+    with pytest.raises(OutputSuspended):
         out.send(on(64))  # refused: it never sounds, so no note-off is owed for it
-    with pytest.raises(ports.OutputSuspended):
+    with pytest.raises(OutputSuspended):
         out.send(off(64))
     assert out.owed == 1
     assert out.resume() == 1
@@ -81,8 +69,10 @@ def test_owed_note_offs_go_out_before_the_next_message_when_the_budget_refused_t
     frame = [0]
     out, rt = _output(lambda: frame[0])
     out.send(on(60))
-    out._cycle_bytes = ports.OutputPort.CYCLE_BUDGET_BYTES  # this cycle's budget is spent
-    with pytest.raises(ports.OutputSuspended):
+    with pytest.raises(OutputSuspended):  # this cycle's budget is spent
+        while True:
+            out.send(mido.Message("control_change", control=1, value=0))
+    with pytest.raises(OutputSuspended):
         out.send(off(60))
     frame[0] += 64
     out.send(on(61))
@@ -90,7 +80,7 @@ def test_owed_note_offs_go_out_before_the_next_message_when_the_budget_refused_t
 
 
 def test_the_stall_watch_says_stalled_once_and_moving_once():
-    w = ports.ProgressWatch(0.5)
+    w = jackwatch.ProgressWatch(0.5)
     assert w.update(0.0, 100) is None
     assert w.update(0.3, 100) is None
     assert w.update(0.6, 100) == "stalled" and w.stalled
@@ -171,7 +161,7 @@ def test_stale_synchros_are_the_unlinked_jack_files_still_mapped(tmp_path):
         "7f01-7f02 rw-s 00000000 00:1a 13 /dev/shm/jack_sem.1000_default_jack_lsp (deleted)\n"
         "7f02-7f03 rw-s 00000000 00:1a 14 /dev/shm/jack-1000-0 (deleted)\n"
         "7f03-7f04 r-xp 00000000 08:01 15 /usr/lib/libjack.so.0.1.0\n")
-    assert ports.stale_jack_synchros(str(maps)) == ["jack_sem.1000_default_jack_lsp (deleted)"]
+    assert libjack.stale_jack_synchros(str(maps)) == ["jack_sem.1000_default_jack_lsp (deleted)"]
     # settle: waits while one is mapped, returns once it is gone
     calls = []
 
@@ -179,16 +169,16 @@ def test_stale_synchros_are_the_unlinked_jack_files_still_mapped(tmp_path):
         calls.append(1)
         if len(calls) == 3:
             maps.write_text("7f00-7f01 rw-s 00000000 00:1a 12 /dev/shm/jack_sem.1000_default_improvd\n")
-    assert ports.settle_jack_synchros(1.0, maps_path=str(maps), sleep=sleep) is True
+    assert libjack.settle_jack_synchros(1.0, maps_path=str(maps), sleep=sleep) is True
     assert len(calls) == 3
     maps.write_text("7f01-7f02 rw-s 00000000 00:1a 13 /dev/shm/jack_sem.1000_default_x (deleted)\n")
     clock = iter([0.0, 0.2, 0.6])
-    assert ports.settle_jack_synchros(0.5, maps_path=str(maps), sleep=lambda s: None,
+    assert libjack.settle_jack_synchros(0.5, maps_path=str(maps), sleep=lambda s: None,
                                       clock=lambda: next(clock)) is False
 
 
 def test_probing_leaves_libjacks_handlers_as_they_were_and_never_python():
-    lib = ports._libjack()
+    lib = libjack.load_libjack()
     if lib is None:
         pytest.skip("libjack is not installed")
     try:
@@ -197,7 +187,7 @@ def test_probing_leaves_libjacks_handlers_as_they_were_and_never_python():
         pytest.skip("this libjack does not export its handlers")
     before = [s.value for s in slots]
     seen = []
-    with ports._libjack_silenced(lib):
+    with libjack.libjack_silenced(lib):
         seen = [s.value for s in slots]
     assert [s.value for s in slots] == before
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -230,7 +220,7 @@ def test_the_daemon_exits_with_status_4_naming_the_worker_that_died(caplog):
 
 
 def test_a_client_whose_threads_stop_switching_while_the_server_runs_is_stuck():
-    w = ports.ClientWatch(2.0)
+    w = jackwatch.ClientWatch(2.0)
     rate = 48000
     assert not w.update(0.0, 0, rate, 100)
     assert not w.update(1.0, 48000, rate, 1600)  # switching: running its cycle
@@ -241,16 +231,16 @@ def test_a_client_whose_threads_stop_switching_while_the_server_runs_is_stuck():
 
 
 def test_a_client_is_not_stuck_while_the_server_itself_stands_still():
-    w = ports.ClientWatch(2.0)
+    w = jackwatch.ClientWatch(2.0)
     assert not w.update(0.0, 1000, 48000, 50)
     assert not w.update(5.0, 1000 + 4800, 48000, 50)  # 0.1 s of cycles in 5 s: the server, not the client
 
 
 def test_thread_switches_are_read_for_this_processs_threads():
     tids = {threading.get_native_id()}
-    first = ports.thread_switches(tids)
+    first = jackwatch.thread_switches(tids)
     if first is None:
         pytest.skip("no /proc/self/task here")
     time.sleep(0.01)
-    assert ports.thread_switches(tids) > first
-    assert ports.thread_switches({999999999}) is None
+    assert jackwatch.thread_switches(tids) > first
+    assert jackwatch.thread_switches({999999999}) is None

@@ -23,13 +23,15 @@ from pathlib import Path
 import mido
 import pytest
 
-from improvd.daemon.io import ports
 from improvd.daemon.io import recorder
+from improvd.daemon.io.inport import InputPort
+from improvd.daemon.io.outport import OutputPort
 from improvd.daemon.live import service
 from improvd.core.config import Config
 from improvd.daemon.predict.model import StepModel
 from improvd.daemon.io.recorder import SessionRecorder
-from tests.daemon.fakes import Clock
+from improvd.daemon.music.arrival import ArrivalClock
+from tests.daemon.fakes import Clock, FakeMidi, FakeRt
 from tests.daemon.test_band import PLAYER_CH, T0, Sim, balanced
 from tests.daemon.test_reliability import _drain
 from tests.modelfactory import make_step_model
@@ -118,38 +120,9 @@ def test_transport_stop_releases_the_thru_notes(model):
 
 # ---- 3. lost ports: nothing slips between the release and the port's closing -------------------------------------
 
-class _FakeRt:
-    """python-rtmidi's surface that a port uses: a port list the test changes, sends and a queue of input."""
-
-    def __init__(self, names, messages=()):
-        self.names = list(names)
-        self.messages = list(messages)
-        self.calls = []
-
-    def get_ports(self):
-        return list(self.names)
-
-    def open_port(self, index, name):
-        self.calls.append(("open", self.names[index]))
-
-    def close_port(self):
-        self.calls.append(("close",))
-
-    def send_message(self, data):
-        self.calls.append(("send", tuple(data)))
-
-    def get_message(self):
-        return self.messages.pop(0) if self.messages else None
-
-    def delete(self):
-        self.calls.append(("delete",))
-
-
 def test_a_note_on_sent_while_a_lost_output_is_released_never_goes_out():
-    rt = _FakeRt(["synth:in"])
-    out = ports.OutputPort.__new__(ports.OutputPort)
-    ports._Port.__init__(out, rt, "jack", "synth", "improvd out")
-    out._init_output()
+    rt = FakeRt(["synth:in"])
+    out = OutputPort("jack", "synth", open_client=FakeMidi(rt))
 
     def release_all():  # the scheduler's release_all, and the scheduler thread sending a due note-on meanwhile
         out.send(mido.Message("note_off", note=60))
@@ -169,19 +142,15 @@ def test_a_note_on_sent_while_a_lost_output_is_released_never_goes_out():
 def test_a_key_read_before_its_input_was_lost_is_released_after_it():
     engine_queue = queue.SimpleQueue()
     sink = service._InputSink(engine_queue, None, None)
-    rt = _FakeRt(["kbd:out"], [([0x90, 60, 100], 0.0)])
-    port = ports.InputPort.__new__(ports.InputPort)
-    port._ignored = ports._ignored_status(False)
-    port._sink, port._now = sink, (lambda: 5.0)
-    port.dropped = port.invalid = 0
-    port._arrival = ports.ArrivalClock(drift=0.0)
-    ports._Port.__init__(port, rt, "jack", "kbd", "improvd in")
+    rt = FakeRt(["kbd:out"], [([0x90, 60, 100], 0.0)])
+    arrival = ArrivalClock(drift=0.0)
+    port = InputPort("jack", "kbd", sink, now=lambda: 5.0, start=False, open_client=FakeMidi(rt), arrival=arrival)
     rt.names = []  # the keyboard is unplugged while the poller holds a batch it has read
 
     def watchdog():  # the main thread's port check
         if port.check() == "lost":
             sink.release_held(6.0)
-    real_stamp = port._arrival.stamp
+    real_stamp = arrival.stamp
 
     def stamp(deltas, polled_s):
         t = threading.Thread(target=watchdog)
@@ -189,7 +158,7 @@ def test_a_key_read_before_its_input_was_lost_is_released_after_it():
         t.join(0.3)
         stamp.thread = t
         return real_stamp(deltas, polled_s)
-    port._arrival.stamp = stamp
+    arrival.stamp = stamp
     assert port.poll_once() == 1
     stamp.thread.join(2.0)
     got = [(m.type, m.note) for _, m in _drain(engine_queue)]
@@ -616,15 +585,11 @@ def test_messages_swallowed_by_an_unterminated_sysex_are_recovered():
     # rtmidi appends every event after an unterminated SysEx to it until an EOX (0xF7) comes (seen on JACK with
     # python-rtmidi 1.5.8: 4000 notes came as one 12005-byte SysEx); MIDI ends a SysEx at any status byte.
     sink = queue.Queue()
-    rt = _FakeRt(["kbd"], [([0x90, 60, 100], 0.0),
-                           ([0xF0, 0x41, 0x10, 0x90, 61, 100, 0xF8, 0x80, 60, 0, 0x80, 61, 0, 0xF7], 0.5),
-                           ([0xF0, 0x7E, 0x01, 0xF7], 0.1)])  # a proper SysEx: dropped, as before
-    port = ports.InputPort.__new__(ports.InputPort)
-    port._ignored = ports._ignored_status(True)
-    port._sink, port._now = sink, (lambda: 5.0)
-    port.dropped = port.invalid = port.recovered = 0
-    port._arrival = ports.ArrivalClock(drift=0.0)
-    ports._Port.__init__(port, rt, "jack", "kbd", "improvd in")
+    rt = FakeRt(["kbd"], [([0x90, 60, 100], 0.0),
+                          ([0xF0, 0x41, 0x10, 0x90, 61, 100, 0xF8, 0x80, 60, 0, 0x80, 61, 0, 0xF7], 0.5),
+                          ([0xF0, 0x7E, 0x01, 0xF7], 0.1)])  # a proper SysEx: dropped, as before
+    port = InputPort("jack", "kbd", sink, now=lambda: 5.0, clock=True, start=False, open_client=FakeMidi(rt),
+                     arrival=ArrivalClock(drift=0.0))
     assert port.poll_once() == 3
     got = [(t, m.type, getattr(m, "note", None)) for t, m in _drain(sink)]
     assert [g[1:] for g in got] == [("note_on", 60), ("note_on", 61), ("clock", None), ("note_off", 60),

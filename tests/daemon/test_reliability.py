@@ -23,7 +23,8 @@ import pytest
 
 from improvd.core import config as cfg
 from improvd.core import midifile
-from improvd.daemon.io import ports
+from improvd.daemon.io import inport, outport, portnames
+from improvd.daemon.io.outport import OutputPort
 from improvd.daemon.live import service
 from improvd.daemon.live.watchdog import Heartbeat
 from improvd.core.config import Config, ImproviseConfig, MidiConfig, from_dict
@@ -32,7 +33,7 @@ from improvd.core.errors import ConfigError, ModelError
 from improvd.daemon.predict.model import StepModel
 from improvd.daemon.io.recorder import SessionRecorder
 from improvd.daemon.live.scheduler import Scheduler
-from tests.daemon.fakes import Clock, off, on
+from tests.daemon.fakes import Clock, FakeMidi, FakeRt, off, on
 from tests.modelfactory import make_step_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -187,37 +188,8 @@ def test_an_input_overload_is_logged_once_when_it_starts_and_once_when_it_ends(c
 
 # ---- ports that go away ------------------------------------------------------------------------------------------
 
-class FakeRt:
-    """python-rtmidi's surface that `_Port` uses, with a port list the test changes."""
-
-    def __init__(self, names):
-        self.names = list(names)
-        self.calls = []
-        self.fail_open = False
-
-    def get_ports(self):
-        return list(self.names)
-
-    def open_port(self, index, name):
-        if self.fail_open:
-            raise ports.rtmidi.SystemError("busy")
-        self.calls.append(("open", self.names[index]))
-
-    def close_port(self):
-        self.calls.append(("close",))
-
-    def send_message(self, data):
-        self.calls.append(("send", tuple(data)))
-
-    def delete(self):
-        self.calls.append(("delete",))
-
-
 def _output(rt):
-    out = ports.OutputPort.__new__(ports.OutputPort)
-    ports._Port.__init__(out, rt, "jack", "synth", "improvd out")
-    out._init_output()
-    return out
+    return OutputPort("jack", "synth", open_client=FakeMidi(rt))
 
 
 def test_a_lost_output_releases_through_its_own_port_first_and_is_logged_once(caplog):
@@ -469,9 +441,9 @@ def test_the_default_daemon_opens_no_network_port(tmp_path, monkeypatch, osc):
     if osc:
         pytest.importorskip("pythonosc")
     ref = make_step_model(tmp_path / "m.onnx", seed=1)
-    monkeypatch.setattr(ports, "choose_api", lambda name, **kw: "fake")
-    monkeypatch.setattr(ports, "OutputPort", _FakePort)
-    monkeypatch.setattr(ports, "InputPort", _FakePort)
+    monkeypatch.setattr(portnames, "choose_api", lambda name, **kw: "fake")
+    monkeypatch.setattr(outport, "OutputPort", _FakePort)
+    monkeypatch.setattr(inport, "InputPort", _FakePort)
     config = Config().replace(model=cfg.ModelConfig(path=str(ref.path)))
     if osc:
         config = config.replace(osc=cfg.OscConfig(enabled=True, port=0))

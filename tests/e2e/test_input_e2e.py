@@ -1,4 +1,4 @@
-"""improvd's MIDI input (`daemon.ports.InputPort`) over a real JACK port, fed by rtmidi from this process: what
+"""improvd's MIDI input (`daemon/io/inport.py` `InputPort`) over a real JACK port, fed by rtmidi from this process: what
 the arrival times are worth with the messages improvd drops, and what improvd hears after a SysEx start that never
 ends."""
 
@@ -10,7 +10,7 @@ import time
 import pytest
 import rtmidi
 
-from improvd.daemon.io.ports import EOX_GUARD_S, InputPort
+from improvd.daemon.io.inport import EOX_GUARD_S, InputPort
 from tests.e2e.jack import _counter, jack_server, requires_jack  # noqa: F401
 
 pytestmark = [pytest.mark.jack, requires_jack]
