@@ -12,7 +12,7 @@ import mido
 import numpy as np
 import pytest
 
-from improvd.core.config import Config, ImproviseConfig, MidiConfig
+from improvd.core.config import Config, ControlConfig, ImproviseConfig, MidiConfig
 from improvd.daemon.live.engine import Engine
 from improvd.daemon.predict.model import StepModel
 from improvd.daemon.live.scheduler import Scheduler
@@ -46,7 +46,7 @@ def improvise(**kw) -> ImproviseConfig:
 
 
 class Rig:
-    def __init__(self, ref, imp: ImproviseConfig, output_channel=1, **engine_kwargs):
+    def __init__(self, ref, imp: ImproviseConfig, output_channel=1, control=None, **engine_kwargs):
         self.ref = ref
         self.model = StepModel(ref.path)
         self.port = FakePort()
@@ -55,7 +55,8 @@ class Rig:
         self.summaries = []
         self.answered = threading.Condition()
         self.scheduler = Scheduler(self.port.send)
-        self.config = Config(improvise=imp, midi=MidiConfig(output_channel=output_channel))
+        self.config = Config(improvise=imp, midi=MidiConfig(output_channel=output_channel),
+                             control=control if control is not None else ControlConfig())
         self.engine = Engine(self.config, self.model, self.scheduler, on_answer=self._on_answer,
                              on_note_heard=lambda r, t: self.events.append(("heard", r, t, self.engine.model.path)),
                              on_note_played=lambda r, t: self.events.append(("played", r, t,
