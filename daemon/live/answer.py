@@ -65,8 +65,8 @@ from typing import Callable
 import numpy as np
 
 from improvd.core import notes as nt
-from improvd.daemon.live.controls import LiveSettings
 from improvd.daemon.live.scheduler import Scheduler
+from improvd.daemon.live.settings import LiveSettings
 from improvd.daemon.music import turns
 from improvd.daemon.music.context import MusicContext
 from improvd.daemon.music.placement import Placed, Placement

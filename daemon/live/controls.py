@@ -1,6 +1,6 @@
-"""Live controls and thru: the [improvise] values in effect (the config's, with what CCs and OSC set on top) and the
-player's notes passed through. The engine thread owns both and applies the control actions
-(daemon/live/engine.py `Engine._apply_action`).
+"""Live controls and thru: the control actions of CCs and OSC applied (mute, panic, reload, forget, [improvise]
+values), and the player's notes passed through. Engine thread: the engine hands `LiveControls` the control changes
+and actions from its input queue.
 
 - Live control (`[control]`, daemon/control/cc.py): CCs change temperature, top_p, max_notes, key_strength and mode
   (from the next note; they stay across a reload: `LiveSettings`), mute (cancels the answer; phrases are still
@@ -21,16 +21,19 @@ player's notes passed through. The engine thread owns both and applies the contr
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 from typing import Callable
 
 import mido
 
-from improvd.core.config import Config, ImproviseConfig
-from improvd.daemon.control.cc import ControlMap
+from improvd.daemon.control.cc import Action
+from improvd.daemon.live.answer import AnswerPlayer, call_hook
 from improvd.daemon.live.scheduler import Scheduler
-from improvd.daemon.music import turns
-from improvd.daemon.predict.improviser import Decoding
+from improvd.daemon.live.settings import LiveSettings
+from improvd.daemon.music.context import MusicContext
+from improvd.daemon.music.listener import Listener
+
+log = logging.getLogger("improvd.engine")
 
 ALL_NOTES_OFF = 123  # the channel mode message panic sends (CC 123)
 
@@ -38,38 +41,6 @@ ALL_NOTES_OFF = 123  # the channel mode message panic sends (CC 123)
 def all_notes_off(channel: int) -> mido.Message:
     """The All Notes Off message for `channel` (0-based)."""
     return mido.Message("control_change", control=ALL_NOTES_OFF, value=0, channel=channel)
-
-
-class LiveSettings:
-    """The config in use, its CC mapping, and the [improvise] values in effect: the config's, with the values live
-    controls set on top (those stay across a reload)."""
-
-    def __init__(self, config: Config):
-        self.live: dict = {}  # [improvise] values set by CCs and OSC
-        self.configure(config)
-
-    def configure(self, config: Config) -> None:
-        """Take a config (start-up, reload); the live values stay on top."""
-        self.config = config
-        self.control = ControlMap(config.control)
-        self._refresh()
-
-    def set(self, name: str, value) -> None:
-        """Set an [improvise] value live (a CC's or OSC's)."""
-        self.live[name] = value
-        self._refresh()
-
-    def over(self, improvise: ImproviseConfig) -> ImproviseConfig:
-        """`improvise` with the live values on top."""
-        return dataclasses.replace(improvise, **self.live)
-
-    def decoding(self, scale_pcs: tuple[int, ...] | None) -> Decoding:
-        """The decoding the values in effect ask for, bound to `scale_pcs` (an estimated key) with key "auto"."""
-        return Decoding.from_config(self.improvise, scale_pcs=scale_pcs)
-
-    def _refresh(self) -> None:
-        self.improvise = self.over(self.config.improvise)
-        self.answer_length = turns.parse_answer_length(self.improvise.answer_length)
 
 
 class Thru:
@@ -106,3 +77,80 @@ class Thru:
     def forget(self) -> None:
         """Forget the thru notes, which the scheduler has already released (panic)."""
         self._notes.clear()
+
+
+class LiveControls:
+    """Applies the control actions (module docstring) to the engine's parts. Engine thread.
+
+    Args:
+        settings: the settings in effect (the CC mapping; the [improvise] values a control sets).
+        context, answers, listener, thru: the engine's parts a control acts on.
+        scheduler: for panic's releases and All Notes Off.
+        now: the clock, seconds.
+        on_reload_request: called (no arguments) when the reload control is pressed.
+    """
+
+    def __init__(self, settings: LiveSettings, context: MusicContext, answers: AnswerPlayer, listener: Listener,
+                 thru: Thru, scheduler: Scheduler, *, now: Callable[[], float],
+                 on_reload_request: Callable[[], None] | None = None):
+        self.muted = False
+        self.on_reload_request = on_reload_request
+        self._settings = settings
+        self._context = context
+        self._answers = answers
+        self._listener = listener
+        self._thru = thru
+        self._scheduler = scheduler
+        self._now = now
+
+    def control_change(self, msg: mido.Message) -> None:
+        """A control change from the player: the actions it maps to (daemon/control/cc.py), each applied."""
+        control = self._settings.control
+        actions = control.handle(msg)
+        function = control.function_of(msg)
+        log.debug("CC %d = %d on channel %d%s", msg.control, msg.value, msg.channel + 1,
+                  f" ({function})" if function else " (not mapped)")
+        for action in actions:
+            self.apply(action, f"CC {msg.control}")
+
+    def apply(self, action: Action, source: str) -> None:
+        """A control action (a CC's, or OSC's); `source` names it in the log."""
+        if action.function == "panic":
+            self.panic()
+        elif action.function == "reload":
+            log.info("reload requested by %s", source)
+            call_hook(self.on_reload_request)
+        elif action.function == "forget":
+            self.forget(source)
+        elif action.function == "mute":
+            if action.value and not self.muted and self._answers.current is not None:
+                self._answers.interrupt()
+            self.muted = bool(action.value)
+        else:
+            self._settings.set(action.function, action.value)
+            self._context.keep_auto_key(self._settings.improvise.key)
+            self._answers.refresh_decoding()
+            if action.function == "mode":
+                self._answers.set_mode(action.value)
+        log.debug("%s: %s%s", source, action.function, "" if action.value is None else f" = {action.value!r}")
+
+    def forget(self, source: str) -> None:
+        """The forget control (a CC, OSC, or `Engine.forget()`): clear what this session taught improvd
+        (`improvise.adapt`'s session memory)."""
+        improviser = self._answers.improviser
+        if improviser.adapter is None:
+            log.info('forget: no session memory (improvise.adapt = "off"), requested by %s', source)
+        else:
+            improviser.forget()
+            log.info("forget: session memory cleared, requested by %s", source)
+
+    def panic(self) -> None:
+        """Release everything now: improvd's notes and the thru notes, then All Notes Off on the output channel; the
+        answer and the pending phrase are dropped."""
+        released = self._scheduler.cancel()
+        self._scheduler.schedule_message(self._now(), all_notes_off(self._settings.config.midi.output_channel - 1))
+        self._thru.forget()
+        self._listener.phrase.clear()
+        if self._answers.current is not None:
+            self._answers.interrupt()
+        log.info("panic: %d sounding notes released", released)

@@ -2,8 +2,9 @@
 answer in progress. It owns the note tracker (rolling window), the mode and the state machine; its parts:
 daemon/live/answer.py (feeding the model and the answer lifecycle: respond and continuous modes, prediction ahead,
 the summary hooks), daemon/music/context.py (MIDI clock and transport, tempo, grid, key),
-daemon/music/placement.py (placement in time, quantize), daemon/live/controls.py (live controls, OSC actions,
-session adaptation's forget, thru). docs/architecture.md has the threads.
+daemon/music/placement.py (placement in time, quantize), daemon/music/listener.py (keys, pedal, the pending
+phrase), daemon/live/controls.py (live controls, OSC actions, session adaptation's forget, thru),
+daemon/live/settings.py (the config and the values in effect). docs/architecture.md has the threads.
 
 Input: `input_queue` receives (t_s, mido.Message) items, t_s the arrival time on the same clock as `now`
 (`time.perf_counter`), from the input's poller thread, which only puts; and `control.Action`s (`control`, any
@@ -20,10 +21,7 @@ the scheduler, and `on_state(state)` is called. Program change (`midi.program`) 
 the engine starts.
 
 Hot reload: `request_swap(config, model)` (main thread) is applied by the engine thread between phrases (when no
-answer is playing; in continuous mode at the next chunk boundary). The new Improviser is primed with the last notes
-the old one was fed. A swap is all or nothing: when priming the new model fails, the running config and model stay.
-[midi] (ports, channels, thru, program) is read at start only: a swap keeps the running [midi], so the channels
-improvd plays and hears, and the thru notes sounding, are what they were (the service tells the user so).
+answer is playing; in continuous mode at the next chunk boundary), all or nothing (daemon/live/reload.py).
 
 Faults: malformed queue items are skipped; an exception while handling input or time is logged, the current answer
 is cancelled (its notes released) and the engine goes on listening. `stop` during an answer cancels it, and it is
@@ -44,17 +42,19 @@ import numpy as np
 
 from improvd.core.config import Config, ImproviseConfig
 from improvd.daemon.control.cc import Action
+from improvd.daemon.live import reload
 from improvd.daemon.live.answer import AnswerPlayer, call_hook
-from improvd.daemon.live.controls import LiveSettings, Thru, all_notes_off
+from improvd.daemon.live.controls import LiveControls, Thru
 from improvd.daemon.live.scheduler import Scheduler
+from improvd.daemon.live.settings import LiveSettings
 from improvd.daemon.live.watchdog import HEARTBEAT_S, Heartbeat
-from improvd.daemon.music import turns
 from improvd.daemon.music.clock import CLOCK_TYPES
-from improvd.daemon.music.context import MusicContext, is_auto_key
+from improvd.daemon.music.context import MusicContext
+from improvd.daemon.music.listener import Listener
 from improvd.daemon.music.placement import Placement
-from improvd.daemon.music.tracker import HeardNote, NoteTracker
+from improvd.daemon.music.tracker import HeardNote
 from improvd.daemon.predict.adapt import SessionAdapter
-from improvd.daemon.predict.improviser import Decoding, Improviser
+from improvd.daemon.predict.improviser import Improviser
 from improvd.daemon.predict.model import StepModel
 
 log = logging.getLogger("improvd.engine")
@@ -92,36 +92,29 @@ class Engine:
                  on_state: Callable[[str], None] | None = None,
                  lead_s: float = 0.002, lookahead_s: float = 0.05, catch_up_s: float = 0.1):
         self.input_queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.on_reload_request = on_reload_request
         self.on_state = on_state
         self._now = now
         self._scheduler = scheduler
         self._model = model
         self._settings = LiveSettings(config)
         self._context = MusicContext(config.timing, model.card)
-        self._tracker = NoteTracker.from_config(config.improvise, config.midi)
-        self._sustain = turns.Sustain(config.improvise.max_hold)
+        self._listener = Listener(config.improvise, config.midi)
         self._thru = Thru(scheduler, now)
-        self._rng = self._make_rng(config.improvise.seed)
-        self._muted = False
+        self._rng = reload.make_rng(config.improvise.seed)
         self._state: str | None = None
         self._forget_requested = threading.Event()
         improviser = Improviser(model, self._settings.decoding(None), rng=self._rng,
-                                adapter=self._adapter_for(config, None))
+                                adapter=reload.adapter_for(config, None))
         self._answers = AnswerPlayer(improviser, self._settings, self._context, Placement(lead_s, catch_up_s),
-                                     scheduler, self._tracker, now=now, lookahead_s=lookahead_s,
+                                     scheduler, self._listener.tracker, now=now, lookahead_s=lookahead_s,
                                      on_answer=on_answer, on_note_heard=on_note_heard,
                                      on_note_played=on_note_played)
-        self._phrase: list[HeardNote] = []
-        self._swap_lock = threading.Lock()
-        self._pending_swap: tuple[Config, StepModel] | None = None
+        self._controls = LiveControls(self._settings, self._context, self._answers, self._listener, self._thru,
+                                      scheduler, now=now, on_reload_request=on_reload_request)
+        self._swaps = reload.PendingSwap()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.heartbeat = Heartbeat()  # the thread's loop went round (the service's watchdog reads it)
-
-    @staticmethod
-    def _make_rng(seed: int) -> np.random.Generator:
-        return np.random.default_rng(None if seed < 0 else seed)
 
     # ---- the hooks of the answers (settable, e.g. by a test, before the notes they should see) ----------------
     @property
@@ -172,7 +165,7 @@ class Engine:
     @property
     def muted(self) -> bool:
         """Whether improvd is muted (by the mute CC)."""
-        return self._muted
+        return self._controls.muted
 
     @property
     def lookahead_s(self) -> float:
@@ -228,8 +221,7 @@ class Engine:
 
     def request_swap(self, config: Config, model: StepModel) -> None:
         """Use `config` and `model` from the next phrase on (hot reload); a later request replaces this one."""
-        with self._swap_lock:
-            self._pending_swap = (config, model)
+        self._swaps.request(config, model)
         self.input_queue.put(_TICK)  # wake the engine so an idle one swaps now
 
     # ---- the thread --------------------------------------------------------------------------------------
@@ -274,7 +266,7 @@ class Engine:
         try:
             if self._forget_requested.is_set():
                 self._forget_requested.clear()
-                self._forget("forget()")
+                self._controls.forget("forget()")
             # Take everything already waiting before deciding anything: a burst is one moment.
             taken = 0
             while True:
@@ -294,18 +286,16 @@ class Engine:
             self._update_state()
         except Exception:
             log.exception("engine error; the current answer is cancelled and the engine goes on listening")
-            self._phrase.clear()
+            self._listener.phrase.clear()
             self._answers.abort()
 
     def _timeout(self) -> float | None:
         """Seconds until the engine must act without input, or None to wait for input only."""
         now = self._now()
-        due = []
-        for expiry in (self._tracker.next_expiry_s(), self._sustain.next_expiry_s()):
-            if expiry is not None:
-                due.append(expiry)
+        expiry = self._listener.next_expiry_s()
+        due = [] if expiry is None else [expiry]
         if self._answers.current is None:
-            end = self._phrase_end_s()
+            end = self._listener.phrase_end_s(self.improvise.silence)
             if end is not None:
                 due.append(end)
         else:
@@ -319,7 +309,7 @@ class Engine:
         except (TypeError, ValueError):
             t_s, msg = math.nan, None
         if isinstance(msg, Action):
-            self._apply_action(msg, "OSC")
+            self._controls.apply(msg, "OSC")
             return
         if not isinstance(msg, mido.Message) or not math.isfinite(t_s):
             log.debug("ignoring a malformed input item %r", item)
@@ -330,24 +320,22 @@ class Engine:
                 self._on_clock(t_s, msg)
             return
         if kind == "control_change":
-            self._sustain.handle(t_s, msg, self._tracker.channels)
-            self._on_control(msg)
-        update = self._tracker.handle(t_s, msg)
+            self._controls.control_change(msg)
+        update = self._listener.handle(t_s, msg)
         a = self._answers.current
         if update.note_on and a is not None and not a.continuous:
             self._answers.interrupt()
         if self.config.midi.thru and kind in ("note_on", "note_off"):
-            self._thru.handle(msg, self._tracker.channels, self.improvise.max_hold)
+            self._thru.handle(msg, self._listener.tracker.channels, self.improvise.max_hold)
         for note in update.completed:
             self._heard(note)
 
     def _on_time(self, now: float) -> None:
-        for note in self._tracker.expire(now):
+        for note in self._listener.expire(now):
             self._heard(note)
-        self._sustain.expire(now)
         if self._answers.current is None:
             self._apply_swap()
-            end = self._phrase_end_s()
+            end = self._listener.phrase_end_s(self.improvise.silence)
             if end is not None and now >= end:
                 self._start_answer()
         if self._answers.current is not None:
@@ -356,7 +344,7 @@ class Engine:
     def _update_state(self) -> None:
         if self._answers.current is not None:
             state = "answering"
-        elif self._tracker.held or self._phrase:
+        elif self._listener.listening:
             state = "listening"
         else:
             state = "idle"
@@ -371,42 +359,27 @@ class Engine:
                 "control_change", control=control.state_cc, value=value, channel=midi.output_channel - 1))
 
     # ---- listening and answering ------------------------------------------------------------------------
-    def _phrase_end_s(self) -> float | None:
-        """When the pending phrase is over (daemon/music/turns.py), or None (no phrase, or something still held)."""
-        if not self._phrase:
-            return None
-        quiet = self._sustain.quiet_since_s(self._tracker.quiet_since_s())
-        return turns.phrase_end_s(self.improvise.silence, [n.onset_s for n in self._phrase], quiet)
-
     def _heard(self, note: HeardNote) -> None:
         a = self._answers.current
         if a is not None and a.continuous:
             self._answers.hear(note)
-        else:
-            self._phrase.append(note)
-            # Bounded under an input flood (no silence, no end of phrase): only the last notes matter to the answer.
-            cap = max(self.config.improvise.window, self._model.context)
-            if len(self._phrase) > cap:
-                del self._phrase[:len(self._phrase) - cap]
+        else:  # bounded under an input flood: only the last notes matter to the answer
+            self._listener.add(note, max(self.config.improvise.window, self._model.context))
 
     def _start_answer(self) -> None:
-        phrase = list(self._phrase)
-        self._phrase.clear()
-        silent = "muted" if self._muted else "transport stopped" if self._context.stopped else None
-        self._answers.answer(phrase, silent=silent)
+        silent = "muted" if self._controls.muted else "transport stopped" if self._context.stopped else None
+        self._answers.answer(self._listener.take_phrase(), silent=silent)
 
     def _advance(self) -> None:
         while self._answers.advance():  # the continuous stream played a chunk: a reload may apply here
             self._answers.end_chunk()
-            with self._swap_lock:
-                pending = self._pending_swap is not None
-            if pending:
+            if self._swaps.pending:
                 self._apply_swap()
                 self._answers.after_swap()
                 if self._answers.current is None:
                     return
 
-    # ---- clock, transport, controls ----------------------------------------------------------------------
+    # ---- clock and transport ----------------------------------------------------------------------
     def _on_clock(self, t_s: float, msg: mido.Message) -> None:
         kind = self._context.on_clock(t_s, msg)
         if kind == "stop":  # silent until Start or Continue
@@ -416,99 +389,22 @@ class Engine:
         elif kind == "start":
             self._answers.transport_started()
 
-    def _on_control(self, msg: mido.Message) -> None:
-        control = self._settings.control
-        actions = control.handle(msg)
-        function = control.function_of(msg)
-        log.debug("CC %d = %d on channel %d%s", msg.control, msg.value, msg.channel + 1,
-                  f" ({function})" if function else " (not mapped)")
-        for action in actions:
-            self._apply_action(action, f"CC {msg.control}")
-
-    def _apply_action(self, action: Action, source: str) -> None:
-        """A control action (a CC's, or OSC's) in the engine thread (daemon/live/controls.py)."""
-        if action.function == "panic":
-            self._panic()
-        elif action.function == "reload":
-            log.info("reload requested by %s", source)
-            call_hook(self.on_reload_request)
-        elif action.function == "forget":
-            self._forget(source)
-        elif action.function == "mute":
-            if action.value and not self._muted and self._answers.current is not None:
-                self._answers.interrupt()
-            self._muted = bool(action.value)
-        else:
-            self._settings.set(action.function, action.value)
-            self._context.keep_auto_key(self.improvise.key)
-            self._answers.refresh_decoding()
-            if action.function == "mode":
-                self._answers.set_mode(action.value)
-        log.debug("%s: %s%s", source, action.function, "" if action.value is None else f" = {action.value!r}")
-
-    def _forget(self, source: str) -> None:
-        """The forget control (a CC, OSC, or `forget()`): clear what this session taught improvd
-        (`improvise.adapt`'s session memory)."""
-        improviser = self._answers.improviser
-        if improviser.adapter is None:
-            log.info('forget: no session memory (improvise.adapt = "off"), requested by %s', source)
-        else:
-            improviser.forget()
-            log.info("forget: session memory cleared, requested by %s", source)
-
-    def _panic(self) -> None:
-        """Release everything now: improvd's notes and the thru notes, then All Notes Off on the output channel."""
-        released = self._scheduler.cancel()
-        self._scheduler.schedule_message(self._now(), all_notes_off(self.config.midi.output_channel - 1))
-        self._thru.forget()
-        self._phrase.clear()
-        if self._answers.current is not None:
-            self._answers.interrupt()
-        log.info("panic: %d sounding notes released", released)
-
-    # ---- hot reload --------------------------------------------------------------------------------------
+    # ---- hot reload (daemon/live/reload.py) ----------------------------------------------------------------
     def _apply_swap(self) -> None:
-        """Take the pending config and model, all or nothing: a model that fails while being primed leaves the
-        running config and model in place (logged). [midi] and [record] are not taken: they are read at start only
-        (the service says so), so the channels, thru and the notes they sound stay as they are."""
-        with self._swap_lock:
-            pending, self._pending_swap = self._pending_swap, None
+        """Take the pending config and model, all or nothing (daemon/live/reload.py)."""
+        pending = self._swaps.take()
         if pending is None:
             return
-        config, model = pending
-        running = self.config
-        config = config.replace(midi=running.midi, record=running.record)
-        rng = self._make_rng(config.improvise.seed) if config.improvise.seed != running.improvise.seed \
-            else self._rng
-        imp = self._settings.over(config.improvise)
-        old = self._answers.improviser
-        history = old.history
-        try:
-            improviser = Improviser(model, Decoding.from_config(
-                imp, scale_pcs=self._context.scale_pcs() if is_auto_key(imp.key) else None), rng=rng,
-                adapter=self._adapter_for(config, old.adapter))
-            if len(history):
-                improviser.prime(history[-model.context:])
-        except Exception as err:
-            log.error("reload failed: the new model %s could not be primed (%s: %s); improvd keeps the running "
-                      "config and model", model.path, type(err).__name__, err)
+        swap = reload.prepare(*pending, running=self.config, settings=self._settings,
+                              scale_pcs=self._context.scale_pcs(), improviser=self._answers.improviser, rng=self._rng)
+        if swap is None:
             return
-        self._rng = rng
-        self._tracker.configure([c - 1 for c in config.midi.input_channels], imp.window, imp.max_hold)
+        config, imp = swap.config, self._settings.over(swap.config.improvise)
+        self._rng = swap.rng
+        self._listener.configure([c - 1 for c in config.midi.input_channels], imp.window, imp.max_hold,
+                                 config.improvise.max_hold)
         self._settings.configure(config)
-        self._context.configure(config.timing, model.card)
+        self._context.configure(config.timing, swap.model.card)
         self._context.keep_auto_key(config.improvise.key)
-        self._sustain.max_hold_s = config.improvise.max_hold
-        self._model, self._answers.improviser = model, improviser
-        log.info("now playing %s (mode %s)", model.path, self.improvise.mode)
-
-    @staticmethod
-    def _adapter_for(config: Config, current: SessionAdapter | None) -> SessionAdapter | None:
-        """The session adapter `config` asks for: the current one (its memory kept across a reload) if the
-        bound is unchanged, a new one if it changed, None when adaptation is off."""
-        imp = config.improvise
-        if imp.adapt == "off":
-            return None
-        if current is not None and current.memory == imp.adapt_memory:
-            return current
-        return SessionAdapter(imp.adapt_memory)
+        self._model, self._answers.improviser = swap.model, swap.improviser
+        log.info("now playing %s (mode %s)", swap.model.path, self.improvise.mode)
