@@ -2,17 +2,9 @@
 the scheduler, take back what an interruption cuts, finish and summarise. The engine thread owns one `AnswerPlayer`
 (daemon/live/engine.py decides when a phrase is over, when to interrupt and when to swap).
 
-What is fed to the model: one merged sequence of the player's completed notes and improvd's own notes, in the order
-the engine learns of them. Each fed note's step is the gap from the previous fed note's onset, clipped to
-[0, improvise.step_range high] (a pause between phrases, or a player's note that began before improvd's last one,
-stays within what the model knows). A player's note is complete, and fed, when it is released (its duration is
-known then). An answered note whose onset is exactly the previous onset plus its predicted step is fed exactly as
-predicted; so with temperature 0, every answered note after the first is the greedy continuation
-(docs/model-format.md) of the notes fed before it. The first note of an answer usually comes later than predicted
-(the silence has passed), and is fed with its real gap. With `timing.follow_tempo` (daemon/music/context.py) the
-player's steps and durations are divided by the time scale before they are fed, the model's multiplied by it (then
-clamped to step_range / duration_range) before they are played; rows reported to `on_note_heard` /
-`on_note_played` are as fed, in the model's time.
+What is fed to the model, and when: daemon/live/feed.py. With `timing.follow_tempo` (daemon/music/context.py) the
+model's steps and durations are multiplied by the time scale (then clamped to step_range / duration_range) before
+they are played, and divided by it again when fed.
 
 respond mode: when the phrase is over, the phrase's notes are fed and an answer starts. Its first note is due at the
 last fed onset plus the predicted step, or at once (now + `lead_s`) if that has passed (with MIDI clock running:
@@ -40,17 +32,12 @@ on the player's last `CALL_NOTES` notes); the register bounds the pitch before s
 a note whose onset would make more than `polyphony` of the answer's notes sound waits for a release (fed with its
 real gap). The summary counts the notes delayed and re-chosen.
 
-Hooks, all called in the engine thread and expected to be quick: `on_answer(summary)` once per finished answer
-(keys: notes_heard, notes_played, inference_ms (mean feed + predict time per played note), lateness_ms (the
-scheduler's latest event), interrupted, mode, time_scale (1.0 unless timing.follow_tempo), bpm (the grid's tempo,
-None without quantize), key (the scale in use, e.g. "C major", or None), length (the answer_length in use, e.g.
-"8 beats", or None), delayed and rechosen (notes the texture bounds moved or re-chose)). What the model is fed:
-`on_note_heard(note_row, onset_s)` for each player note fed and `on_note_played(note_row, onset_s)` for each note
-handed to the scheduler (note_row: float64 [4] pitch, step_s as fed, duration_s, velocity); together they are the
-model's input in order (the engine tests replay it through a reference model). `on_note_played` also reports the
-notes an interruption takes back before they start (at most ~`lookahead_s` of music); `notes_played` in the
-summary does not count them. What improvd actually sent (exact times, with cancels and re-triggers) is
-`Scheduler.on_sent`'s.
+Hook, called in the engine thread and expected to be quick: `on_answer(summary)` once per finished answer (keys:
+notes_heard, notes_played, inference_ms (mean feed + predict time per played note), lateness_ms (the scheduler's
+latest event), interrupted, mode, time_scale (1.0 unless timing.follow_tempo), bpm (the grid's tempo, None without
+quantize), key (the scale in use, e.g. "C major", or None), length (the answer_length in use, e.g. "8 beats", or
+None), delayed and rechosen (notes the texture bounds moved or re-chose)); `notes_played` does not count the notes
+an interruption took back.
 """
 
 from __future__ import annotations
@@ -65,6 +52,7 @@ from typing import Callable
 import numpy as np
 
 from improvd.core import notes as nt
+from improvd.daemon.live.feed import ModelFeed, call_hook
 from improvd.daemon.live.scheduler import Scheduler
 from improvd.daemon.live.settings import LiveSettings
 from improvd.daemon.music import turns
@@ -72,7 +60,6 @@ from improvd.daemon.music.context import MusicContext
 from improvd.daemon.music.placement import Placed, Placement
 from improvd.daemon.music.texture import Texture, TextureCounts, Voices, texture_for_call
 from improvd.daemon.music.tracker import HeardNote, NoteTracker
-from improvd.daemon.predict.improviser import Improviser
 
 log = logging.getLogger("improvd.engine")
 
@@ -95,7 +82,7 @@ class Answer:
     chained: bool = False  # the last note fed was improvd's own
     done_handing: bool = False
     inference_s: float = 0.0
-    undo: deque = field(default_factory=deque)  # (onset_s, Snapshot, last_fed_onset_s) of notes not started
+    undo: deque = field(default_factory=deque)  # (onset_s, ModelFeed.snapshot()) of notes not started
     budget: turns.Budget = turns.Budget()  # improvise.answer_length for this answer (respond mode)
     texture: Texture = Texture()  # improvise.polyphony / register for this answer
     voices: Voices = field(default_factory=Voices)  # its notes, for the polyphony bound
@@ -112,21 +99,11 @@ def describe_budget(budget: turns.Budget) -> str | None:
     return None
 
 
-def call_hook(hook, *args) -> None:
-    """Call an engine hook (None: nothing), logging what it raises: a hook never stops the engine."""
-    if hook is None:
-        return
-    try:
-        hook(*args)
-    except Exception:
-        log.exception("an engine callback failed")
-
-
 class AnswerPlayer:
-    """The model's input and the answer in progress (module docstring). Engine thread.
+    """The answer in progress (module docstring). Engine thread.
 
     Args:
-        improviser: the model state and decoding (the engine replaces `improviser` on a reload).
+        feed: the model's input and decoding.
         settings: the config and [improvise] values in effect.
         context: the musical context (time scale, grid, key).
         placement: the placement rules (lead_s, catch_up_s).
@@ -134,65 +111,31 @@ class AnswerPlayer:
         tracker: the player's notes (velocity hint, the window for key and continuous mode).
         now: the clock, seconds.
         lookahead_s: how long before its onset a note is handed to the scheduler.
-        on_answer, on_note_heard, on_note_played: the hooks (module docstring), or None.
+        on_answer: the hook (module docstring), or None.
     """
 
-    def __init__(self, improviser: Improviser, settings: LiveSettings, context: MusicContext, placement: Placement,
+    def __init__(self, feed: ModelFeed, settings: LiveSettings, context: MusicContext, placement: Placement,
                  scheduler: Scheduler, tracker: NoteTracker, *, now: Callable[[], float], lookahead_s: float,
-                 on_answer=None, on_note_heard=None, on_note_played=None):
-        self.improviser = improviser
-        self.last_fed_onset_s: float | None = None
+                 on_answer: Callable[[dict], None] | None = None):
         self.current: Answer | None = None
         self.lookahead_s = float(lookahead_s)
+        self.on_answer = on_answer
+        self._feed = feed
         self._settings = settings
         self._context = context
         self._placement = placement
         self._scheduler = scheduler
         self._tracker = tracker
         self._now = now
-        self.on_answer = on_answer
-        self.on_note_heard = on_note_heard
-        self.on_note_played = on_note_played
-
-    # ---- feeding the model -------------------------------------------------------------------------------
-    def fed_step(self, onset_s: float) -> float:
-        """The step fed for a note at `onset_s`: the gap from the last fed onset in the model's time, clipped."""
-        if self.last_fed_onset_s is None:
-            return 0.0
-        return min(max(onset_s - self.last_fed_onset_s, 0.0) / self._context.time_scale,
-                   self._settings.improvise.step_range[1])
-
-    def _player_row(self, note: HeardNote) -> np.ndarray:
-        return np.array([note.pitch, self.fed_step(note.onset_s), note.duration_s / self._context.time_scale,
-                         note.velocity], np.float64)
-
-    def _feed(self, row: np.ndarray, onset_s: float, *, player: bool = False) -> None:
-        self.improviser.feed(row, player=player)
-        if self.last_fed_onset_s is None or onset_s > self.last_fed_onset_s:
-            self.last_fed_onset_s = onset_s
-
-    def _feed_player(self, note: HeardNote) -> None:
-        row = self._player_row(note)
-        self._feed(row, note.onset_s, player=True)
-        call_hook(self.on_note_heard, row, note.onset_s)
-
-    def refresh_decoding(self) -> None:
-        """Decode with the [improvise] values and the key in effect now."""
-        self.improviser.decoding = self._settings.decoding(self._context.scale_pcs())
-
-    def estimate_key(self) -> None:
-        """With improvise.key = "auto": the key of the window, decoded with from now on."""
-        if self._context.estimate_key(self._settings.improvise.key, self._tracker.window_notes()):
-            self.refresh_decoding()
 
     # ---- starting ------------------------------------------------------------------------------------------
     def answer(self, phrase: list[HeardNote], *, silent: str | None = None) -> None:
         """A phrase is over: measure it, feed it, and start its answer, unless `silent` says why not ("muted")."""
         phrase = sorted(phrase, key=lambda n: (n.onset_s, n.pitch))
         self._context.hear_phrase([n.onset_s for n in phrase])
-        self.estimate_key()
+        self._feed.estimate_key(self._tracker.window_notes())
         for note in phrase:
-            self._feed_player(note)
+            self._feed.player(note)
         if silent is not None:
             log.debug("phrase of %d notes heard; not answering (%s)", len(phrase), silent)
             return
@@ -212,9 +155,9 @@ class AnswerPlayer:
         """A player's note completed during the continuous stream: fed, and the next note predicted again."""
         a = self.current
         self._context.measure_tempo(self._tracker.window_onsets_s()[-TEMPO_NOTES:])
-        self.estimate_key()
+        self._feed.estimate_key(self._tracker.window_notes())
         a.texture = self._texture_of(self._tracker.window_heard()[-CALL_NOTES:])
-        self._feed_player(note)
+        self._feed.player(note)
         a.heard += 1
         a.chained = False
         a.next = None  # predict the next note again from the updated state
@@ -271,8 +214,9 @@ class AnswerPlayer:
 
     def _predict_next(self, a: Answer) -> tuple[np.ndarray, Placed]:
         started = time.perf_counter()
-        row = self.improviser.predict(velocity_hint=self._tracker.recent_velocity(), register=a.texture.register)
-        rechosen = self.improviser.rechosen
+        improviser = self._feed.improviser
+        row = improviser.predict(velocity_hint=self._tracker.recent_velocity(), register=a.texture.register)
+        rechosen = improviser.rechosen
         a.inference_s += time.perf_counter() - started
         scale = self._context.time_scale
         if scale != 1.0:  # out of the model's time into the player's
@@ -285,10 +229,11 @@ class AnswerPlayer:
             clock_grid = self._context.running_clock_grid(now)
             if clock_grid is not None:
                 placed = self._placement.entry(clock_grid, self._context.quantize_ticks, row[nt.STEP],
-                                               self.last_fed_onset_s, now)
+                                               self._feed.last_onset_s, now)
         if placed is None:
             grid, ticks = self._context.grid(now, answering=True)
-            placed = self._placement.place(grid, ticks, row[nt.STEP], self.last_fed_onset_s, now, chained=a.chained)
+            placed = self._placement.place(grid, ticks, row[nt.STEP], self._feed.last_onset_s, now,
+                                           chained=a.chained)
         delay = 0.0
         if a.texture.polyphony is not None:
             later = a.voices.earliest_onset(placed.onset_s, a.texture.polyphony)
@@ -340,25 +285,25 @@ class AnswerPlayer:
         a.counts.add(delay_s=a.next_flags[0], rechosen=a.next_flags[1])
         a.next_flags = (0.0, False)
         if not a.continuous:
-            a.undo.append((onset_s, self.improviser.snapshot(), self.last_fed_onset_s))
+            a.undo.append((onset_s, self._feed.snapshot()))
         self._scheduler.schedule_note(onset_s, onset_s + duration_s, pitch, velocity,
                                       channel=self._settings.config.midi.output_channel - 1, owner=a)
         scale = self._context.time_scale
         fed = row.copy()
         if moved:
-            fed[nt.STEP] = self.fed_step(onset_s)
+            fed[nt.STEP] = self._feed.step(onset_s)
         elif scale != 1.0:
             fed[nt.STEP] = row[nt.STEP] / scale
         if scale != 1.0:
             fed[nt.DURATION] = row[nt.DURATION] / scale
         started = time.perf_counter()
-        self._feed(fed, onset_s)
+        self._feed.own(fed, onset_s)
         a.inference_s += time.perf_counter() - started
         a.handed += 1
         a.chunk_played += 1
         a.chained = True
         a.end_s = max(a.end_s, onset_s + duration_s)
-        call_hook(self.on_note_played, fed, onset_s)
+        self._feed.report_own(fed, onset_s)
 
     # ---- changes while playing ---------------------------------------------------------------------------
     def set_mode(self, mode: str) -> None:
@@ -404,11 +349,10 @@ class AnswerPlayer:
         self._scheduler.cancel(a)
         cut_s = self._now()
         unplayed = 0
-        for onset_s, snapshot, last_fed in a.undo:
+        for onset_s, snapshot in a.undo:
             if onset_s > cut_s:  # never sent: take it (and what followed) back out of the model state
-                self.improviser.restore(snapshot)
-                self.last_fed_onset_s = last_fed
-                unplayed = sum(1 for o, _, _ in a.undo if o >= onset_s)
+                self._feed.restore(snapshot)
+                unplayed = sum(1 for o, _ in a.undo if o >= onset_s)
                 break
         a.handed -= unplayed
         a.chunk_played -= unplayed

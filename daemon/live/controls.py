@@ -27,7 +27,8 @@ from typing import Callable
 import mido
 
 from improvd.daemon.control.cc import Action
-from improvd.daemon.live.answer import AnswerPlayer, call_hook
+from improvd.daemon.live.answer import AnswerPlayer
+from improvd.daemon.live.feed import ModelFeed, call_hook
 from improvd.daemon.live.scheduler import Scheduler
 from improvd.daemon.live.settings import LiveSettings
 from improvd.daemon.music.context import MusicContext
@@ -84,19 +85,20 @@ class LiveControls:
 
     Args:
         settings: the settings in effect (the CC mapping; the [improvise] values a control sets).
-        context, answers, listener, thru: the engine's parts a control acts on.
+        context, feed, answers, listener, thru: the engine's parts a control acts on.
         scheduler: for panic's releases and All Notes Off.
         now: the clock, seconds.
         on_reload_request: called (no arguments) when the reload control is pressed.
     """
 
-    def __init__(self, settings: LiveSettings, context: MusicContext, answers: AnswerPlayer, listener: Listener,
-                 thru: Thru, scheduler: Scheduler, *, now: Callable[[], float],
+    def __init__(self, settings: LiveSettings, context: MusicContext, feed: ModelFeed, answers: AnswerPlayer,
+                 listener: Listener, thru: Thru, scheduler: Scheduler, *, now: Callable[[], float],
                  on_reload_request: Callable[[], None] | None = None):
         self.muted = False
         self.on_reload_request = on_reload_request
         self._settings = settings
         self._context = context
+        self._feed = feed
         self._answers = answers
         self._listener = listener
         self._thru = thru
@@ -129,7 +131,7 @@ class LiveControls:
         else:
             self._settings.set(action.function, action.value)
             self._context.keep_auto_key(self._settings.improvise.key)
-            self._answers.refresh_decoding()
+            self._feed.refresh_decoding()
             if action.function == "mode":
                 self._answers.set_mode(action.value)
         log.debug("%s: %s%s", source, action.function, "" if action.value is None else f" = {action.value!r}")
@@ -137,7 +139,7 @@ class LiveControls:
     def forget(self, source: str) -> None:
         """The forget control (a CC, OSC, or `Engine.forget()`): clear what this session taught improvd
         (`improvise.adapt`'s session memory)."""
-        improviser = self._answers.improviser
+        improviser = self._feed.improviser
         if improviser.adapter is None:
             log.info('forget: no session memory (improvise.adapt = "off"), requested by %s', source)
         else:

@@ -1,10 +1,15 @@
 """The engine thread: listens to the player, decides when a phrase is over and an answer starts, and runs the
-answer in progress. It owns the note tracker (rolling window), the mode and the state machine; its parts:
-daemon/live/answer.py (feeding the model and the answer lifecycle: respond and continuous modes, prediction ahead,
-the summary hooks), daemon/music/context.py (MIDI clock and transport, tempo, grid, key),
-daemon/music/placement.py (placement in time, quantize), daemon/music/listener.py (keys, pedal, the pending
-phrase), daemon/live/controls.py (live controls, OSC actions, session adaptation's forget, thru),
-daemon/live/settings.py (the config and the values in effect). docs/architecture.md has the threads.
+answer in progress. It owns the mode and the state machine, and these parts (each file specifies its behaviour):
+
+- daemon/music/listener.py: the keys and pedal held, the pending phrase and when it ends (the note tracker);
+- daemon/live/feed.py: the Improviser (model state, session adapter), what is fed to it, the decoding;
+- daemon/live/answer.py: the answer lifecycle, respond and continuous modes, prediction ahead, the summary;
+- daemon/music/context.py: MIDI clock and transport, the player's pulse and time scale, the grid, the key;
+- daemon/music/placement.py: where each answered note goes in time (quantize);
+- daemon/live/controls.py: live controls (CC and OSC actions: mute, panic, reload, forget, values) and thru;
+- daemon/live/settings.py: the config and [improvise] values in effect; daemon/live/reload.py: hot reload.
+
+docs/architecture.md has the threads and what each owns.
 
 Input: `input_queue` receives (t_s, mido.Message) items, t_s the arrival time on the same clock as `now`
 (`time.perf_counter`), from the input's poller thread, which only puts; and `control.Action`s (`control`, any
@@ -43,8 +48,9 @@ import numpy as np
 from improvd.core.config import Config, ImproviseConfig
 from improvd.daemon.control.cc import Action
 from improvd.daemon.live import reload
-from improvd.daemon.live.answer import AnswerPlayer, call_hook
+from improvd.daemon.live.answer import AnswerPlayer
 from improvd.daemon.live.controls import LiveControls, Thru
+from improvd.daemon.live.feed import ModelFeed, call_hook
 from improvd.daemon.live.scheduler import Scheduler
 from improvd.daemon.live.settings import LiveSettings
 from improvd.daemon.live.watchdog import HEARTBEAT_S, Heartbeat
@@ -105,41 +111,17 @@ class Engine:
         self._forget_requested = threading.Event()
         improviser = Improviser(model, self._settings.decoding(None), rng=self._rng,
                                 adapter=reload.adapter_for(config, None))
-        self._answers = AnswerPlayer(improviser, self._settings, self._context, Placement(lead_s, catch_up_s),
+        self._feed = ModelFeed(improviser, self._settings, self._context, on_note_heard=on_note_heard,
+                               on_note_played=on_note_played)
+        self._answers = AnswerPlayer(self._feed, self._settings, self._context, Placement(lead_s, catch_up_s),
                                      scheduler, self._listener.tracker, now=now, lookahead_s=lookahead_s,
-                                     on_answer=on_answer, on_note_heard=on_note_heard,
-                                     on_note_played=on_note_played)
-        self._controls = LiveControls(self._settings, self._context, self._answers, self._listener, self._thru,
-                                      scheduler, now=now, on_reload_request=on_reload_request)
+                                     on_answer=on_answer)
+        self._controls = LiveControls(self._settings, self._context, self._feed, self._answers, self._listener,
+                                      self._thru, scheduler, now=now, on_reload_request=on_reload_request)
         self._swaps = reload.PendingSwap()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.heartbeat = Heartbeat()  # the thread's loop went round (the service's watchdog reads it)
-
-    # ---- the hooks of the answers (settable, e.g. by a test, before the notes they should see) ----------------
-    @property
-    def on_answer(self) -> Callable[[dict], None] | None:
-        return self._answers.on_answer
-
-    @on_answer.setter
-    def on_answer(self, hook: Callable[[dict], None] | None) -> None:
-        self._answers.on_answer = hook
-
-    @property
-    def on_note_heard(self) -> Callable[[np.ndarray, float], None] | None:
-        return self._answers.on_note_heard
-
-    @on_note_heard.setter
-    def on_note_heard(self, hook: Callable[[np.ndarray, float], None] | None) -> None:
-        self._answers.on_note_heard = hook
-
-    @property
-    def on_note_played(self) -> Callable[[np.ndarray, float], None] | None:
-        return self._answers.on_note_played
-
-    @on_note_played.setter
-    def on_note_played(self, hook: Callable[[np.ndarray, float], None] | None) -> None:
-        self._answers.on_note_played = hook
 
     # ---- control (main thread) ---------------------------------------------------------------------------
     @property
@@ -180,7 +162,7 @@ class Engine:
     @property
     def adapter(self) -> SessionAdapter | None:
         """The session adapter in use (None when `improvise.adapt` is "off"); for status and tests."""
-        return self._answers.improviser.adapter
+        return self._feed.improviser.adapter
 
     def start(self) -> None:
         """Start the engine thread, after `begin`."""
@@ -396,7 +378,7 @@ class Engine:
         if pending is None:
             return
         swap = reload.prepare(*pending, running=self.config, settings=self._settings,
-                              scale_pcs=self._context.scale_pcs(), improviser=self._answers.improviser, rng=self._rng)
+                              scale_pcs=self._context.scale_pcs(), improviser=self._feed.improviser, rng=self._rng)
         if swap is None:
             return
         config, imp = swap.config, self._settings.over(swap.config.improvise)
@@ -406,5 +388,5 @@ class Engine:
         self._settings.configure(config)
         self._context.configure(config.timing, swap.model.card)
         self._context.keep_auto_key(config.improvise.key)
-        self._model, self._answers.improviser = swap.model, swap.improviser
+        self._model, self._feed.improviser = swap.model, swap.improviser
         log.info("now playing %s (mode %s)", swap.model.path, self.improvise.mode)
