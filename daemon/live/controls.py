@@ -10,10 +10,10 @@ and actions from its input queue.
 - OSC (`[osc]`, daemon/io/osc.py): `Engine.control(action)` (any thread) queues a `control.Action`, applied in the
   engine thread as a CC's; besides the CC functions it may set `key` and `answer_length`, and `forget` (with
   adaptation off it logs "forget: no session memory").
-- Session adaptation (`improvise.adapt = "cache"`, daemon/predict/adapt.py): the player's notes are fed with
-  `player=True`, so the Improviser's `SessionAdapter` learns from them (improvd's own notes only extend its
-  context); `Engine.forget()` clears it from any thread (at the engine's next wake-up). A reload keeps the memory
-  unless `adapt_memory` changed or adaptation was turned off.
+- Session adaptation (`improvise.adapt = "cache"`, daemon/predict/adapt.py; what it learns from:
+  daemon/live/feed.py): the forget control, and `Engine.forget()` from any thread (at the engine's next wake-up),
+  clear its memory. A reload keeps the memory unless `adapt_memory` changed or adaptation was turned off
+  (daemon/live/reload.py).
 - Thru (`midi.thru`): the player's note-ons and note-offs on the listened channels are sent at once through the
   scheduler, each as a tracked note (so panic, Stop and exit release it; a key held past `improvise.max_hold` is
   released then).

@@ -20,8 +20,9 @@ model's input in order (the engine tests replay it through a reference model). `
 notes an interruption takes back before they start (at most ~`lookahead_s` of music). What improvd actually sent
 (exact times, with cancels and re-triggers) is `Scheduler.on_sent`'s.
 
-Decoding (daemon/predict/improviser.py `Decoding`): the [improvise] values in effect, bound to the key's scale with
-`improvise.key` = "auto" (re-estimated at each answer; continuous: at each player note).
+Decoding (daemon/predict/improviser.py `Decoding`): the [improvise] values in effect; the key's scale (a fixed
+`improvise.key`, or with "auto" the estimate, re-made at each answer and, in continuous mode, at each player note:
+daemon/music/context.py) weighted by `improvise.key_strength`.
 """
 
 from __future__ import annotations

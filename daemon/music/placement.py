@@ -15,6 +15,8 @@ calls it with its clock's `now`).
   be sent late, off the grid.
 - The first note of an answer while a MIDI clock runs (`entry`): at its predicted onset (or now, if that has passed)
   moved to the next beat, or the next point of a quantize grid coarser than a beat (daemon/music/turns.py).
+- The model is fed the real gaps (daemon/live/feed.py): a note moved from its predicted onset is fed with its
+  real step.
 - A note delayed by the polyphony bound (`delay_to`, daemon/music/texture.py) goes to the time it may start, or the
   first grid point at or after it.
 """
