@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 DEFAULT_REFERENCE_IOI_S = 0.5
-CHORD_S = 0.03
+CHORD_S = 0.03  # an IOI or predicted step up to this is a chord (quantized, a longer step takes a grid step)
 MAX_IOI_S = 2.0
 # The player's pulse folded into this range by doubling or halving is taken as the beat (75..150 bpm).
 BEAT_RANGE_S = (0.4, 0.8)

@@ -140,8 +140,7 @@ def test_forget_is_a_button():
 
 def test_engine_learns_from_the_player_and_forgets_by_cc_and_by_call(factory):
     config_imp = improvise(adapt="cache", adapt_memory=200, max_notes=2)
-    rig = Rig(factory, config_imp)
-    rig.engine._control = ControlMap(ControlConfig(forget=85))
+    rig = Rig(factory, config_imp, control=ControlConfig(forget=85))
     try:
         assert rig.engine.adapter is not None
         rig.play(MOTIF, time.perf_counter() - 1.0)

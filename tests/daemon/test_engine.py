@@ -12,7 +12,7 @@ import mido
 import numpy as np
 import pytest
 
-from improvd.core.config import Config, ImproviseConfig, MidiConfig
+from improvd.core.config import Config, ControlConfig, ImproviseConfig, MidiConfig
 from improvd.daemon.live.engine import Engine
 from improvd.daemon.predict.model import StepModel
 from improvd.daemon.live.scheduler import Scheduler
@@ -46,23 +46,29 @@ def improvise(**kw) -> ImproviseConfig:
 
 
 class Rig:
-    def __init__(self, ref, imp: ImproviseConfig, output_channel=1, **engine_kwargs):
+    def __init__(self, ref, imp: ImproviseConfig, output_channel=1, control=None, **engine_kwargs):
         self.ref = ref
         self.model = StepModel(ref.path)
         self.port = FakePort()
         self.sent = []
         self.events = []  # ("heard" | "played", row, onset_s, model path) in feeding order
+        self.on_played = None  # a test's own hook, called after each "played" event is recorded
         self.summaries = []
         self.answered = threading.Condition()
         self.scheduler = Scheduler(self.port.send)
-        self.config = Config(improvise=imp, midi=MidiConfig(output_channel=output_channel))
+        self.config = Config(improvise=imp, midi=MidiConfig(output_channel=output_channel),
+                             control=control if control is not None else ControlConfig())
         self.engine = Engine(self.config, self.model, self.scheduler, on_answer=self._on_answer,
                              on_note_heard=lambda r, t: self.events.append(("heard", r, t, self.engine.model.path)),
-                             on_note_played=lambda r, t: self.events.append(("played", r, t,
-                                                                             self.engine.model.path)),
+                             on_note_played=self._on_played,
                              **engine_kwargs)
         self.scheduler.start()
         self.engine.start()
+
+    def _on_played(self, row, onset):
+        self.events.append(("played", row, onset, self.engine.model.path))
+        if self.on_played is not None:
+            self.on_played(row, onset)
 
     def _on_answer(self, summary):
         with self.answered:
@@ -276,12 +282,11 @@ def test_hot_swap_between_phrases(fast_model, tmp_path):
         swapped = {}
 
         def on_played(row, onset):
-            rig.events.append(("played", row, onset, rig.engine.model.path))
             if not swapped:  # requested mid-answer: must not apply until the answer is over
                 swapped["at"] = len(rig.events)
                 rig.engine.request_swap(rig.config.replace(improvise=improvise(max_notes=3)), StepModel(other.path))
 
-        rig.engine.on_note_played = on_played
+        rig.on_played = on_played
         rig.play([60, 62, 64], time.perf_counter() - 1.0)
         first = rig.wait_answers(1)
         rig.play([67, 65], time.perf_counter() + 0.01, spacing_s=0.03, hold_s=0.02)
