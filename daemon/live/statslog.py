@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import re
 
+from improvd.core.midifile import NOTE_TYPES
+
 STATS_PREFIX = "stats: "
 WINDOW_STATS_PREFIX = "window stats: "
 INPUT_TOTALS_PREFIX = "input: "
@@ -103,7 +105,7 @@ def format_input_totals(received: int, dropped: int, invalid: int, recovered: in
 
 def describe_message(msg) -> str:
     """A MIDI message for the verbose log: notes in fixed columns, anything else as mido writes it."""
-    if msg.type in ("note_on", "note_off"):
+    if msg.type in NOTE_TYPES:
         kind = "note-on " if msg.type == "note_on" and msg.velocity > 0 else "note-off"
         return f"{kind} ch {msg.channel + 1:2d} pitch {msg.note:3d} vel {msg.velocity:3d}"
     return str(msg)
