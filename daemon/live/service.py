@@ -66,8 +66,8 @@ from improvd.daemon.live.watchdog import THREAD_STALL_S, ThreadWatch
 log = logging.getLogger("improvd")
 
 TICK_S = 0.1  # the main loop's period when nothing wakes it (seconds)
-PORT_CHECK_S = 0.5
-STOP_TIMEOUT_S = 0.5
+PORT_CHECK_S = 0.5  # how often the port lists are read for ports that went away or came back (seconds)
+STOP_TIMEOUT_S = 0.5  # at stop, how long the engine's and the scheduler's threads each get to end (seconds)
 # At stop, how long the recording's last write may take (the notes are released before it): a disk that does not
 # answer by then keeps what the previous write put there, and improvd exits well within systemd's 5 s.
 RECORD_STOP_WAIT_S = 0.4
@@ -349,12 +349,6 @@ class Service:
         return True
 
     # ---- shutdown ----------------------------------------------------------------------------------------
-    def _jack_stalled_now(self) -> bool:
-        """Shutdown: whether the JACK server is stalled right now (`JackWatch.stalled_now`)."""
-        if self.jack is None or self._server_gone:
-            return False
-        return self.jack.stalled_now()
-
     def shutdown(self) -> None:
         """Stop the engine, release every sounding note, stop the scheduler, close the ports, write the recording.
 
@@ -366,7 +360,7 @@ class Service:
                 self.osc.stop()
             except Exception:
                 log.exception("the OSC endpoint did not stop cleanly")
-        if self._jack_stalled_now():
+        if self.jack is not None and not self._server_gone and self.jack.stalled_now():
             self._server_stalled = True
             if self.output is not None:
                 self.output.suspend()
