@@ -37,7 +37,6 @@ import argparse
 import collections
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -52,14 +51,11 @@ if str(REPO) not in sys.path:
 
 from tests.e2e.jack import (REPO as _REPO, Daemon, finish, JackServer, Player, Receiver, _LineReader,  # noqa: E402
                             PROCESS_ERROR_RUN, cpu_steal, graph_report, phrase, spawn, steal_percent, write_config, xrun_kind)
+from improvd.daemon.live.statslog import (WINDOW_STATS_PREFIX, is_answer, parse_input_totals,  # noqa: E402
+                                          parse_stats, parse_window_stats, rss_mb)
 
 PLAYER_CH, IMPROVD_CH = 1, 0
 PHRASE = [60, 62, 64, 65, 67, 65, 64, 62]
-WINDOW = re.compile(r"window stats: sent (\d+) events \(late (\d+), failed (\d+)\), lateness median ([\d.]+) ms, "
-                    r"p99 ([\d.]+) ms, max ([\d.]+) ms, input (\d+) received, (\d+) dropped"
-                    r"(?:, rss ([\d.]+) MB \(peak ([\d.]+) MB\))?")
-INPUT = re.compile(r"input: (\d+) messages received, (\d+) dropped in overloads, (\d+) invalid")
-SENT = re.compile(r"^.*stats: sent \d+ events .*note-ons (\d+), note-offs (\d+)")
 
 FLOOD_SCRIPT = r"""
 import heapq, json, random, sys, time
@@ -215,37 +211,27 @@ class Flooder:
         finish(self.proc)
 
 
-def rss_mb(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of a process in MB."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-
-
 def window_stats(daemon: Daemon, start: int, timeout: float = 5.0) -> dict:
     """Send SIGUSR1 and parse the `window stats:` line it makes (the first one at index >= start)."""
     daemon.send_signal(signal.SIGUSR1)
-    line = daemon.reader.wait_line("window stats: ", timeout, start=start)
-    m = WINDOW.search(line)
-    keys = ("sent", "late", "failed", "median_ms", "p99_ms", "max_ms", "received", "dropped", "rss_mb",
-            "rss_peak_mb")
-    return {k: (float(v) if v is not None and "." in v else int(v) if v is not None else None)
-            for k, v in zip(keys, m.groups())}
+    return parse_window_stats(daemon.reader.wait_line(WINDOW_STATS_PREFIX, timeout, start=start))
 
 
 def input_counts(lines: list[str]) -> dict | None:
+    """What improvd says it received, dropped and found invalid (its `input:` line at exit), or None before."""
     for line in lines:
-        m = INPUT.search(line)
-        if m:
-            return {"received": int(m.group(1)), "dropped": int(m.group(2)), "invalid": int(m.group(3))}
+        counts = parse_input_totals(line)
+        if counts is not None:
+            return {k: counts[k] for k in ("received", "dropped", "invalid")}
     return None
 
 
 def sent_counts(lines: list[str]) -> dict | None:
     """The note-ons and note-offs improvd says it sent (its final `stats:` line), or None before it exits."""
     for line in lines:
-        m = SENT.search(line)
-        if m:
-            return {"note_ons": int(m.group(1)), "note_offs": int(m.group(2))}
+        stats = parse_stats(line)
+        if stats is not None and stats["note_ons"] is not None:
+            return {"note_ons": stats["note_ons"], "note_offs": stats["note_offs"]}
     return None
 
 
@@ -338,10 +324,10 @@ class _RssSampler:
     def _run(self) -> None:
         t0 = time.monotonic()
         while not self._stop.wait(self.interval_s):
-            try:
-                self.samples.append((time.monotonic() - t0, rss_mb(self.pid)[0]))
-            except OSError:
+            rss = rss_mb(self.pid)
+            if rss is None:  # the process is gone
                 return
+            self.samples.append((time.monotonic() - t0, rss[0]))
 
     def stop(self) -> list[tuple[float, float]]:
         self._stop.set()
@@ -411,7 +397,7 @@ def respond_flood(server, tmp: Path, model: Path, seconds: float, rate: int, han
         answer_wait_s = time.monotonic() - t0 if answered else None
         rig.receiver.wait_quiet(0.8, 15.0)
         end = rig.finish()
-        answers = [ln.split(": ", 2)[-1] for ln in rig.daemon.lines if "answer: " in ln]
+        answers = [ln.split(": ", 2)[-1] for ln in rig.daemon.lines if is_answer(ln)]
     finally:
         rig.close()
     return {"flood": rig.flooder.result(), "notes_answering_the_flood": flood_answer, "answered_after_flood": answered,

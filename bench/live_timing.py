@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -39,13 +38,12 @@ sys.path.insert(0, str(REPO))
 
 from tests.e2e.jack import (Daemon, JackServer, Player, Receiver, greedy_answer, phrase,  # noqa: E402
                             spawn, terminate, write_config)
+from improvd.daemon.live.statslog import parse_event, parse_stats  # noqa: E402
 
 PLAYER_CH, IMPROVD_CH = 1, 0
 PHRASES = [[60, 62, 64, 65, 67, 65, 64, 62], [67, 69, 71, 72, 71, 69, 67, 65], [55, 59, 62, 65, 64, 62, 60, 59],
            [72, 71, 69, 67, 65, 64, 62, 60]]
 SILENCE_S = 0.4
-STATS = re.compile(r"stats: sent (\d+) events .*lateness median ([\d.]+) ms, p99 ([\d.]+) ms, max ([\d.]+) ms")
-SENT = re.compile(r"sent\s+t=([\d.]+) s (note-on |note-off) ch\s+(\d+) pitch\s+(\d+)")
 BARE_CLIENT = r"""
 import sys, time, rtmidi
 mi = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, sys.argv[1]); mi.open_virtual_port("improvd in")
@@ -94,11 +92,12 @@ def pair(events, channel):
 
 
 def daemon_stats(lines: list[str]) -> dict | None:
+    """The lateness improvd says it had (its `stats:` line at exit), or None before it exits."""
     for line in lines:
-        m = STATS.search(line)
-        if m:
-            return {"sent": int(m.group(1)), "median": float(m.group(2)), "p99": float(m.group(3)),
-                    "max": float(m.group(4))}
+        stats = parse_stats(line)
+        if stats is not None:
+            return {"sent": stats["sent"], "median": stats["median_ms"], "p99": stats["p99_ms"],
+                    "max": stats["max_ms"]}
     return None
 
 
@@ -106,10 +105,10 @@ def sent_notes(lines: list[str]) -> list[list[float]]:
     """[(onset_s, pitch, off_s)] of what improvd sent, from its --verbose log (its own clock)."""
     held, out = {}, []
     for line in lines:
-        m = SENT.search(line)
-        if not m:
+        event = parse_event(line)
+        if event is None or event[0] != "sent":
             continue
-        t, kind, pitch = float(m.group(1)), m.group(2).strip(), int(m.group(4))
+        _, t, kind, _, pitch, _ = event
         if kind == "note-on":
             held.setdefault(pitch, []).append(len(out))
             out.append([t, pitch, None])

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -34,10 +33,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.flood import rss_mb  # noqa: E402
 from improvd.core import midifile  # noqa: E402
 from improvd.core import notes as nt  # noqa: E402
 from improvd.daemon.io.recorder import SessionRecorder  # noqa: E402
+from improvd.daemon.live.statslog import rss_mb  # noqa: E402
 from tests.daemon.fakes import Clock  # noqa: E402
 
 STEP_S, DURATION_S = 0.020, 0.010
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="improvd-record-bench-") as tmp:
         results = [measure(n, args.repeat, Path(tmp)) for n in sizes]
-    rss, hwm = rss_mb(os.getpid())
+    rss, hwm = rss_mb()
     print(json.dumps({
         "bench": "record_flush", "python": platform.python_version(), "machine": platform.machine(),
         "step_s": STEP_S, "duration_s": DURATION_S, "repeat": args.repeat, "sizes": results,

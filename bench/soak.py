@@ -40,8 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.flood import (IMPROVD_CH, input_counts, jack_mark, jack_trouble, note_balance, rss_mb,  # noqa: E402
+from bench.flood import (IMPROVD_CH, input_counts, jack_mark, jack_trouble, note_balance,  # noqa: E402
                          sent_counts, window_stats)
+from improvd.daemon.live.statslog import rss_mb  # noqa: E402
 from tests.e2e.jack import PERIOD_FRAMES, PROCESS_ERROR_RUN, Daemon, JackServer, Player, Receiver, write_config  # noqa: E402
 
 WARM_UP_S = 60.0

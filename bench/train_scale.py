@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from improvd.core import notes as nt  # noqa: E402
 from improvd.core.midifile import Track, write_notes  # noqa: E402
+from improvd.daemon.live.statslog import rss_mb  # noqa: E402
 
 
 def synthetic_notes(seed: int, n: int) -> np.ndarray:
@@ -79,16 +80,6 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
-def proc_status() -> dict:
-    """VmRSS and VmHWM (peak RSS) of this process, in MiB."""
-    out = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line.split(":")[0]] = int(line.split()[1]) / 1024
-    return out
-
-
 def child(args) -> dict:
     """One size, in its own process: parse cold, re-index, split, train `args.steps` steps."""
     from improvd.train import data as td
@@ -104,7 +95,7 @@ def child(args) -> dict:
     notes = col.note_set().num_notes
     result.update(files=len(paths), usable=len(col.files), skipped=len(col.skipped), notes=notes,
                   parse_cold_s=cold_s, parse_files_per_s=len(paths) / cold_s, parse_notes_per_s=notes / cold_s)
-    result["rss_mib"]["after_parse"] = proc_status()["VmRSS"]
+    result["rss_mib"]["after_parse"] = rss_mb()[0]
     del col
     started = time.perf_counter()
     col = td.load_collection(paths, args.cache, workers=args.workers, progress=False)
@@ -112,11 +103,11 @@ def child(args) -> dict:
     result.update(reindex_s=warm_s, reindex_files_per_s=len(paths) / warm_s, reindex_reparsed=col.parsed,
                   reindex_rehashed=col.hashed, cache_bytes=dir_bytes(Path(args.cache)),
                   cache_bytes_per_note=dir_bytes(Path(args.cache)) / max(1, notes))
-    result["rss_mib"]["after_reindex"] = proc_status()["VmRSS"]
+    result["rss_mib"]["after_reindex"] = rss_mb()[0]
     started = time.perf_counter()
     split = td.split_files(col.files, 0.15, 1234, True, col.note_set())
     result.update(split_s=time.perf_counter() - started, melody_groups=split.groups)
-    result["rss_mib"]["after_split"] = proc_status()["VmRSS"]
+    result["rss_mib"]["after_split"] = rss_mb()[0]
 
     import keras
 
@@ -141,9 +132,7 @@ def child(args) -> dict:
     result.update(train_steps=len(timed) - 1, train_batch=preset.batch_size, train_seq_length=preset.seq_length,
                   train_steps_per_s=(len(timed) - 1) / (timed[-1] - timed[0]) if len(timed) > 1 else None,
                   train_wall_s=time.perf_counter() - started)
-    status = proc_status()
-    result["rss_mib"]["after_train"] = status["VmRSS"]
-    result["peak_rss_mib"] = status["VmHWM"]
+    result["rss_mib"]["after_train"], result["peak_rss_mib"] = rss_mb()
     result["peak_rss_mib_getrusage"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 

@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from improvd.daemon.live.statslog import is_answer  # noqa: E402
 from tests.e2e.jack import Daemon, JackServer, Player, Receiver, write_config  # noqa: E402
 from tests.e2e.turns_measure import calls, measure, summarize  # noqa: E402
 
@@ -43,7 +44,7 @@ SETTINGS = {
 
 
 def answers(daemon: Daemon) -> int:
-    return sum(1 for ln in daemon.lines if "answer:" in ln)
+    return sum(1 for ln in daemon.lines if is_answer(ln))
 
 
 def run_setting(server: JackServer, tmp: Path, model: Path, name: str, improvise: dict, articulations) -> dict:

@@ -24,6 +24,9 @@ DRUM_CHANNEL = 9
 FILE_TICKS_PER_BEAT = 960  # the resolution of the MIDI files improvd writes (ticks per quarter note)
 TEMPO_US = 500_000  # 120 bpm
 MIN_DURATION_S = 0.001
+# The mido message types that carry notes (a note-on with velocity 0 is a note-off): the recorder, the input sink
+# and the log lines take these and leave every other message alone.
+NOTE_TYPES = frozenset({"note_on", "note_off"})
 
 
 def read_notes(path: str | os.PathLike, track: str | None = None) -> np.ndarray:
@@ -124,7 +127,7 @@ def notes_from_midi(midi: mido.MidiFile) -> np.ndarray:
                     drum_notes += 1
                 else:
                     sounding[(msg.channel, msg.note)].append((now_s, msg.velocity))
-            elif msg.type in ("note_off", "note_on"):
+            elif msg.type in NOTE_TYPES:
                 held = sounding.get((msg.channel, msg.note))
                 if held:
                     start_s, vel = held.popleft()

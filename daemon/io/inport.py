@@ -62,8 +62,8 @@ class InputPort(Port):
         spec: port name, unique part of one, or `virtual:NAME`.
         sink: receives `(arrival time on the clock now, message)` through `put_nowait`, on the poller thread. It
             must not block or raise: what to drop when the consumer falls behind is the sink's call (the
-            service's `_InputSink` drops new input in a flood and counts it, never the release of a key it let
-            through), since the poller cannot tell which messages may go.
+            service's `InputSink`, daemon/live/inputsink.py, drops new input in a flood and counts it, never the
+            release of a key it let through), since the poller cannot tell which messages may go.
         client_name: the MIDI client name other programs see.
         now: the clock (tests inject one).
         clock: also take MIDI clock and transport messages (0xF8 ticks, Start, Continue, Stop, Song Position);

@@ -33,7 +33,7 @@ once a file covers that long and has been written, the recorder goes on in a new
 (notes still sounding continue in it from time 0).
 
 Threads: `add_player` (the MIDI input's poller thread) and `add_improvd` (the scheduler's `on_sent` hook) only
-append to a deque; everything else runs on the recorder's thread (the service's `_RecordWriter`), or on the main
+append to a deque; everything else runs on the recorder's thread (`daemon/io/recordwriter.py`), or on the main
 thread once that has ended. Apart from the file write, the class is pure (the clock and the writer are
 injectable).
 """
@@ -62,7 +62,6 @@ log = logging.getLogger("improvd.record")
 
 PLAYER, IMPROVD = "player", "improvd"
 FLUSH_INTERVAL_S = 10.0
-_NOTE_TYPES = ("note_on", "note_off")
 _NOTE_OFF, _NOTE_ON = 0, 1  # event kinds; sorting by kind puts note-offs first at a tick
 _SECONDS_PER_TICK = midifile.TEMPO_US / 1e6 / midifile.FILE_TICKS_PER_BEAT
 _END_OF_TRACK = b"\x00\xff\x2f\x00"
@@ -351,7 +350,7 @@ class SessionRecorder:
     # ---- called from other threads: append only --------------------------------------------------------
     def add_player(self, t_s: float, msg: mido.Message) -> None:
         """A message the player sent (the MIDI input's poller thread); only notes are kept."""
-        if msg.type in _NOTE_TYPES:
+        if msg.type in midifile.NOTE_TYPES:
             self._incoming[PLAYER].append((t_s, msg))
 
     def add_improvd(self, t_s: float, msg: mido.Message) -> None:
@@ -365,7 +364,7 @@ class SessionRecorder:
             track = self._tracks[who]
             while incoming:
                 t_s, msg = incoming.popleft()
-                if msg.type not in _NOTE_TYPES:
+                if msg.type not in midifile.NOTE_TYPES:
                     continue
                 if who == PLAYER and self._player_channels and msg.channel not in self._player_channels:
                     continue
@@ -393,7 +392,7 @@ class SessionRecorder:
                 tick += msg.time
                 if msg.type == "note_on" and msg.velocity > 0:
                     sounding[msg.note] = (tick, msg.velocity)
-                elif msg.type in _NOTE_TYPES and msg.note in sounding:  # at most one note of a pitch sounds
+                elif msg.type in midifile.NOTE_TYPES and msg.note in sounding:  # at most one note of a pitch sounds
                     on, velocity = sounding.pop(msg.note)
                     rows.append((msg.note, on * _SECONDS_PER_TICK, (tick - on) * _SECONDS_PER_TICK, velocity))
             if rows:

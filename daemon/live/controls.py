@@ -13,7 +13,7 @@ and actions from its input queue.
 - Session adaptation (`improvise.adapt = "cache"`, daemon/predict/adapt.py; what it learns from:
   daemon/live/feed.py): the forget control, and `Engine.forget()` from any thread (at the engine's next wake-up),
   clear its memory. A reload keeps the memory unless `adapt_memory` changed or adaptation was turned off
-  (daemon/live/reload.py).
+  (daemon/live/swap.py).
 - Thru (`midi.thru`): the player's note-ons and note-offs on the listened channels are sent at once through the
   scheduler, each as a tracked note (so panic, Stop and exit release it; a key held past `improvise.max_hold` is
   released then).

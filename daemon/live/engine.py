@@ -7,7 +7,7 @@ answer in progress. It owns the mode and the state machine, and these parts (eac
 - daemon/music/context.py: MIDI clock and transport, the player's pulse and time scale, the grid, the key;
 - daemon/music/placement.py: where each answered note goes in time (quantize);
 - daemon/live/controls.py: live controls (CC and OSC actions: mute, panic, reload, forget, values) and thru;
-- daemon/live/settings.py: the config and [improvise] values in effect; daemon/live/reload.py: hot reload.
+- daemon/live/settings.py: the config and [improvise] values in effect; daemon/live/swap.py: the hot swap of a reload.
 
 docs/architecture.md has the threads and what each owns.
 
@@ -26,7 +26,7 @@ the scheduler, and `on_state(state)` is called. Program change (`midi.program`) 
 the engine starts.
 
 Hot reload: `request_swap(config, model)` (main thread) is applied by the engine thread between phrases (when no
-answer is playing; in continuous mode at the next chunk boundary), all or nothing (daemon/live/reload.py).
+answer is playing; in continuous mode at the next chunk boundary), all or nothing (daemon/live/swap.py).
 
 Faults: malformed queue items are skipped; an exception while handling input or time is logged, the current answer
 is cancelled (its notes released) and the engine goes on listening. `stop` during an answer cancels it, and it is
@@ -47,7 +47,7 @@ import numpy as np
 
 from improvd.core.config import Config, ImproviseConfig
 from improvd.daemon.control.cc import Action
-from improvd.daemon.live import reload
+from improvd.daemon.live import swap
 from improvd.daemon.live.answer import AnswerPlayer
 from improvd.daemon.live.controls import LiveControls, Thru
 from improvd.daemon.live.feed import ModelFeed, call_hook
@@ -106,11 +106,11 @@ class Engine:
         self._context = MusicContext(config.timing, model.card)
         self._listener = Listener(config.improvise, config.midi)
         self._thru = Thru(scheduler, now)
-        self._rng = reload.make_rng(config.improvise.seed)
+        self._rng = swap.make_rng(config.improvise.seed)
         self._state: str | None = None
         self._forget_requested = threading.Event()
         improviser = Improviser(model, self._settings.decoding(None), rng=self._rng,
-                                adapter=reload.adapter_for(config, None))
+                                adapter=swap.adapter_for(config, None))
         self._feed = ModelFeed(improviser, self._settings, self._context, on_note_heard=on_note_heard,
                                on_note_played=on_note_played)
         self._answers = AnswerPlayer(self._feed, self._settings, self._context, Placement(lead_s, catch_up_s),
@@ -118,7 +118,7 @@ class Engine:
                                      on_answer=on_answer)
         self._controls = LiveControls(self._settings, self._context, self._feed, self._answers, self._listener,
                                       self._thru, scheduler, now=now, on_reload_request=on_reload_request)
-        self._swaps = reload.PendingSwap()
+        self._swaps = swap.PendingSwap()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.heartbeat = Heartbeat()  # the thread's loop went round (the service's watchdog reads it)
@@ -371,22 +371,22 @@ class Engine:
         elif kind == "start":
             self._answers.transport_started()
 
-    # ---- hot reload (daemon/live/reload.py) ----------------------------------------------------------------
+    # ---- hot swap (daemon/live/swap.py) --------------------------------------------------------------------
     def _apply_swap(self) -> None:
-        """Take the pending config and model, all or nothing (daemon/live/reload.py)."""
+        """Take the pending config and model, all or nothing (daemon/live/swap.py)."""
         pending = self._swaps.take()
         if pending is None:
             return
-        swap = reload.prepare(*pending, running=self.config, settings=self._settings,
-                              scale_pcs=self._context.scale_pcs(), improviser=self._feed.improviser, rng=self._rng)
-        if swap is None:
+        prepared = swap.prepare(*pending, running=self.config, settings=self._settings,
+                                scale_pcs=self._context.scale_pcs(), improviser=self._feed.improviser, rng=self._rng)
+        if prepared is None:
             return
-        config, imp = swap.config, self._settings.over(swap.config.improvise)
-        self._rng = swap.rng
+        config, imp = prepared.config, self._settings.over(prepared.config.improvise)
+        self._rng = prepared.rng
         self._listener.configure([c - 1 for c in config.midi.input_channels], imp.window, imp.max_hold,
                                  config.improvise.max_hold)
         self._settings.configure(config)
-        self._context.configure(config.timing, swap.model.card)
+        self._context.configure(config.timing, prepared.model.card)
         self._context.keep_auto_key(config.improvise.key)
-        self._model, self._feed.improviser = swap.model, swap.improviser
-        log.info("now playing %s (mode %s)", swap.model.path, self.improvise.mode)
+        self._model, self._feed.improviser = prepared.model, prepared.improviser
+        log.info("now playing %s (mode %s)", prepared.model.path, self.improvise.mode)

@@ -1,98 +1,65 @@
-"""Hot reload, the engine's side: the pending request (`Engine.request_swap`, main thread) and the new Improviser
-built for it (engine thread, between phrases: when no answer is playing; in continuous mode at the next chunk
-boundary).
+"""Loading a model for play, and a reload: the config file read again and its model built beside the running ones.
 
-The new Improviser is primed with the last notes the old one was fed. A swap is all or nothing: when priming the new
-model fails, the running config and model stay (logged). [midi] (ports, channels, thru, program) and [record] are
-read at start only: a swap keeps the running ones, so the channels improvd plays and hears, and the thru notes
-sounding, are what they were (the service tells the user so). The session memory of `improvise.adapt` is kept
-unless `adapt_memory` changed or adaptation was turned off; the random generator is kept unless the seed changed.
+`load_model` loads, checks and warms up a step model (start-up and every reload). `reload_config` reads the config
+file again (with the same `--set` overrides) and loads its model; the service hands both to the engine, which
+swaps them in between phrases (`Engine.request_swap`). A reload that fails keeps the running config and model and
+logs why.
+[midi], [record] and [osc] are read at start only: the running ones are kept (ports and the recording are not
+reopened), and a change to them is logged as taking effect at the next start.
+
+Threads: `load_model` runs on the main thread at start-up; `reload_config` on the reload thread ("improvd-reload",
+started by the service's main loop on SIGHUP or the `control.reload` CC), so that a slow model load never delays a
+stop.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from typing import NamedTuple
+from typing import Callable
 
-import numpy as np
+from improvd.core.config import Config, load_config
+from improvd.core.errors import ImprovdError, ModelError
 
-from improvd.core.config import Config
-from improvd.daemon.live.settings import LiveSettings
-from improvd.daemon.music.context import is_auto_key
-from improvd.daemon.predict.adapt import SessionAdapter
-from improvd.daemon.predict.improviser import Decoding, Improviser
-from improvd.daemon.predict.model import StepModel
-
-log = logging.getLogger("improvd.engine")
+log = logging.getLogger("improvd")
 
 
-def make_rng(seed: int) -> np.random.Generator:
-    """The sampling generator for `improvise.seed` (negative: unseeded)."""
-    return np.random.default_rng(None if seed < 0 else seed)
+def load_model(config: Config):
+    """Load, check and warm up the model: a model whose outputs are not finite is refused; the first inference of
+    a session and the first decode pay for allocations and lazy imports (tens of ms), which must not fall on the
+    first note of the first answer. Raises ModelError (an ImprovdError) naming what is wrong."""
+    import numpy as np
+
+    from improvd.daemon.predict.improviser import Decoding, Improviser
+    from improvd.daemon.predict.model import StepModel  # onnxruntime is imported with it
+
+    model = StepModel(config.model.path, threads=config.model.threads)
+    bad = model.nonfinite_outputs()
+    if bad:
+        raise ModelError(f"model {str(model.path)!r} gives non-finite outputs (NaN or infinity) in "
+                         f"{', '.join(bad)} for one note from the zero state: it cannot be played (was it exported "
+                         f"from a diverged training run?)")
+    improviser = Improviser(model, Decoding.from_config(config.improvise), rng=np.random.default_rng(0))
+    for _ in range(2):
+        improviser.feed(np.array([60.0, 0.25, 0.25, 90.0]))
+        improviser.predict()
+    return model
 
 
-def adapter_for(config: Config, current: SessionAdapter | None) -> SessionAdapter | None:
-    """The session adapter `config` asks for: the current one (its memory kept across a reload) if the bound is
-    unchanged, a new one if it changed, None when adaptation is off."""
-    imp = config.improvise
-    if imp.adapt == "off":
-        return None
-    if current is not None and current.memory == imp.adapt_memory:
-        return current
-    return SessionAdapter(imp.adapt_memory)
-
-
-class Swap(NamedTuple):
-    """A reload ready to apply: the config (with the running [midi] and [record]), the model, its Improviser and
-    random generator."""
-
-    config: Config
-    model: StepModel
-    improviser: Improviser
-    rng: np.random.Generator
-
-
-class PendingSwap:
-    """The latest reload request: any thread requests, the engine thread takes it (a later request replaces an
-    earlier one)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pending: tuple[Config, StepModel] | None = None
-
-    def request(self, config: Config, model: StepModel) -> None:
-        with self._lock:
-            self._pending = (config, model)
-
-    @property
-    def pending(self) -> bool:
-        with self._lock:
-            return self._pending is not None
-
-    def take(self) -> tuple[Config, StepModel] | None:
-        with self._lock:
-            pending, self._pending = self._pending, None
-        return pending
-
-
-def prepare(config: Config, model: StepModel, *, running: Config, settings: LiveSettings,
-            scale_pcs: tuple[int, ...] | None, improviser: Improviser, rng: np.random.Generator) -> Swap | None:
-    """Build what a reload to `config` and `model` plays with, from the running config, the live settings, the
-    estimated key's pitch classes, the running Improviser and generator; None (logged) when the new model fails
-    while being primed."""
-    config = config.replace(midi=running.midi, record=running.record)
-    if config.improvise.seed != running.improvise.seed:
-        rng = make_rng(config.improvise.seed)
-    imp = settings.over(config.improvise)
-    history = improviser.history
+def reload_config(config: Config, overrides: list[str], *,
+                  load: Callable[[Config], object] = load_model) -> tuple[Config, object] | None:
+    """Reload thread: read `config.source` again with `overrides` and load its model with `load`. Returns the
+    config to run (the running [midi], [record] and [osc] kept) and its model, for `Engine.request_swap`; None
+    when the reload failed (logged)."""
+    log.info("reloading %s", config.source or "(built-in defaults)")
     try:
-        new = Improviser(model, Decoding.from_config(imp, scale_pcs=scale_pcs if is_auto_key(imp.key) else None),
-                         rng=rng, adapter=adapter_for(config, improviser.adapter))
-        if len(history):
-            new.prime(history[-model.context:])
-    except Exception as err:
-        log.error("reload failed: the new model %s could not be primed (%s: %s); improvd keeps the running "
-                  "config and model", model.path, type(err).__name__, err)
+        new_config = load_config(config.source, overrides)
+        new_model = load(new_config)
+    except ImprovdError as err:
+        log.error("reload failed, improvd keeps the running config and model: %s", err)
         return None
-    return Swap(config, model, new, rng)
+    except Exception as err:  # a reload must never take the running daemon down
+        log.error("reload failed, improvd keeps the running config and model: %s: %s", type(err).__name__, err)
+        return None
+    if new_config.midi != config.midi or new_config.record != config.record or new_config.osc != config.osc:
+        log.warning("changes to [midi], [record] and [osc] take effect when improvd restarts")
+    return new_config.replace(midi=config.midi, record=config.record, osc=config.osc), new_model

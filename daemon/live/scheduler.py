@@ -1,13 +1,14 @@
 """The scheduler: every MIDI message improvd plays goes through it, sent at its absolute deadline.
 
-The scheduler thread writes what is played, and a `cancel`'s note-offs too (queued due now). `release_all` writes
-its note-offs from the thread that calls it (the main thread when the output is lost, at stop, and from the
-watchdog), under the same lock, so the set of sounding notes has one owner at a time (docs/architecture.md).
+The scheduler thread writes what is played, and a `cancel`'s note-offs too (queued due now; written by the caller
+when the thread is not running). `release_all` writes its note-offs from the thread that calls it (the main thread
+when the output is lost, at stop, and from the watchdog), under the same lock, so the set of sounding notes has one
+owner at a time (docs/architecture.md).
 
 Events wait in a heap of (due_s, sequence, event); a `threading.Condition` wakes the scheduler thread when an earlier
-event is scheduled, on a cancel and on stop. The thread waits on the condition until about `spin_s` (0.3 ms) before
-the next deadline, then spins (yielding with `sleep(0)`) for the last stretch, so events leave within tens of
-microseconds of their deadlines without burning a core while idle. Deadlines are absolute times on the injected
+event is scheduled, on a cancel and on stop. The thread waits on the condition until about `spin_s` (`SPIN_S`,
+0.3 ms) before the next deadline, then spins (yielding with `sleep(0)`) for the last stretch, so events leave within
+tens of microseconds of their deadlines without burning a core while idle. Deadlines are absolute times on the injected
 clock (`now`, `time.perf_counter` by default), so errors never add up.
 
 Every note-on gets its note-off, on every path. The scheduler knows which (channel, pitch) sound and which note
@@ -17,13 +18,13 @@ sounding notes at once (a whole-heap rebuild); `end_note` ends one note in O(log
 marked dead and skipped; the heap is compacted once they are half of it); `stop` releases everything in a
 `finally`.
 
-Lateness (send time - due time) of every sent event is kept in a bounded ring buffer for `stats()`; events later
-than `late_s` (2 ms) are logged at debug level. `stats()` copies the buffer under the lock and computes its
-percentiles outside it, so asking for statistics (e.g. right after a `cancel`) never delays a note-off; `last_ms`
-is the cheap path for the latest event's lateness. `stats(since=n)` covers only the events sent after the n-th (a
-window: the service logs one on SIGUSR1, benchmarks read lateness over time with it). `on_sent(sent_time_s, message)`
-is called after each successful send (in the thread that sent it, with the scheduler's lock held: keep it quick,
-e.g. append to a recorder's queue).
+Lateness (send time - due time) of every sent event is kept in a bounded ring buffer (`LATENESS_HISTORY` events) for
+`stats()`; events later than `late_s` (`LATE_S`, 2 ms) are logged at debug level. `stats()` copies the buffer under the
+lock and computes its percentiles outside it, so asking for statistics (e.g. right after a `cancel`) never delays a
+note-off; `last_ms` is the cheap path for the latest event's lateness. `stats(since=n)` covers only the events sent
+after the n-th (a window: the service logs one on SIGUSR1, benchmarks read lateness over time with it).
+`on_sent(sent_time_s, message)` is called after each successful send (in the thread that sent it, with the scheduler's
+lock held: keep it quick, e.g. append to a recorder's queue).
 
 Real-time priority: with `realtime_priority` set, the scheduler thread asks the OS for SCHED_FIFO at that priority
 (as JACK's own threads do; allowed for root, for users with an `rtprio` limit, e.g. the `audio` group, or through
@@ -32,8 +33,11 @@ keep the CPUs busy; a real-time one runs at once. When the OS refuses, the sched
 priority. It spins at most `spin_s` per deadline and sleeps otherwise, so it cannot starve the machine.
 
 Threads: `schedule_note`, `cancel`, `release_all`, `stats` may be called from any thread (the engine's, the main
-one); the scheduler thread sends; `stop` is called by the main thread. `run_pending` is the thread's body for one
-deadline and lets tests drive the scheduler with a fake clock and no thread.
+one); `stop` is called by the main thread. Who writes to the output (`send`, always under the scheduler's lock):
+the scheduler thread, for everything due; the caller of `release_all` (and of `stop`, which ends with it), and of
+`cancel` while the thread is not running; the scheduler thread itself when its loop fails (it releases everything
+before it ends). `run_pending` is the thread's body for one deadline and lets tests drive the scheduler with a fake
+clock and no thread.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ log = logging.getLogger("improvd.scheduler")
 
 _ON, _OFF, _MSG = "on", "off", "msg"
 _COMPACT_MIN = 64  # events ended early (`end_note`) the heap may hold before it is compacted
+SPIN_S = 0.0003  # how long before a deadline the thread stops waiting and spins (seconds)
+LATE_S = 0.002  # an event sent later than this after its deadline counts as late (seconds)
+LATENESS_HISTORY = 10000  # lateness values kept for `stats()`
 
 
 @dataclass
@@ -86,13 +93,14 @@ class Scheduler:
     """Sends MIDI messages at absolute deadlines from its own thread.
 
     Args:
-        send: writes one message to the output port (e.g. `port.send`); called only by the scheduler.
+        send: writes one message to the output port (e.g. `port.send`); called with the scheduler's lock held,
+            from the threads the module docstring names.
         now: the clock, seconds (monotonic); every deadline is on it.
         sleep: sleep(seconds) used while spinning (`time.sleep`; `sleep(0)` yields).
         wait: wait(condition, timeout_s or None) with the condition's lock held; `Condition.wait` by default.
         spin_s: how long before a deadline the thread stops waiting and spins.
         late_s: events later than this are counted as late and logged at debug level.
-        on_sent: called as on_sent(sent_time_s, message) after each message is sent.
+        on_sent: called as on_sent(sent_time_s, message) after each message is sent, in the thread that sent it.
         history: how many lateness values `stats()` keeps.
         realtime_priority: SCHED_FIFO priority (1..99) for the scheduler thread, or None for normal priority.
     """
@@ -100,8 +108,8 @@ class Scheduler:
     def __init__(self, send: Callable[[mido.Message], None], *, now: Callable[[], float] = time.perf_counter,
                  sleep: Callable[[float], None] = time.sleep,
                  wait: Callable[[threading.Condition, float | None], None] = _default_wait,
-                 spin_s: float = 0.0003, late_s: float = 0.002,
-                 on_sent: Callable[[float, mido.Message], None] | None = None, history: int = 10000,
+                 spin_s: float = SPIN_S, late_s: float = LATE_S,
+                 on_sent: Callable[[float, mido.Message], None] | None = None, history: int = LATENESS_HISTORY,
                  realtime_priority: int | None = None):
         self._send = send
         self._now = now

@@ -1,29 +1,31 @@
-"""`improvd run`: the daemon. Wires the model, the ports, the scheduler and the engine; owns signals and reload.
+"""`improvd run`: the daemon's lifecycle. Wires the model, the ports, the scheduler and the engine; owns the main
+thread, signals and the exit status.
 
 Start-up fails fast (config, model, ports) with an error that names the problem. Then the main thread only
-watches: it waits on an event with a short timeout, and on each tick
+watches: it waits on an event with a short timeout (`TICK_S`), and on each tick
 
 - stops on SIGINT or SIGTERM: the engine stops, every sounding note is released, the ports close, the recording is
   written, exit status 0, all within a second;
-- reloads on SIGHUP (or when the `control.reload` CC is pressed): the config file is read again (with the same
-  `--set` overrides) and the model built beside the running one, then handed to the engine, which swaps them
-  between phrases; a reload that fails keeps the old ones and logs why. MIDI ports and `record.dir` are not
-  reopened by a reload;
-- polls the port lists every 0.5 s: a port improvd is connected to that goes away is logged once and reconnected
-  when a port of that name returns; if the JACK server itself goes away, improvd says so and exits with status 3
-  so that a service manager restarts it;
-- starts a reload on a thread of its own, so that a slow model load never delays a stop;
-- leaves the session recording (`record.dir`) to the recorder's thread, which writes it at least every
-  `record.flush_seconds` (10 s): a slow or hung disk never delays a stop (at stop, the last write gets
-  `RECORD_STOP_WAIT_S`, after every note is released);
-- watches the JACK server's progress (its frame time, `JACK_STALL_S`): while it stalls, the output writes nothing
-  (rtmidi would block holding the GIL once its ring is full), and a stop during a stall makes no request to it;
-- watches its worker threads (`daemon/live/watchdog.py`): one that died or made no progress for `THREAD_STALL_S` is
-  logged, the sounding notes are released and improvd exits with status 4 (`EXIT_THREAD_FAILED`);
-- logs an input overload (the engine more than `INPUT_QUEUE_LIMIT` messages behind: new input is dropped, but
-  never the release of a key that was let through) once when it starts and once when it ends;
+- reloads on SIGHUP (or when the `control.reload` CC is pressed), on a thread of its own so that a slow model load
+  never delays a stop (`daemon/live/reload.py`): the config file is read again (with the same `--set` overrides)
+  and the model built beside the running one, then handed to the engine, which swaps them between phrases; a
+  reload that fails keeps the old ones and logs why. MIDI ports and `record.dir` are not reopened by a reload;
+- polls the port lists every `PORT_CHECK_S` (0.5 s): a port improvd is connected to that goes away is logged once
+  and reconnected when a port of that name returns; if the JACK server itself goes away, improvd says so and exits
+  with status 3 (`EXIT_SERVER_GONE`) so that a service manager restarts it;
+- leaves the session recording (`record.dir`) to the recorder's thread (`daemon/io/recordwriter.py`), which writes
+  it at least every `record.flush_seconds` (10 s): a slow or hung disk never delays a stop (at stop, the last write
+  gets `RECORD_STOP_WAIT_S`, after every note is released);
+- watches the JACK server's progress and improvd's own JACK clients (`daemon/live/stallwatch.py`): while the server
+  stalls, the output writes nothing (rtmidi would block holding the GIL once its ring is full), and a stop during a
+  stall makes no request to it;
+- watches its worker threads (`daemon/live/watchdog.py`): one that died or made no progress for `THREAD_STALL_S`, or
+  one of improvd's JACK clients that stopped running its cycle, is logged, the sounding notes are released and
+  improvd exits with status 4 (`EXIT_THREAD_FAILED`);
+- logs an input overload (`daemon/live/inputsink.py`: the engine more than `INPUT_QUEUE_LIMIT` messages behind, new
+  input is dropped, but never the release of a key that was let through) once when it starts and once when it ends;
 - on SIGUSR1, logs the lateness of the events sent since the previous SIGUSR1 (`window stats:`) and the memory
-  in use (benchmarks read lateness and memory over time with it);
+  in use (benchmarks read lateness and memory over time with it; the log lines are `daemon/live/statslog.py`'s);
 - with `--verbose`, logs every event heard and sent (from queues filled by the MIDI threads, so logging never
   delays a note).
 
@@ -31,10 +33,12 @@ Real-time measures: the scheduler thread asks for real-time priority (`SCHEDULER
 threads), the GIL switch interval is short, and the objects that exist after start-up are moved out of the garbage
 collector's reach (`gc.freeze`), so that a full collection cannot stall the scheduler for milliseconds.
 
-Threads (docs/architecture.md): the MIDI input's poller stamps and enqueues, the engine thread decides what to play,
-the scheduler thread writes what is played to the output port (the releases of a lost output, a stop or the
-watchdog are written by this main thread, under the port's and the scheduler's locks), the recorder's thread
-writes the recording, a reload loads on a thread of its own, and this main thread does everything else.
+Threads (docs/architecture.md): the MIDI input's poller stamps and enqueues (`InputSink`), the engine thread decides
+what to play, the scheduler thread writes what is played to the output port at its deadline. Releases are written
+by the thread that asks for them, under the scheduler's lock (and the port's): this main thread when the output is
+lost (`OutputPort.on_lost` is `Scheduler.release_all`), at stop and from the watchdog; a `Scheduler.cancel` queues
+its note-offs for the scheduler thread while that runs. The recorder's thread writes the recording, a reload loads
+on a thread of its own, and this main thread does everything else.
 """
 
 from __future__ import annotations
@@ -48,29 +52,27 @@ import sys
 import threading
 import time
 
-import mido
-
-from improvd.daemon.io import inport, jackwatch, libjack, outport, portnames
-from improvd.core.config import Config, load_config
-from improvd.core.errors import ImprovdError, ModelError
+from improvd.core.config import Config
+from improvd.core.errors import ImprovdError
+from improvd.daemon.io import inport, libjack, outport, portnames
 from improvd.daemon.io.recorder import SessionRecorder, check_directory
+from improvd.daemon.io.recordwriter import RecordWriter
+from improvd.daemon.live import statslog
+from improvd.daemon.live.inputsink import InputSink, OverloadWatch
+from improvd.daemon.live.stallwatch import JackWatch
+from improvd.daemon.live.reload import load_model, reload_config
 from improvd.daemon.live.watchdog import THREAD_STALL_S, ThreadWatch
 
 log = logging.getLogger("improvd")
 
-TICK_S = 0.1
-PORT_CHECK_S = 0.5
-STOP_TIMEOUT_S = 0.5
+TICK_S = 0.1  # the main loop's period when nothing wakes it (seconds)
+PORT_CHECK_S = 0.5  # how often the port lists are read for ports that went away or came back (seconds)
+STOP_TIMEOUT_S = 0.5  # at stop, how long the engine's and the scheduler's threads each get to end (seconds)
 # At stop, how long the recording's last write may take (the notes are released before it): a disk that does not
 # answer by then keeps what the previous write put there, and improvd exits well within systemd's 5 s.
 RECORD_STOP_WAIT_S = 0.4
 EXIT_SERVER_GONE = 3
 EXIT_THREAD_FAILED = 4  # a worker thread died or stopped making progress (the watchdog)
-# The JACK server ran no cycle for this long (seconds): it stalled; improvd stops writing to its output.
-JACK_STALL_S = 0.5
-# At shutdown, the server counts as stalled if its frame time did not move over this long (seconds): then no
-# request is made to it (closing a client waits for the server's answer, for ever if it is stopped).
-SHUTDOWN_STALL_PROBE_S = 0.05
 # How long a Python thread may hold the GIL while another waits for it (CPython's default is 5 ms). The engine, the
 # scheduler and the MIDI input poller share one interpreter; a short interval lets the scheduler send a release or a
 # due note within a fraction of a millisecond of being woken, instead of up to several milliseconds later.
@@ -80,201 +82,6 @@ GIL_SWITCH_INTERVAL_S = 0.0002
 # On JACK it is taken only where the server itself runs its clients real-time, and below their priority: beside a
 # server without real-time scheduling, a real-time improvd thread would preempt every JACK client's cycle.
 SCHEDULER_RT_PRIORITY = 5
-# Input messages the engine may be behind before new input is dropped (an input flood): about 0.1-0.5 s of work.
-INPUT_QUEUE_LIMIT = 2000
-OVERLOAD_OVER_S = 1.0  # an overload is over after this long without a dropped message
-_NOTE_TYPES = ("note_on", "note_off")
-
-
-# MIDI clock and transport (mido message types): they go to the engine; 0xF8 ticks (24 per beat) are not logged.
-CLOCK_TYPES = frozenset({"clock", "start", "continue", "stop", "songpos"})
-
-
-class _InputSink:
-    """What the input's poller hands each `(t_s, message)` to (MIDI input thread: cheap, never blocks).
-
-    - The engine's queue, bounded: while the engine is `limit` or more items behind (an input flood), new
-      messages are dropped and counted in `dropped`, except the release of a key that was let through (so the
-      engine never sees a key pressed that it will not see released, and memory stays bounded).
-    - The recorder (note messages only) and the verbose log (clock ticks excepted), when they are on.
-
-    It remembers the keys it let through that are held, so that when the input port goes away the main thread can
-    release them (`release_held`). With `clock_only` (the `midi.clock` port), only clock and transport messages
-    are taken.
-    """
-
-    def __init__(self, engine_queue, recorder: SessionRecorder | None, events: collections.deque | None,
-                 *, clock_only: bool = False, limit: int = INPUT_QUEUE_LIMIT) -> None:
-        self._queue = engine_queue
-        self._recorder = None if clock_only else recorder
-        self._events = events
-        self._clock_only = clock_only
-        self._limit = int(limit)
-        self.held: set[tuple[int, int]] = set()  # (channel, pitch) let through and not yet released
-        self.received = 0
-        self.dropped = 0
-
-    def put_nowait(self, item) -> None:
-        """MIDI input thread: one `(t_s, message)`."""
-        self.received += 1
-        msg = item[1]
-        kind = msg.type
-        if self._clock_only and kind not in CLOCK_TYPES:
-            return
-        if kind in _NOTE_TYPES:
-            key = (msg.channel, msg.note)
-            if kind == "note_on" and msg.velocity > 0:
-                if self._queue.qsize() >= self._limit:
-                    self.dropped += 1
-                    return
-                self.held.add(key)
-            elif key in self.held:
-                self.held.discard(key)
-            elif self._queue.qsize() >= self._limit:
-                self.dropped += 1
-                return
-            self._queue.put_nowait(item)
-            if self._recorder is not None:
-                self._recorder.add_player(*item)
-        elif self._queue.qsize() >= self._limit:
-            self.dropped += 1
-            return
-        else:
-            self._queue.put_nowait(item)
-            if kind == "clock":
-                return
-        if self._events is not None:
-            self._events.append(("heard", *item))
-
-    def release_held(self, t_s: float) -> int:
-        """Main thread, once the input port is closed: a note-off, stamped `t_s`, for every key held; returns
-        how many."""
-        keys = sorted(self.held)
-        self.held.clear()
-        for channel, pitch in keys:
-            item = (t_s, mido.Message("note_off", channel=channel, note=pitch, velocity=0))
-            self._queue.put_nowait(item)
-            if self._recorder is not None:
-                self._recorder.add_player(*item)
-        return len(keys)
-
-
-class _RecordWriter:
-    """The recording's own thread ("improvd-recorder"): encodes what was heard and sent every `TICK_S`, writes the
-    file every `interval_s` and once more at stop. The writes (each with its fsyncs) never run on the main thread,
-    so a slow or hung disk cannot hold the thread that handles signals and port checks. Every `SessionRecorder`
-    method but `add_player` / `add_improvd` runs here while the thread lives.
-    """
-
-    def __init__(self, recorder: SessionRecorder, interval_s: float) -> None:
-        self.recorder = recorder
-        self.interval_s = float(interval_s)
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="improvd-recorder", daemon=True)
-        self.written: bool | None = None  # the last write's result, once the thread has ended
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stopping.wait(TICK_S):
-            try:
-                self.recorder.drain()
-                if self.recorder.due(self.interval_s):
-                    self.recorder.flush()
-            except Exception:  # a bug here must not end the recording for the rest of the session
-                log.exception("the recording thread failed; it goes on")
-        try:
-            self.written = self.recorder.flush()
-        except Exception:
-            log.exception("the last write of the recording failed")
-            self.written = False
-
-    def stop(self, timeout: float) -> bool:
-        """Ask for the last write and wait up to `timeout` s; True when the thread ended (then `written` says
-        whether the file was written), False when the disk holds it still."""
-        self._stopping.set()
-        if self._thread.ident is None:
-            self._thread.start()
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-
-def _describe_message(msg) -> str:
-    if msg.type in ("note_on", "note_off"):
-        kind = "note-on " if msg.type == "note_on" and msg.velocity > 0 else "note-off"
-        return f"{kind} ch {msg.channel + 1:2d} pitch {msg.note:3d} vel {msg.velocity:3d}"
-    return str(msg)
-
-
-def _format_answer(summary: dict) -> str:
-    """One log line per answer, from the engine's summary dict."""
-    parts = [f"heard {summary.get('notes_heard', '?')} notes", f"played {summary.get('notes_played', '?')}"]
-    if summary.get("inference_ms") is not None:
-        parts.append(f"inference {summary['inference_ms']:.2f} ms")
-    if summary.get("lateness_ms") is not None:
-        parts.append(f"lateness {summary['lateness_ms']:.3f} ms")
-    if summary.get("time_scale") is not None:
-        parts.append(f"time scale {summary['time_scale']:.3f}")
-    if summary.get("bpm") is not None:
-        parts.append(f"grid {summary['bpm']:.1f} bpm")
-    if summary.get("key") is not None:
-        parts.append(f"key {summary['key']}")
-    if summary.get("length") is not None:
-        parts.append(f"length {summary['length']}")
-    if summary.get("delayed") or summary.get("rechosen"):
-        parts.append(f"texture bounds: {summary.get('delayed', 0)} onsets delayed, "
-                     f"{summary.get('rechosen', 0)} pitches re-chosen")
-    if summary.get("interrupted"):
-        parts.append("interrupted")
-    return "answer: " + ", ".join(parts)
-
-
-def _format_stats(stats: dict, prefix: str = "stats") -> str:
-    """The scheduler's `stats()` as one log line (bench/live_timing.py, bench/flood.py and bench/soak.py parse
-    it); a window's line (`window stats:`) counts the events of the window; the final one adds the note-ons and
-    note-offs sent, so a receiver's counts can be checked against what improvd sent."""
-    window = prefix != "stats"
-    sent = stats.get("window_sent", 0) if window else stats.get("sent", 0)
-    late = stats.get("window_late", 0) if window else stats.get("late", 0)
-    line = (f"{prefix}: sent {sent} events (late {late}, failed "
-            f"{stats.get('failed', 0)}), lateness median {stats.get('median_ms', 0.0):.3f} ms, "
-            f"p99 {stats.get('p99_ms', 0.0):.3f} ms, max {stats.get('max_ms', 0.0):.3f} ms")
-    if not window and "note_ons" in stats:
-        line += f", note-ons {stats['note_ons']}, note-offs {stats['note_offs']}"
-    return line
-
-
-def _rss_mb() -> tuple[float, float] | None:
-    """(resident memory now, its peak) of this process in MB, from /proc (Linux); None elsewhere."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            fields = dict(line.split(":", 1) for line in fh if ":" in line)
-        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def _load_model(config: Config):
-    """Load, check and warm up the model: a model whose outputs are not finite is refused; the first inference of
-    a session and the first decode pay for allocations and lazy imports (tens of ms), which must not fall on the
-    first note of the first answer."""
-    import numpy as np
-
-    from improvd.daemon.predict.improviser import Decoding, Improviser
-    from improvd.daemon.predict.model import StepModel  # onnxruntime is imported with it
-
-    model = StepModel(config.model.path, threads=config.model.threads)
-    bad = model.nonfinite_outputs()
-    if bad:
-        raise ModelError(f"model {str(model.path)!r} gives non-finite outputs (NaN or infinity) in "
-                         f"{', '.join(bad)} for one note from the zero state: it cannot be played (was it exported "
-                         f"from a diverged training run?)")
-    improviser = Improviser(model, Decoding.from_config(config.improvise), rng=np.random.default_rng(0))
-    for _ in range(2):
-        improviser.feed(np.array([60.0, 0.25, 0.25, 90.0]))
-        improviser.predict()
-    return model
 
 
 def _warm_up_numpy() -> None:
@@ -286,27 +93,41 @@ def _warm_up_numpy() -> None:
     np.percentile(values, 99)
 
 
+def jack_scheduler_priority(monitor: "libjack.JackMonitor") -> int | None:
+    """The scheduler's SCHED_FIFO priority beside this JACK server: below its clients' real-time threads, or none
+    (normal priority) where the server does not run them real-time."""
+    if not monitor.realtime or monitor.client_priority is None or monitor.client_priority <= 1:
+        log.info("the JACK server runs without real-time scheduling: improvd's scheduler stays at normal "
+                 "priority (a real-time thread would preempt the cycles of every JACK client)")
+        return None
+    return min(SCHEDULER_RT_PRIORITY, monitor.client_priority - 1)
+
+
 class Service:
-    """The running daemon: built by `start()`, watched by `run()`, taken apart by `shutdown()`.
+    """The running daemon: built by `start()`, watched by `run()`, taken apart by `shutdown()` (main thread).
 
     Args:
         config: the checked config.
         overrides: the `--set` overrides, re-applied on reload.
         verbose: log every event.
         now: the clock shared by every part (`time.perf_counter`).
+        load_model: loads, checks and warms up a model (`daemon/live/reload.py`), at start and on every reload.
     """
 
     def __init__(self, config: Config, *, overrides: list[str] | None = None, verbose: bool = False,
-                 now=time.perf_counter) -> None:
+                 now=time.perf_counter, load_model=load_model) -> None:
         self.config = config
         self.overrides = list(overrides or [])
         self.verbose = verbose
         self.now = now
+        self.load_model = load_model
         self.wake = threading.Event()
         self.stop_requested = False
         self.reload_requested = False
+        self.stats_requested = False
         self.exit_status = 0
         self.monitor: libjack.JackMonitor | None = None
+        self.jack: JackWatch | None = None  # the stall watch, on JACK
         self.input: inport.InputPort | None = None
         self.clock_input: inport.InputPort | None = None  # midi.clock, when set
         self.output: outport.OutputPort | None = None
@@ -315,21 +136,15 @@ class Service:
         self.osc = None  # daemon/io/osc.py, when osc.enabled
         self.recorder: SessionRecorder | None = None
         self.events: collections.deque | None = collections.deque(maxlen=10000) if verbose else None
-        self.answers = 0
         self.start_s = now()
-        self.sink: _InputSink | None = None
-        self.stats_requested = False
+        self.sink: InputSink | None = None
+        self.overload: OverloadWatch | None = None
         self._stats_mark = 0  # scheduler events sent at the previous window
-        self._dropped_seen = 0
-        self._overloaded = False
-        self._last_drop_s = 0.0
         self._flush_s = config.record.flush_seconds  # [record] is read at start only
         self._server_gone = False
-        self._writer: _RecordWriter | None = None
+        self._writer: RecordWriter | None = None
         self._reloading: threading.Thread | None = None
         self._server_stalled = False  # at shutdown: make no request to the JACK server
-        self._client_watches: list = []  # (port, jackwatch.ClientWatch) of improvd's own JACK clients
-        self.progress = jackwatch.ProgressWatch(JACK_STALL_S)
         self.watchdog = ThreadWatch(THREAD_STALL_S)
 
     # ---- start-up ---------------------------------------------------------------------------------------
@@ -341,10 +156,9 @@ class Service:
         config = self.config
         if config.record.dir:  # a cheap check first: an unusable record.dir fails before the model is loaded
             record_dir = check_directory(config.record.dir)
-        model = _load_model(config)
+        model = self.load_model(config)
         _warm_up_numpy()
         api = portnames.choose_api(config.midi.api)
-        self.api = api
         if config.record.dir:
             self.recorder = SessionRecorder(
                 record_dir, start_s=self.start_s, now=self.now,
@@ -359,34 +173,34 @@ class Service:
                                  or self.osc is not None) else None
         self.scheduler = Scheduler(self.output.send, now=self.now, on_sent=hook,
                                    realtime_priority=SCHEDULER_RT_PRIORITY)
-        # A lost output: release what sounds while improvd's port still reaches its other connections.
+        # A lost output: release what sounds while improvd's port still reaches its other connections (the port
+        # calls this on the main thread, from its check; the note-offs are written there, under its lock).
         self.output.on_lost = self.scheduler.release_all
         self.engine = Engine(config, model, self.scheduler, now=self.now, on_answer=self._on_answer,
-                             on_reload_request=self._on_reload_request,
+                             on_reload_request=self.request_reload,
                              on_state=self.osc.state if self.osc is not None else None)
-        self.sink = _InputSink(self.engine.input_queue, self.recorder, self.events)
+        self.sink = InputSink(self.engine.input_queue, self.recorder, self.events)
+        self.overload = OverloadWatch(self.sink, self.now)
         follow_clock = config.timing.follow_clock
         self.input = inport.InputPort(api, config.midi.input, self.sink, client_name=config.midi.client_name,
-                                      now=self.now, clock=follow_clock and not config.midi.clock)
+                                     now=self.now, clock=follow_clock and not config.midi.clock)
         # with a separate clock port, the main input ignores clock: a source wired to both must not count twice
         if config.midi.clock and follow_clock:
-            clock_sink = _InputSink(self.engine.input_queue, None, self.events, clock_only=True)
+            clock_sink = InputSink(self.engine.input_queue, None, self.events, clock_only=True)
             self.clock_input = inport.InputPort(api, config.midi.clock, clock_sink,
-                                                client_name=config.midi.client_name, now=self.now, clock=True,
-                                                port_name="improvd clock")
+                                               client_name=config.midi.client_name, now=self.now, clock=True,
+                                               port_name="improvd clock")
         for port in (self.input, self.clock_input):
-            if port is not None:
-                port.server_stalled = lambda: self.progress.stalled  # its EOX guard sends nothing then
+            if port is not None:  # its EOX guard sends nothing while the server stalls
+                port.server_stalled = lambda: self.jack is not None and self.jack.stalled
         if api == "jack":
             # After the MIDI clients: the monitor is never activated, so it cannot inherit a dead client's synchro
             # (libjack.stale_jack_synchros); it reads the server's progress for the output and the stall watch.
             self.monitor = libjack.JackMonitor(f"{config.midi.client_name}-monitor")
+            self.jack = JackWatch(self.monitor, self.output, (self.output, self.input, self.clock_input),
+                                  now=self.now)
             self.output.frame_source = self.monitor.frame
-            self.scheduler.realtime_priority = self._jack_scheduler_priority(self.monitor)
-        if self.monitor is not None:
-            self._client_watches = [(port, jackwatch.ClientWatch(THREAD_STALL_S))
-                                    for port in (self.output, self.input, self.clock_input)
-                                    if port is not None and port.jack_threads]
+            self.scheduler.realtime_priority = jack_scheduler_priority(self.monitor)
         self.watchdog.watch("engine", lambda: self.engine.thread, self.engine.heartbeat)
         self.watchdog.watch("scheduler", lambda: self.scheduler.thread, self.scheduler.heartbeat)
         for port in (self.input, self.clock_input):
@@ -404,19 +218,10 @@ class Service:
                  f", clock from {self.clock_input.describe()}" if self.clock_input else "",
                  f", recording to {self.recorder.path}" if self.recorder else "")
 
-    @staticmethod
-    def _jack_scheduler_priority(monitor: "libjack.JackMonitor") -> int | None:
-        """The scheduler's SCHED_FIFO priority beside this JACK server: below its clients' real-time threads, or
-        none (normal priority) where the server does not run them real-time."""
-        if not monitor.realtime or monitor.client_priority is None or monitor.client_priority <= 1:
-            log.info("the JACK server runs without real-time scheduling: improvd's scheduler stays at normal "
-                     "priority (a real-time thread would preempt the cycles of every JACK client)")
-            return None
-        return min(SCHEDULER_RT_PRIORITY, monitor.client_priority - 1)
-
     # ---- hooks called from other threads (append or log only) ---------------------------------------------
     def _on_sent(self, t_s: float, msg) -> None:
-        """Scheduler thread, after each message is written."""
+        """Scheduler thread (or whichever thread releases notes, see the module docstring), after each message is
+        written."""
         if self.recorder is not None:
             self.recorder.add_improvd(t_s, msg)
         if self.osc is not None:
@@ -424,43 +229,40 @@ class Service:
         if self.events is not None:
             self.events.append(("sent", t_s, msg))
 
-    def _on_reload_request(self) -> None:
-        """Engine thread, when the reload CC is pressed: the main thread reloads, as on SIGHUP."""
-        self.reload_requested = True
-        self.wake.set()
-
     def _on_answer(self, summary: dict) -> None:
         """Engine thread, once per answer."""
-        self.answers += 1
-        log.info(_format_answer(summary))
+        log.info("%s", statslog.format_answer(summary))
 
-    # ---- signals (main thread, between bytecodes) --------------------------------------------------------
-    def install_signals(self) -> None:
-        signal.signal(signal.SIGINT, self._on_stop_signal)
-        signal.signal(signal.SIGTERM, self._on_stop_signal)
-        if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, self._on_hup)
-        if hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, self._on_usr1)
-
-    def _on_stop_signal(self, signum, _frame) -> None:
+    # ---- requests: from signal handlers (main thread, between bytecodes) and the engine's reload CC ---------------
+    def request_stop(self) -> None:
+        """SIGINT or SIGTERM: stop at the next tick."""
         self.stop_requested = True
         self.wake.set()
 
-    def _on_hup(self, _signum, _frame) -> None:
+    def request_reload(self) -> None:
+        """SIGHUP, or the engine thread when the `control.reload` CC is pressed: reload on a thread of its own."""
         self.reload_requested = True
         self.wake.set()
 
-    def _on_usr1(self, _signum, _frame) -> None:
+    def request_stats(self) -> None:
+        """SIGUSR1: log the window's stats line."""
         self.stats_requested = True
         self.wake.set()
+
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGINT, lambda _signum, _frame: self.request_stop())
+        signal.signal(signal.SIGTERM, lambda _signum, _frame: self.request_stop())
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, lambda _signum, _frame: self.request_reload())
+        if hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, lambda _signum, _frame: self.request_stats())
 
     # ---- the main loop -------------------------------------------------------------------------------------
     def run(self) -> int:
         """Watch until a stop signal or the loss of the JACK server; returns the exit status."""
         next_check = self.now() + PORT_CHECK_S
         if self.recorder is not None and self._writer is None:
-            self._writer = _RecordWriter(self.recorder, self._flush_s)
+            self._writer = RecordWriter(self.recorder, self._flush_s)
             self._writer.start()
         while True:
             self.wake.wait(TICK_S)
@@ -474,69 +276,31 @@ class Service:
                 self.reload_requested = False
                 self._reloading = threading.Thread(target=self.reload, name="improvd-reload", daemon=True)
                 self._reloading.start()
-            if self.monitor is not None and self.monitor.gone.is_set():
+            if self.jack is not None and self.jack.gone:
                 self._server_gone = True
                 log.error("the JACK server went away; improvd exits (status %d) so that it can be restarted "
                           "once the server is back", EXIT_SERVER_GONE)
                 return EXIT_SERVER_GONE
-            self._watch_server()
-            problems = self.watchdog.check() + self._stuck_clients()
+            stuck = self.jack.check() if self.jack is not None else []
+            problems = self.watchdog.check() + stuck
             if problems:
                 log.error("%s; improvd releases what sounds and exits (status %d) so that it can be restarted",
                           "; ".join(problems), EXIT_THREAD_FAILED)
                 self.exit_status = EXIT_THREAD_FAILED
                 return EXIT_THREAD_FAILED
             self._log_events()
-            self._watch_input()
+            if self.overload is not None:
+                self.overload.check()
             if self.stats_requested:
                 self.stats_requested = False
                 self._log_window_stats()
             if self.now() >= next_check:
                 next_check = self.now() + PORT_CHECK_S
-                self._check_ports()
+                self.check_ports()
 
-    def _watch_server(self) -> None:
-        """JACK: notice the server stalling (no cycle for JACK_STALL_S) and moving again; the output writes
-        nothing meanwhile (`OutputPort.suspend`)."""
-        if self.monitor is None:
-            return
-        change = self.progress.update(self.now(), self.monitor.frame())
-        if change == "stalled":
-            self.output.suspend()
-            log.error("the JACK server stalled: no cycle for %.1f s; improvd writes nothing to its output until "
-                      "the server moves again", self.progress.stalled_for_s(self.now()))
-        elif change == "moving":
-            owed = self.output.resume()
-            log.warning("the JACK server moves again; output resumed (%d note-off(s) owed sent first, %d messages "
-                        "refused meanwhile)", owed, self.output.refused)
-
-    def _stuck_clients(self) -> list[str]:
-        """JACK: improvd's own clients that stopped running their cycle while the server runs (`ClientWatch`)."""
-        if self.monitor is None or self.progress.stalled:
-            return []
-        frame, now = self.monitor.frame(), self.now()
-        stuck = []
-        for port, watch in self._client_watches:
-            if watch.update(now, frame, self.monitor.rate, jackwatch.thread_switches(port.jack_threads)):
-                if port is self.output:
-                    self.output.suspend()
-                stuck.append(f"improvd's JACK client for its {port.describe()} has not run its cycle for "
-                             f"{watch.stall_after_s:.0f} s while the server ran (it "
-                             f"{'plays' if port is self.output else 'hears'} nothing)")
-        return stuck
-
-    def _jack_stalled_now(self) -> bool:
-        """Shutdown: whether the JACK server is stalled right now (known, or its frame time does not move over
-        SHUTDOWN_STALL_PROBE_S)."""
-        if self.monitor is None or self._server_gone:
-            return False
-        if self.progress.stalled:
-            return True
-        first = self.monitor.frame()
-        time.sleep(SHUTDOWN_STALL_PROBE_S)
-        return first is not None and self.monitor.frame() == first
-
-    def _check_ports(self) -> None:
+    def check_ports(self) -> None:
+        """Main thread, every PORT_CHECK_S: notice ports that went away or came back (a lost output releases what
+        sounds through its `on_lost`; the keys held on a lost input are released here)."""
         for port in (self.input, self.clock_input, self.output):
             if port is None:
                 continue
@@ -553,61 +317,33 @@ class Service:
                 if released:
                     log.info("released %d key(s) held on the lost input", released)
 
-    def _watch_input(self) -> None:
-        """Log an input overload once when it starts and once when it is over (no drop for OVERLOAD_OVER_S)."""
-        if self.sink is None:
-            return
-        dropped = self.sink.dropped
-        if dropped > self._dropped_seen:
-            self._last_drop_s = self.now()
-            if not self._overloaded:
-                self._overloaded = True
-                log.warning("input overload: more than %d messages wait for the engine; new input is dropped "
-                            "(releases of held keys are kept) until it catches up", INPUT_QUEUE_LIMIT)
-        elif self._overloaded and self.now() - self._last_drop_s >= OVERLOAD_OVER_S:
-            self._overloaded = False
-            log.warning("input overload over: %d messages dropped so far", dropped)
-        self._dropped_seen = dropped
-
     def _log_window_stats(self) -> None:
         """SIGUSR1: lateness of the events sent since the previous SIGUSR1, input counts and memory."""
         stats = self.scheduler.stats(since=self._stats_mark) if self.scheduler is not None else {}
         self._stats_mark = stats.get("sent", 0)
-        rss = _rss_mb()
-        memory = f", rss {rss[0]:.1f} MB (peak {rss[1]:.1f} MB)" if rss else ""
         received = self.sink.received if self.sink is not None else 0
         dropped = self.sink.dropped if self.sink is not None else 0
-        log.info("%s, input %d received, %d dropped%s", _format_stats(stats, "window stats"), received, dropped,
-                 memory)
+        log.info("%s", statslog.format_window_stats(stats, received, dropped, statslog.rss_mb()))
 
     def _log_events(self) -> None:
         if self.events is None:
             return
         while self.events:
             what, t_s, msg = self.events.popleft()
-            log.debug("%-5s t=%.6f s %s", what, t_s - self.start_s, _describe_message(msg))
+            log.debug("%s", statslog.format_event(what, t_s - self.start_s, msg))
 
     def reload(self) -> bool:
         """SIGHUP: the config file again (with the same overrides) and its model, swapped in between phrases.
 
-        `run` calls it on a thread of its own ("improvd-reload"), so the main thread stays free to stop. [midi] and
-        [record] are read at start only: the running ones are kept (and the engine keeps its [midi] too)."""
-        log.info("reloading %s", self.config.source or "(built-in defaults)")
-        try:
-            new_config = load_config(self.config.source, self.overrides)
-            new_model = _load_model(new_config)
-        except ImprovdError as err:
-            log.error("reload failed, improvd keeps the running config and model: %s", err)
+        `run` calls it on a thread of its own ("improvd-reload"), so the main thread stays free to stop
+        (`daemon/live/reload.py`). [midi], [record] and [osc] are read at start only: the running ones are kept
+        (and the engine keeps its [midi] too)."""
+        loaded = reload_config(self.config, self.overrides, load=self.load_model)
+        if loaded is None:
             return False
-        except Exception as err:  # a reload must never take the running daemon down
-            log.error("reload failed, improvd keeps the running config and model: %s: %s", type(err).__name__, err)
-            return False
-        if new_config.midi != self.config.midi or new_config.record != self.config.record \
-                or new_config.osc != self.config.osc:
-            log.warning("changes to [midi], [record] and [osc] take effect when improvd restarts")
-        new_config = new_config.replace(midi=self.config.midi, record=self.config.record, osc=self.config.osc)
-        self.engine.request_swap(new_config, new_model)
+        new_config, new_model = loaded
         self.config = new_config
+        self.engine.request_swap(new_config, new_model)
         log.info("reloaded: model %s, mode %s, temperature %s (in effect from the next phrase)",
                  new_config.model.path, new_config.improvise.mode, new_config.improvise.temperature)
         return True
@@ -624,7 +360,7 @@ class Service:
                 self.osc.stop()
             except Exception:
                 log.exception("the OSC endpoint did not stop cleanly")
-        if self._jack_stalled_now():
+        if self.jack is not None and not self._server_gone and self.jack.stalled_now():
             self._server_stalled = True
             if self.output is not None:
                 self.output.suspend()
@@ -647,7 +383,7 @@ class Service:
             except Exception:
                 log.exception("the scheduler did not stop cleanly")
             try:
-                log.info(_format_stats(self.scheduler.stats()))
+                log.info("%s", statslog.format_stats(self.scheduler.stats()))
             except Exception:
                 log.exception("no scheduler stats")
         # Close the JACK clients properly: a client that just exits is dropped by the server only once it misses
@@ -660,14 +396,14 @@ class Service:
             if port is not None:
                 port.close(server_gone=leave_ports)
         if self.sink is not None:
-            log.info("input: %d messages received, %d dropped in overloads, %d invalid, %d recovered from "
-                     "unterminated SysEx", self.sink.received, self.sink.dropped, getattr(self.input, "invalid", 0),
-                     getattr(self.input, "recovered", 0))
+            log.info("%s", statslog.format_input_totals(self.sink.received, self.sink.dropped,
+                                                        getattr(self.input, "invalid", 0),
+                                                        getattr(self.input, "recovered", 0)))
         if self.monitor is not None and not leave_ports:
             self.monitor.close()
         self._log_events()
         if self.recorder is not None:
-            writer = self._writer or _RecordWriter(self.recorder, self._flush_s)
+            writer = self._writer or RecordWriter(self.recorder, self._flush_s)
             if not writer.stop(RECORD_STOP_WAIT_S):
                 log.error("the recording's last write did not finish within %.1f s (the disk does not answer): the "
                           "last interval is not written; %s holds what the previous write put there",

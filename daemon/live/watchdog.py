@@ -8,7 +8,10 @@ in a call that does not return, or spinning). A process that was stopped as a wh
 stops its main thread too: a check that comes `stall_after_s` or more after the previous one is skipped, so that
 the workers get one tick to beat again before they are judged.
 
-Threads: `Heartbeat.beat` is called by the worker it belongs to; `ThreadWatch.check` by the main thread.
+improvd's own JACK clients run no Python and have no heartbeat: `daemon/live/stallwatch.py` watches them.
+
+Threads: `Heartbeat.beat` is called by the worker it belongs to; `ThreadWatch.watch` (at start-up) and
+`ThreadWatch.check` by the main thread.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class ThreadWatch:
         self._last_check_s: float | None = None
 
     def watch(self, name: str, thread: Callable[[], threading.Thread | None], heartbeat: Heartbeat) -> None:
+        """Main thread, at start-up: watch a worker, named `name` in the log (`thread()` is None until it starts)."""
         self._workers.append(Watched(name, thread, heartbeat))
 
     def check(self) -> list[str]:

@@ -200,10 +200,10 @@ class FakeMonitor:
 
 
 def test_the_scheduler_is_real_time_beside_jack_only_below_a_real_time_server(caplog):
-    assert service.Service._jack_scheduler_priority(FakeMonitor(True, 9)) == service.SCHEDULER_RT_PRIORITY
-    assert service.Service._jack_scheduler_priority(FakeMonitor(True, 4)) == 3
+    assert service.jack_scheduler_priority(FakeMonitor(True, 9)) == service.SCHEDULER_RT_PRIORITY
+    assert service.jack_scheduler_priority(FakeMonitor(True, 4)) == 3
     with caplog.at_level("INFO", logger="improvd"):
-        assert service.Service._jack_scheduler_priority(FakeMonitor(False, None)) is None
+        assert service.jack_scheduler_priority(FakeMonitor(False, None)) is None
     assert "without real-time scheduling" in caplog.text
 
 
@@ -268,3 +268,72 @@ def test_improvd_uses_the_libjack_that_rtmidi_loaded():
     assert libjack.load_libjack() is not None
     assert libjack.mapped_libjacks() == before  # nothing new loaded
     assert len(before) == 1
+
+
+class _FrameMonitor:
+    """A JackMonitor's face for the stall watch: the frame time is set by the test; reads are counted."""
+
+    rate = 48000
+
+    def __init__(self):
+        self.frame_now, self.reads = 0, 0
+        self.gone = threading.Event()
+
+    def frame(self):
+        self.reads += 1
+        return self.frame_now
+
+
+class _WatchedOutput:
+    def __init__(self, jack_threads=()):
+        self.jack_threads = list(jack_threads)
+        self.suspended, self.refused, self.owed_sent = 0, 0, 3
+
+    def suspend(self):
+        self.suspended += 1
+
+    def resume(self):
+        return self.owed_sent
+
+    def describe(self):
+        return "output 'synth'"
+
+
+def test_the_jack_watch_reads_the_frame_time_once_a_tick_and_suspends_the_output_while_the_server_stalls(caplog):
+    from improvd.daemon.live.stallwatch import JACK_STALL_S, JackWatch
+    clock, monitor, out = [0.0], _FrameMonitor(), _WatchedOutput()
+    watch = JackWatch(monitor, out, (out,), now=lambda: clock[0])
+    with caplog.at_level("WARNING", logger="improvd"):
+        for tick in range(20):  # the server runs: its frame time moves every tick
+            clock[0], monitor.frame_now = tick * 0.1, tick * 4800
+            assert watch.check() == [] and monitor.reads == tick + 1
+        for tick in range(20, 20 + int(JACK_STALL_S / 0.1) + 2):  # it stops
+            clock[0] = tick * 0.1
+            assert watch.check() == []
+        assert watch.stalled and out.suspended == 1 and "the JACK server stalled" in caplog.text
+        clock[0], monitor.frame_now = 3.0, 200000
+        assert watch.check() == [] and not watch.stalled
+        assert "moves again; output resumed (3 note-off(s) owed sent first" in caplog.text
+    assert monitor.reads == 20 + int(JACK_STALL_S / 0.1) + 2 + 1
+
+
+def test_the_jack_watch_names_an_output_client_that_stopped_running_its_cycle():
+    from improvd.daemon.live.stallwatch import JackWatch
+    parked, tid = threading.Event(), []
+    t = _thread(lambda: (tid.append(threading.get_native_id()), parked.wait(10)))
+    try:
+        while not tid:
+            time.sleep(0.01)
+        time.sleep(0.05)  # parked: its thread makes no context switch from now on
+        clock, monitor = [0.0], _FrameMonitor()
+        out = _WatchedOutput(jack_threads=tid)
+        watch = JackWatch(monitor, out, (out, None), now=lambda: clock[0], client_stall_s=2.0)
+        found = []
+        for tick in range(30):  # the server runs for 3 s; the client's thread does not switch
+            clock[0], monitor.frame_now = tick * 0.1, tick * 4800
+            found += watch.check()
+        assert len(found) == 1 and "client for its output 'synth' has not run its cycle for 2 s" in found[0]
+        assert "plays nothing" in found[0] and out.suspended == 1
+    finally:
+        parked.set()
+        t.join()

@@ -27,7 +27,8 @@ from improvd.daemon.io import recorder
 from improvd.daemon.io.inport import InputPort
 from improvd.daemon.io.outport import OutputPort
 from improvd.daemon.live import service
-from improvd.core.config import Config
+from improvd.daemon.live.inputsink import InputSink
+from improvd.core.config import Config, from_dict, load_config
 from improvd.daemon.predict.model import StepModel
 from improvd.daemon.io.recorder import SessionRecorder
 from improvd.daemon.music.arrival import ArrivalClock
@@ -141,7 +142,7 @@ def test_a_note_on_sent_while_a_lost_output_is_released_never_goes_out():
 
 def test_a_key_read_before_its_input_was_lost_is_released_after_it():
     engine_queue = queue.SimpleQueue()
-    sink = service._InputSink(engine_queue, None, None)
+    sink = InputSink(engine_queue, None, None)
     rt = FakeRt(["kbd:out"], [([0x90, 60, 100], 0.0)])
     arrival = ArrivalClock(drift=0.0)
     port = InputPort("jack", "kbd", sink, now=lambda: 5.0, start=False, open_client=FakeMidi(rt), arrival=arrival)
@@ -266,11 +267,10 @@ class _SlowDisk:
 
 
 def _watched_service(tmp_path, recorder=None):
-    svc = service.Service(Config(), now=time.perf_counter)
-    svc._flush_s = 0.2
+    svc = service.Service(from_dict({"record": {"flush_seconds": 0.2}}), now=time.perf_counter)
     svc.recorder = recorder
     checks = []
-    svc._check_ports = lambda: checks.append(time.perf_counter())
+    svc.check_ports = lambda: checks.append(time.perf_counter())
     runner = threading.Thread(target=lambda: setattr(svc, "status", svc.run()), daemon=True)
     return svc, runner, checks
 
@@ -287,7 +287,7 @@ def test_a_stop_during_a_slow_recording_write_is_prompt(tmp_path):
         n = len(checks)
         assert n >= 2  # the watchdog goes on while the disk is slow
         t_stop = time.perf_counter()
-        svc._on_stop_signal(15, None)  # SIGTERM
+        svc.request_stop()  # SIGTERM's handler
         runner.join(STOP_S)
         assert not runner.is_alive(), "the main thread was held by the recording's write"
         svc.shutdown()
@@ -300,7 +300,7 @@ def test_a_stop_during_a_slow_recording_write_is_prompt(tmp_path):
         runner.join(6.0)
 
 
-def test_a_stop_during_a_slow_reload_is_prompt(tmp_path, monkeypatch):
+def test_a_stop_during_a_slow_reload_is_prompt(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[improvise]\ntemperature = 0.5\n")
     loading = threading.Event()
@@ -310,10 +310,9 @@ def test_a_stop_during_a_slow_reload_is_prompt(tmp_path, monkeypatch):
         loading.set()
         release.wait(5.0)
         return object()
-    monkeypatch.setattr(service, "_load_model", slow_load)
-    svc = service.Service(service.load_config(path))
+    svc = service.Service(load_config(path), load_model=slow_load)
     checks = []
-    svc._check_ports = lambda: checks.append(time.perf_counter())
+    svc.check_ports = lambda: checks.append(time.perf_counter())
 
     class Engine:
         swaps = []
@@ -327,12 +326,12 @@ def test_a_stop_during_a_slow_reload_is_prompt(tmp_path, monkeypatch):
     runner = threading.Thread(target=lambda: setattr(svc, "status", svc.run()), daemon=True)
     try:
         runner.start()
-        svc._on_hup(1, None)  # SIGHUP
+        svc.request_reload()  # SIGHUP's handler
         assert loading.wait(3.0)
         time.sleep(service.PORT_CHECK_S * 2.5)
         assert len(checks) >= 2
         t_stop = time.perf_counter()
-        svc._on_stop_signal(15, None)
+        svc.request_stop()
         runner.join(STOP_S)
         assert not runner.is_alive(), "the main thread was held by the reload"
         svc.shutdown()
@@ -344,11 +343,10 @@ def test_a_stop_during_a_slow_reload_is_prompt(tmp_path, monkeypatch):
         runner.join(6.0)
 
 
-def test_a_reload_still_swaps_once_loaded_off_the_main_thread(tmp_path, monkeypatch):
+def test_a_reload_still_swaps_once_loaded_off_the_main_thread(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[improvise]\ntemperature = 0.5\n")
-    monkeypatch.setattr(service, "_load_model", lambda config: "model")
-    svc = service.Service(service.load_config(path))
+    svc = service.Service(load_config(path), load_model=lambda config: "model")
     swapped = threading.Event()
 
     class Engine:
@@ -359,12 +357,12 @@ def test_a_reload_still_swaps_once_loaded_off_the_main_thread(tmp_path, monkeypa
         def stop(self, timeout):
             pass
     svc.engine = Engine()
-    svc._check_ports = lambda: None
+    svc.check_ports = lambda: None
     path.write_text("[improvise]\ntemperature = 0.7\n[midi]\nthru = true\n")
     runner = threading.Thread(target=svc.run, daemon=True)
     runner.start()
     try:
-        svc._on_hup(1, None)
+        svc.request_reload()
         assert swapped.wait(3.0)
         config, model = svc.engine.got
         assert model == "model" and config.improvise.temperature == 0.7

@@ -26,6 +26,8 @@ from improvd.core import midifile
 from improvd.daemon.io import inport, outport, portnames
 from improvd.daemon.io.outport import OutputPort
 from improvd.daemon.live import service
+from improvd.daemon.live.inputsink import OVERLOAD_OVER_S, InputSink, OverloadWatch
+from improvd.daemon.live.reload import load_model
 from improvd.daemon.live.watchdog import Heartbeat
 from improvd.core.config import Config, ImproviseConfig, MidiConfig, from_dict
 from improvd.daemon.live.engine import Engine
@@ -128,7 +130,7 @@ def _drain(q):
 def test_input_sink_is_bounded_but_keeps_the_releases_of_keys_it_let_through():
     q = queue.SimpleQueue()
     rec = SessionRecorder("/nonexistent", now=Clock())
-    sink = service._InputSink(q, rec, None, limit=3)
+    sink = InputSink(q, rec, None, limit=3)
     sink.put_nowait((1.0, on(60)))
     sink.put_nowait((1.1, mido.Message("pitchwheel", pitch=100)))
     sink.put_nowait((1.2, on(61)))
@@ -148,7 +150,7 @@ def test_input_sink_is_bounded_but_keeps_the_releases_of_keys_it_let_through():
 
 def test_input_sink_releases_the_keys_held_on_a_lost_input():
     q = queue.SimpleQueue()
-    sink = service._InputSink(q, None, None)
+    sink = InputSink(q, None, None)
     sink.put_nowait((1.0, on(60, ch=2)))
     sink.put_nowait((1.0, on(64, ch=2)))
     sink.put_nowait((1.1, off(64, ch=2)))
@@ -161,7 +163,7 @@ def test_input_sink_releases_the_keys_held_on_a_lost_input():
 
 def test_clock_only_sink_takes_clock_and_transport_only():
     q = queue.SimpleQueue()
-    sink = service._InputSink(q, None, None, clock_only=True)
+    sink = InputSink(q, None, None, clock_only=True)
     sink.put_nowait((1.0, on(60)))
     sink.put_nowait((1.0, mido.Message("clock")))
     sink.put_nowait((1.0, mido.Message("stop")))
@@ -170,17 +172,17 @@ def test_clock_only_sink_takes_clock_and_transport_only():
 
 def test_an_input_overload_is_logged_once_when_it_starts_and_once_when_it_ends(caplog):
     clock = Clock()
-    svc = service.Service(Config(), now=clock)
-    svc.sink = service._InputSink(queue.SimpleQueue(), None, None, limit=0)
+    sink = InputSink(queue.SimpleQueue(), None, None, limit=0)
+    watch = OverloadWatch(sink, now=clock)
     with caplog.at_level(logging.WARNING, logger="improvd"):
         for _ in range(3):
-            svc.sink.put_nowait((1.0, on(60)))
-            svc._watch_input()
+            sink.put_nowait((1.0, on(60)))
+            watch.check()
             clock.t += 0.1
-            svc._watch_input()  # a tick without drops is not the end of it
-        clock.t += service.OVERLOAD_OVER_S
-        svc._watch_input()
-        svc._watch_input()
+            watch.check()  # a tick without drops is not the end of it
+        clock.t += OVERLOAD_OVER_S
+        watch.check()
+        watch.check()
     lines = [r.getMessage() for r in caplog.records]
     assert sum("input overload:" in ln for ln in lines) == 1
     assert sum("input overload over: 3 messages dropped" in ln for ln in lines) == 1
@@ -226,7 +228,7 @@ def test_nonfinite_outputs_are_named_and_refused_at_load(tmp_path):
             StepModel(bad.path).nonfinite_outputs() == ["pitch_logits", "state_out"]
         config = Config().replace(model=cfg.ModelConfig(path=str(bad.path)))
         with pytest.raises(ModelError, match=f"non-finite outputs .* in {outputs[0]}"):
-            service._load_model(config)
+            load_model(config)
 
 
 def test_bad_models_at_start_exit_2_with_an_error_naming_what_is_wrong(tmp_path):

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from improvd.core import config as cfg
 from improvd.core.config import Config, from_dict, load_config, parse_override
 from improvd.core.errors import ConfigError
-from improvd.daemon.live.service import _InputSink
+from improvd.daemon.live.inputsink import InputSink
 from improvd.daemon.music.tracker import NoteTracker
 
 SECTIONS = cfg._section_types()
@@ -204,7 +204,7 @@ def test_note_tracker_never_loses_a_release_nor_makes_a_negative_duration(evs, c
     limit=st.integers(0, 4))
 def test_input_sink_passes_every_release_of_a_key_it_let_through(ops, limit):
     q = queue.SimpleQueue()
-    sink = _InputSink(q, None, None, limit=limit)
+    sink = InputSink(q, None, None, limit=limit)
     passed = []
     for op, kind, ch, pitch in ops:
         if op == "drain":
