@@ -36,6 +36,7 @@ Threads: one at a time (the engine thread in the daemon; `improvd eval --adapt` 
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import numpy as np
@@ -49,98 +50,57 @@ BUCKETS = (0, 2, 4, 8, 16)  # the mixture keeps one set of weights per matched c
 MODEL_PRIOR = (0.9, 0.8, 0.7, 0.5, 0.1)  # the model's prior weight per bucket; the experts split the rest
 SHARE = 0.01               # fixed share: the part of the weight spread evenly after each note
 ESCAPE = 1.0              # Witten-Bell escape weight: the base keeps ESCAPE·u / (C + ESCAPE·u)
+SCALAR_ADDS = 8            # mix adds up to this many counts to the array one by one, more in one indexed add
 FLOOR = 1e-12              # no expert's probability of a note counts as less than this (a log(0) guard)
+_INTERVAL_ORDERS = tuple(n - 1 for n in INTERVAL_SPANS)  # the same contexts in intervals
 
 
-class _Counts:
-    """n-gram counts over one symbol sequence (pitches or intervals) at the given orders, bounded in notes."""
+def _plan(spans: tuple[int, ...], lowest: tuple[int, ...], first: int) -> tuple[tuple, ...]:
+    """The top-down walk of one kind of expert's chains: per counted context (longest first), its length in
+    pitches, the experts whose chain includes it (those starting at or below it; experts `first`, `first` + 1,
+    ... start at `lowest`), and the expert whose chain starts there (None when none does)."""
+    return tuple((n, tuple(first + j for j, m in enumerate(lowest) if m <= n),
+                  first + lowest.index(n) if n in lowest else None) for n in spans[::-1])
 
-    def __init__(self, orders: tuple[int, ...]):
-        self.orders = orders
-        self.tables: dict[int, dict[tuple, dict[int, int]]] = {n: {} for n in orders}
-        self.added: deque = deque()  # per counted note: the (order, context) keys it added, and the symbol
 
-    def clear(self) -> None:
-        for table in self.tables.values():
-            table.clear()
-        self.added.clear()
+_PITCH_PLAN = _plan(ORDERS, MIN_ORDERS, 1)
+_INTERVAL_PLAN = _plan(INTERVAL_SPANS, INTERVAL_MIN, 1 + len(MIN_ORDERS))
+_BUCKET_OF = tuple(sum(matched >= edge for edge in BUCKETS) - 1 for matched in range(MAX_ORDER + 1))
 
-    def add(self, history: tuple, symbol: int) -> None:
-        """Count `symbol` after each suffix of `history` (the symbols before it, oldest first)."""
-        keys = []
-        for n in self.orders:
-            if n > len(history):
-                break
-            ctx = history[-n:]
-            row = self.tables[n].setdefault(ctx, {})
-            row[symbol] = row.get(symbol, 0) + 1
-            keys.append((n, ctx))
-        self.added.append((keys, symbol))
 
-    def drop_oldest(self) -> None:
-        keys, symbol = self.added.popleft()
-        for n, ctx in keys:
-            table = self.tables[n]
-            row = table[ctx]
-            row[symbol] -= 1
-            if not row[symbol]:
+def _count(table: dict, context: tuple, spans: tuple[int, ...], symbol: int, step: int) -> None:
+    """Add `step` (1 or -1) to the count of `symbol` after each suffix of `context` (a table's contexts are keyed
+    by their symbols, so the suffixes of different lengths share one dict); a count that reaches 0 is removed,
+    and a context left with nothing after it too."""
+    size = len(context)
+    for n in spans:
+        if n > size:
+            break
+        key = context[-n:]
+        row = table.get(key)
+        if row is None:
+            table[key] = {symbol: 1}  # (only when adding: what is dropped was added)
+        else:
+            c = row.get(symbol, 0) + step
+            if c:
+                row[symbol] = c
+            else:
                 del row[symbol]
                 if not row:
-                    del table[ctx]
-
-    def rows(self, history: tuple, span: int = 0) -> dict[int, dict[int, int]]:
-        """{order + span: what followed the last `order` symbols of `history`} for the orders met before."""
-        out = {}
-        for n in self.orders:
-            if n > len(history):
-                break
-            row = self.tables[n].get(history[-n:])
-            if row:
-                out[n + span] = row
-        return out
-
-
-def _levels(rows: dict[int, dict[int, int]], shift: int, orders: tuple[int, ...], lowest: tuple[int, ...],
-            first: int) -> tuple[list[float], list[tuple[list[int], dict[int, float]]]]:
-    """The Witten-Bell chains of one kind of expert (one per lowest order in `lowest`, experts `first`,
-    `first` + 1, ...), blended up to the longest of `orders`. `rows` maps a context length (in pitches) to the
-    counts of what followed it.
-
-    The chain from order m is affine in its base: p_m = α_m·base + Σ_{n >= m} d_n, where d_n is the (sparse)
-    mass order n adds. So it is accumulated from the top order down in plain Python (a few continuations per
-    order), each d_n once for all the chains that include it, and no dense array is touched. Returns the α of
-    each chain and the levels (the experts that include d_n, d_n as pitch -> mass). A row's symbol s stands for
-    the pitch s + `shift` (0 for pitches, the last pitch for intervals); pitches outside 0..127 are left out.
-    """
-    alpha = 1.0
-    alphas: dict[int, float] = {}
-    levels: list[tuple[list[int], dict[int, float]]] = []
-    for n in orders[::-1]:
-        row = rows.get(n)
-        if row:
-            kept = [(s + shift, c) for s, c in row.items() if 0 <= s + shift < 128]
-            if kept:
-                total = float(sum(c for _, c in kept))
-                escape = ESCAPE * len(kept)
-                scale = alpha / (total + escape)
-                levels.append(([first + j for j, m in enumerate(lowest) if m <= n],
-                               {pitch: scale * c for pitch, c in kept}))
-                alpha *= escape / (total + escape)
-        if n in lowest:
-            alphas[n] = alpha
-    return [alphas[m] for m in lowest], levels
-
-
-def _bucket(matched: int) -> int:
-    """The weight row used when the last `matched` pitches (and no more) were met before in the session."""
-    return sum(matched >= edge for edge in BUCKETS) - 1
+                    del table[key]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """The model's pitch distribution from its logits [128] (float64; three array operations, per note)."""
-    x = np.asarray(logits, dtype=np.float64)
-    e = np.exp(x - x.max())
-    e /= e.sum()
+    """The model's pitch distribution from its logits [128] (float64, a new array). Per note, so three array
+    operations: without subtracting the largest logit first, which only matters when exp overflows or every
+    term underflows (then it is done the careful way)."""
+    e = np.exp(logits, dtype=np.float64)
+    total = float(e.sum())
+    if not 0.0 < total < math.inf:
+        x = np.asarray(logits, dtype=np.float64)
+        e = np.exp(x - x.max())
+        total = float(e.sum())
+    e *= 1.0 / total
     return e
 
 
@@ -152,6 +112,13 @@ class SessionAdapter:
     for it (what the model predicted just before it): a player's note (`learn=True`) updates the weights and
     the counts, improvd's own note (`learn=False`) only extends the context.
 
+    Every expert is the model's distribution scaled plus a sparse part: at each order of a Witten-Bell chain
+    `p_n = a_n·p_{n-1} + c/(C + u)` with `a_n = u/(C + u)`, so a chain is `α·model + Σ_n d_n`, α the product
+    of its orders' `a_n` and `d_n` the counts of order n scaled (only the pitches met after that context). So
+    `mix` is one dense multiply by `Σ_k w_k·α_k` plus, per matched order, its few counts times the weight of
+    the experts that include it; `observe` needs each expert's probability of one pitch, a scalar
+    `α_k·model[pitch] + Σ d_n[pitch]`. `_state` finds the matched orders once per context, for both.
+
     Args:
         memory: how many player notes are counted at most (older ones are forgotten first).
     """
@@ -160,10 +127,12 @@ class SessionAdapter:
         if memory < 1:
             raise ValueError(f"memory = {memory!r} is not valid: expected at least 1 note")
         self.memory = int(memory)
-        self._pitch = _Counts(ORDERS)
-        self._interval = _Counts(tuple(n - 1 for n in INTERVAL_SPANS))
-        self._pitches: deque = deque(maxlen=MAX_ORDER + 1)  # the context: last pitches played by anyone
-        self._intervals: deque = deque(maxlen=MAX_ORDER)     # and the intervals between them
+        self._pitch_table: dict[tuple, dict[int, int]] = {}     # pitch context (2, 4, 8, 16) -> {pitch: count}
+        self._interval_table: dict[tuple, dict[int, int]] = {}  # interval context (3, 7, 15) -> {interval: count}
+        # per counted note, oldest first: (the pitches before it, the intervals before those, its pitch)
+        self._added: deque = deque()
+        self._pitches: tuple = ()    # the context: the last MAX_ORDER + 1 pitches played by anyone, oldest first
+        self._intervals: tuple = ()  # and the (up to MAX_ORDER) intervals between them
         self._experts = ["model"] + [f"pitch>={m}" for m in MIN_ORDERS] + [f"interval>={m}" for m in INTERVAL_MIN]
         k = len(self._experts) - 1
         self._prior = [[m] + [(1.0 - m) / k] * k for m in MODEL_PRIOR]
@@ -184,47 +153,83 @@ class SessionAdapter:
     @property
     def counted(self) -> int:
         """Player notes in memory (at most `memory`)."""
-        return len(self._pitch.added)
+        return len(self._added)
+
+    def counts(self) -> dict[str, dict[tuple, dict[int, int]]]:
+        """The session's counts (copies): "pitch" maps a context of pitches (2, 4, 8 or 16, oldest first) to
+        {pitch: how often it followed}, "interval" a context of intervals (3, 7 or 15) to {interval: count}."""
+        return {"pitch": {k: dict(v) for k, v in self._pitch_table.items()},
+                "interval": {k: dict(v) for k, v in self._interval_table.items()}}
 
     def context(self) -> tuple:
         """The last pitches played (what the experts look up); `set_context` puts it back (undo of fed notes)."""
-        return tuple(self._pitches)
+        return self._pitches
 
     def set_context(self, pitches: tuple) -> None:
-        self._pitches.clear()
-        self._pitches.extend(int(p) for p in pitches)
-        self._intervals.clear()
-        self._intervals.extend(b - a for a, b in zip(self._pitches, list(self._pitches)[1:]))
+        self._pitches = tuple(int(p) for p in pitches)[-(MAX_ORDER + 1):]
+        self._intervals = tuple(b - a for a, b in zip(self._pitches, self._pitches[1:]))
         self._cache = False
 
     def forget(self) -> None:
         """Clear the session memory and the context, and reset the weights to the prior."""
-        self._pitch.clear()
-        self._interval.clear()
-        self._pitches.clear()
+        self._pitch_table.clear()
+        self._interval_table.clear()
+        self._added.clear()
+        self._pitches = ()
+        self._intervals = ()
         self._weights = [list(row) for row in self._prior]
         self.learned = 0
         self._cache = False
 
     def _state(self) -> tuple | None:
-        """(the α of every expert, the levels, the weight row) for the current context, or None when no
-        context was met before (every expert is then the model). Expert k's distribution is
-        α_k·model + Σ d over the levels that include k. The weight row is chosen by the longest context of the
-        last pitches met before in the session, as pitches or as intervals. Computed once per context: `mix`
-        and the next `observe` share it."""
+        """(the α of every expert, the levels, the weight row, the levels' entries) for the current context, or None when no
+        context was met before (every expert is then the model). A level is one matched order's part of the
+        chains that include it: (those experts, the scale c/(C + u) is c times, its counts {symbol: c}, the
+        pitch a symbol 0 stands for), so expert k's distribution is α_k·model + Σ scale·c over the levels that
+        include k. The weight row is chosen by the longest context of the last pitches met before in the
+        session, as pitches or as intervals. Computed once per context: `mix` and the next `observe` share it."""
         if self._cache is not False:
             return self._cache
-        history = tuple(self._pitches)
-        prow = self._pitch.rows(history)
-        irow = self._interval.rows(tuple(self._intervals), span=1) if history else {}  # keyed by pitches spanned
-        if not prow and not irow:
-            self._cache = None
-            return None
-        pa, plevels = _levels(prow, 0, ORDERS, MIN_ORDERS, 1)
-        ia, ilevels = _levels(irow, history[-1] if history else 0, INTERVAL_SPANS, INTERVAL_MIN,
-                              1 + len(MIN_ORDERS))
-        matched = max(max(prow, default=0), max(irow, default=0))
-        self._cache = ([1.0] + pa + ia, plevels + ilevels, _bucket(matched))
+        history = self._pitches
+        size = len(history)
+        table = self._pitch_table
+        alphas = [1.0] * (1 + len(MIN_ORDERS) + len(INTERVAL_MIN))
+        levels = []
+        matched = 0
+        alpha = 1.0
+        for n, covers, starts in _PITCH_PLAN:
+            if n <= size:
+                row = table.get(history[-n:])
+                if row:
+                    if not matched:
+                        matched = n
+                    total = sum(row.values())
+                    escape = ESCAPE * len(row)
+                    levels.append((covers, alpha / (total + escape), row, 0))
+                    alpha *= escape / (total + escape)
+            if starts is not None:
+                alphas[starts] = alpha
+        if size:
+            intervals = self._intervals
+            table = self._interval_table
+            shift = history[-1]  # an interval s after the context leads to the pitch shift + s
+            alpha = 1.0
+            for n, covers, starts in _INTERVAL_PLAN:
+                if n <= size:
+                    row = table.get(intervals[1 - n:])
+                    if row:
+                        if n > matched:
+                            matched = n
+                        if shift + min(row) < 0 or shift + max(row) > 127:  # pitches outside 0..127 are left out
+                            row = {s: c for s, c in row.items() if 0 <= shift + s < 128}
+                        if row:
+                            total = sum(row.values())
+                            escape = ESCAPE * len(row)
+                            levels.append((covers, alpha / (total + escape), row, shift))
+                            alpha *= escape / (total + escape)
+                if starts is not None:
+                    alphas[starts] = alpha
+        self._cache = (alphas, levels, _BUCKET_OF[matched], sum([len(level[2]) for level in levels])) if matched else None
         return self._cache
 
     def expert_probs(self, model_probs: np.ndarray) -> list[np.ndarray]:
@@ -233,12 +238,12 @@ class SessionAdapter:
         state = self._state()
         if state is None:
             return [base.copy() for _ in self._experts]
-        alphas, levels, _ = state
+        alphas, levels, _, _ = state
         out = [base * a for a in alphas]
-        for covers, mass in levels:
+        for covers, scale, row, shift in levels:
             for k in covers:
-                for pitch, m in mass.items():
-                    out[k][pitch] += m
+                for symbol, c in row.items():
+                    out[k][shift + symbol] += scale * c
         return out
 
     def mix(self, model_probs: np.ndarray) -> np.ndarray:
@@ -246,13 +251,22 @@ class SessionAdapter:
         state = self._state()
         if state is None:
             return np.asarray(model_probs, dtype=np.float64)
-        alphas, levels, bucket = state
+        alphas, levels, bucket, entries = state
         w = self._weights[bucket]
-        out = np.asarray(model_probs, dtype=np.float64) * sum(wk * a for wk, a in zip(w, alphas))
-        for covers, mass in levels:
-            weight = sum(w[k] for k in covers)
-            for pitch, m in mass.items():
-                out[pitch] += weight * m
+        out = np.multiply(model_probs, sum([wk * a for wk, a in zip(w, alphas)]), dtype=np.float64)
+        if entries <= SCALAR_ADDS:  # (an array's item costs about as much as a dozen Python operations)
+            for covers, scale, row, shift in levels:
+                f = scale * sum([w[k] for k in covers])
+                for symbol, c in row.items():
+                    out[shift + symbol] += f * c
+            return out
+        acc: dict[int, float] = {}
+        get = acc.get
+        for covers, scale, row, shift in levels:
+            f = scale * sum([w[k] for k in covers])
+            for symbol, c in row.items():
+                acc[shift + symbol] = get(shift + symbol, 0.0) + f * c
+        out[np.fromiter(acc, np.intp, len(acc))] += np.fromiter(acc.values(), np.float64, len(acc))
         return out
 
     def observe(self, pitch: int, model_probs: np.ndarray | None, *, learn: bool = True) -> None:
@@ -262,31 +276,37 @@ class SessionAdapter:
         the first note after a reset, when the model had nothing to predict from).
         """
         pitch = int(pitch)
+        if not 0 <= pitch < 128:
+            raise ValueError(f"pitch = {pitch} is not valid: expected a MIDI pitch 0..127")
+        history = self._pitches
+        intervals = self._intervals
         if learn:
             state = self._state()
             if model_probs is not None and state is not None:  # (all experts equal: nothing to learn)
-                alphas, levels, bucket = state
+                alphas, levels, bucket, _ = state
                 base = float(model_probs[pitch])
                 likes = [a * base for a in alphas]
-                for covers, mass in levels:
-                    m = mass.get(pitch)
-                    if m:
+                for covers, scale, row, shift in levels:
+                    c = row.get(pitch - shift)
+                    if c:
+                        m = scale * c
                         for k in covers:
                             likes[k] += m
-                w = [wk * max(like, FLOOR) for wk, like in zip(self._weights[bucket], likes)]
+                w = [wk * (like if like > FLOOR else FLOOR) for wk, like in zip(self._weights[bucket], likes)]
                 keep, spread = (1.0 - SHARE) / sum(w), SHARE / len(w)
                 self._weights[bucket] = [wk * keep + spread for wk in w]
-            history = tuple(self._pitches)
-            self._pitch.add(history, pitch)
+            _count(self._pitch_table, history, ORDERS, pitch, 1)
             if history:
-                self._interval.add(tuple(self._intervals), pitch - history[-1])
-            else:
-                self._interval.added.append(([], 0))  # keeps the two memories in step
-            while len(self._pitch.added) > self.memory:
-                self._pitch.drop_oldest()
-                self._interval.drop_oldest()
+                _count(self._interval_table, intervals, _INTERVAL_ORDERS, pitch - history[-1], 1)
+            self._added.append((history, intervals, pitch))
+            if len(self._added) > self.memory:
+                old_history, old_intervals, old = self._added.popleft()
+                _count(self._pitch_table, old_history, ORDERS, old, -1)
+                if old_history:
+                    _count(self._interval_table, old_intervals, _INTERVAL_ORDERS, old - old_history[-1], -1)
             self.learned += 1
-        if self._pitches:
-            self._intervals.append(pitch - self._pitches[-1])
-        self._pitches.append(pitch)
+        if history:
+            intervals = (intervals + (pitch - history[-1],))[-MAX_ORDER:]
+            self._intervals = intervals
+        self._pitches = (history + (pitch,))[-(MAX_ORDER + 1):]
         self._cache = False
