@@ -65,29 +65,36 @@ def _plan(spans: tuple[int, ...], lowest: tuple[int, ...], first: int) -> tuple[
 
 _PITCH_PLAN = _plan(ORDERS, MIN_ORDERS, 1)
 _INTERVAL_PLAN = _plan(INTERVAL_SPANS, INTERVAL_MIN, 1 + len(MIN_ORDERS))
+_PITCH_INDEX = {n: i for i, n in enumerate(ORDERS)}
+_INTERVAL_INDEX = {n: i for i, n in enumerate(INTERVAL_SPANS)}
 _BUCKET_OF = tuple(sum(matched >= edge for edge in BUCKETS) - 1 for matched in range(MAX_ORDER + 1))
 
 
-def _count(table: dict, context: tuple, spans: tuple[int, ...], symbol: int, step: int) -> None:
-    """Add `step` (1 or -1) to the count of `symbol` after each suffix of `context` (a table's contexts are keyed
-    by their symbols, so the suffixes of different lengths share one dict); a count that reaches 0 is removed,
-    and a context left with nothing after it too."""
-    size = len(context)
-    for n in spans:
-        if n > size:
-            break
-        key = context[-n:]
-        row = table.get(key)
+def _add(table: dict, rows: list, context: tuple, spans: tuple[int, ...], symbol: int) -> tuple:
+    """Count `symbol` after each suffix of `context` (a table's contexts of every length share one dict, keyed by
+    their symbols). `rows` are the rows of those suffixes already looked up (None: not in the table yet).
+    Returns the rows counted in, for `_drop`."""
+    out = []
+    for n, row in zip(spans, rows):
         if row is None:
-            table[key] = {symbol: 1}  # (only when adding: what is dropped was added)
+            row = table[context[-n:]] = {symbol: 1}
         else:
-            c = row.get(symbol, 0) + step
-            if c:
-                row[symbol] = c
-            else:
-                del row[symbol]
-                if not row:
-                    del table[key]
+            row[symbol] = row.get(symbol, 0) + 1
+        out.append(row)
+    return tuple(out)
+
+
+def _drop(table: dict, rows: tuple, context: tuple, spans: tuple[int, ...], symbol: int) -> None:
+    """Undo `_add` (given the rows it returned): a count that reaches 0 is removed, and a context left with
+    nothing after it too (no note still counted refers to that row: each note counted in it added 1)."""
+    for n, row in zip(spans, rows):
+        c = row[symbol] - 1
+        if c:
+            row[symbol] = c
+        else:
+            del row[symbol]
+            if not row:
+                del table[context[-n:]]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -129,8 +136,10 @@ class SessionAdapter:
         self.memory = int(memory)
         self._pitch_table: dict[tuple, dict[int, int]] = {}     # pitch context (2, 4, 8, 16) -> {pitch: count}
         self._interval_table: dict[tuple, dict[int, int]] = {}  # interval context (3, 7, 15) -> {interval: count}
-        # per counted note, oldest first: (the pitches before it, the intervals before those, its pitch)
+        # per counted note, oldest first: the pitches before it, the intervals between those, its pitch, and the
+        # pitch and interval count rows it was counted in
         self._added: deque = deque()
+        self._rows: tuple = ([], [])  # the rows of the current context's suffixes (None: not met), by `_state`
         self._pitches: tuple = ()    # the context: the last MAX_ORDER + 1 pitches played by anyone, oldest first
         self._intervals: tuple = ()  # and the (up to MAX_ORDER) intervals between them
         self._experts = ["model"] + [f"pitch>={m}" for m in MIN_ORDERS] + [f"interval>={m}" for m in INTERVAL_MIN]
@@ -192,44 +201,49 @@ class SessionAdapter:
             return self._cache
         history = self._pitches
         size = len(history)
-        table = self._pitch_table
+        get = self._pitch_table.get
+        prows = [get(history[-n:]) for n in ORDERS if n <= size]
+        if size:
+            get = self._interval_table.get
+            intervals = self._intervals
+            irows = [get(intervals[-n:]) for n in _INTERVAL_ORDERS if n < size]
+        else:
+            irows = []
+        self._rows = (prows, irows)
         alphas = [1.0] * (1 + len(MIN_ORDERS) + len(INTERVAL_MIN))
         levels = []
         matched = 0
         alpha = 1.0
         for n, covers, starts in _PITCH_PLAN:
-            if n <= size:
-                row = table.get(history[-n:])
-                if row:
-                    if not matched:
-                        matched = n
-                    total = sum(row.values())
-                    escape = ESCAPE * len(row)
-                    levels.append((covers, alpha / (total + escape), row, 0))
-                    alpha *= escape / (total + escape)
+            row = prows[_PITCH_INDEX[n]] if n <= size else None
+            if row:
+                if not matched:
+                    matched = n
+                total = sum(row.values())
+                escape = ESCAPE * len(row)
+                levels.append((covers, alpha / (total + escape), row, 0))
+                alpha *= escape / (total + escape)
             if starts is not None:
                 alphas[starts] = alpha
-        if size:
-            intervals = self._intervals
-            table = self._interval_table
+        if any(irows):
             shift = history[-1]  # an interval s after the context leads to the pitch shift + s
             alpha = 1.0
             for n, covers, starts in _INTERVAL_PLAN:
-                if n <= size:
-                    row = table.get(intervals[1 - n:])
+                row = irows[_INTERVAL_INDEX[n]] if n <= size else None
+                if row:
+                    if n > matched:
+                        matched = n
+                    if shift + min(row) < 0 or shift + max(row) > 127:  # pitches outside 0..127 are left out
+                        row = {s: c for s, c in row.items() if 0 <= shift + s < 128}
                     if row:
-                        if n > matched:
-                            matched = n
-                        if shift + min(row) < 0 or shift + max(row) > 127:  # pitches outside 0..127 are left out
-                            row = {s: c for s, c in row.items() if 0 <= shift + s < 128}
-                        if row:
-                            total = sum(row.values())
-                            escape = ESCAPE * len(row)
-                            levels.append((covers, alpha / (total + escape), row, shift))
-                            alpha *= escape / (total + escape)
+                        total = sum(row.values())
+                        escape = ESCAPE * len(row)
+                        levels.append((covers, alpha / (total + escape), row, shift))
+                        alpha *= escape / (total + escape)
                 if starts is not None:
                     alphas[starts] = alpha
-        self._cache = (alphas, levels, _BUCKET_OF[matched], sum([len(level[2]) for level in levels])) if matched else None
+        self._cache = (alphas, levels, _BUCKET_OF[matched], sum([len(level[2]) for level in levels])) if matched \
+            else None
         return self._cache
 
     def expert_probs(self, model_probs: np.ndarray) -> list[np.ndarray]:
@@ -295,15 +309,16 @@ class SessionAdapter:
                 w = [wk * (like if like > FLOOR else FLOOR) for wk, like in zip(self._weights[bucket], likes)]
                 keep, spread = (1.0 - SHARE) / sum(w), SHARE / len(w)
                 self._weights[bucket] = [wk * keep + spread for wk in w]
-            _count(self._pitch_table, history, ORDERS, pitch, 1)
-            if history:
-                _count(self._interval_table, intervals, _INTERVAL_ORDERS, pitch - history[-1], 1)
-            self._added.append((history, intervals, pitch))
+            prows, irows = self._rows  # (looked up by `_state` for this context)
+            counted_p = _add(self._pitch_table, prows, history, ORDERS, pitch)
+            counted_i = _add(self._interval_table, irows, intervals, _INTERVAL_ORDERS, pitch - history[-1]) \
+                if history else ()
+            self._added.append((history, intervals, pitch, counted_p, counted_i))
             if len(self._added) > self.memory:
-                old_history, old_intervals, old = self._added.popleft()
-                _count(self._pitch_table, old_history, ORDERS, old, -1)
+                old_history, old_intervals, old, old_p, old_i = self._added.popleft()
+                _drop(self._pitch_table, old_p, old_history, ORDERS, old)
                 if old_history:
-                    _count(self._interval_table, old_intervals, _INTERVAL_ORDERS, old - old_history[-1], -1)
+                    _drop(self._interval_table, old_i, old_intervals, _INTERVAL_ORDERS, old - old_history[-1])
             self.learned += 1
         if history:
             intervals = (intervals + (pitch - history[-1],))[-MAX_ORDER:]

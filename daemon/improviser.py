@@ -9,11 +9,15 @@ the last note fed. Its surface is small, like Notochord's: `feed(note)`, `predic
         note = imp.predict()      # decode the next note; it is NOT fed
         imp.feed(note)            # feed what was actually played (the caller decides)
 
-Context: each `feed` is one model step (O(1)). When the notes fed since the last priming exceed the model's
+Context: each `feed` is one model call (O(1)). When the notes fed since the last priming exceed the model's
 context (`improvd.context`, C), the state is rebuilt from zero over the last C notes fed, so the state always
 summarises between C and 2C notes (fewer right after `reset`). Exactly: with k notes fed since the last priming
 (or since `reset`), the feed that makes k = C + 1 is followed by `reset` of the state and a feed of the last C
 notes, and k becomes 0. A third party reproduces the greedy output (docs/model-format.md) by doing the same.
+That rebuild is not done all at once (C model steps in one feed, a spike of C times a note's cost every C + 1
+notes): a second state, started from zero after the first note of each cycle, is fed every later note beside the
+main one (the same call, a batch of two rows), so at k = C + 1 it has been fed exactly the last C notes and
+becomes the state. A batch row's outputs do not depend on the other row (onnxruntime computes them alike).
 
 Session adaptation (`improvise.adapt`, daemon/adapt.py): with a `SessionAdapter`, each note fed is told to it
 (`feed(note, player=True)` for the player's notes, which it learns from; improvd's own notes only extend its
@@ -58,6 +62,7 @@ class Snapshot:
     history: tuple
     fed: int
     adapter_context: tuple | None = None
+    shadow: np.ndarray | None = None
 
 
 class Improviser:
@@ -88,6 +93,7 @@ class Improviser:
     def reset(self) -> None:
         """Forget everything: zero state, no prediction, empty history."""
         self._state = self.model.zero_state(1)
+        self._shadow: np.ndarray | None = None  # the next cycle's state: zero fed the notes since the cycle's first
         self._prediction: Prediction | None = None
         self._since_priming = 0
         self._history.clear()
@@ -146,13 +152,23 @@ class Improviser:
         self._history.append(row)
         self._fed += 1
         self._since_priming += 1
-        if self._since_priming > self.model.context:
-            self._state = self.model.zero_state(1)
-            for past in self._history:
-                self._step(past)
+        if self._shadow is None:  # the first note of a cycle (k = 1): the next cycle's state starts after it
+            self._step(row)
+            self._shadow = self.model.zero_state(1)
+            return
+        pair = self.model.run(np.repeat(row[None, :self.model.num_features], 2, axis=0),
+                              np.concatenate((self._state, self._shadow)))
+        rebuilt = self._since_priming > self.model.context
+        r = 1 if rebuilt else 0  # the row that continues: the main state, or the rebuilt one at k = C + 1
+        self._prediction = Prediction(pair.pitch_logits[r:r + 1], pair.step[r:r + 1], pair.duration[r:r + 1],
+                                      pair.velocity[r:r + 1] if pair.velocity is not None else None,
+                                      pair.state[r:r + 1])
+        self._state = self._prediction.state
+        if rebuilt:
+            self._shadow = None
             self._since_priming = 0
         else:
-            self._step(row)
+            self._shadow = pair.state[1:]
 
     def prime(self, notes: np.ndarray) -> None:
         """`reset`, then feed each row of `notes` (float [K, 3 or 4]) in order."""
@@ -213,11 +229,13 @@ class Improviser:
     def snapshot(self) -> Snapshot:
         """What `restore` needs to undo the feeds made after this call (O(context) copy)."""
         return Snapshot(self._state.copy(), self._prediction, self._since_priming, tuple(self._history), self._fed,
-                        self.adapter.context() if self.adapter is not None else None)
+                        self.adapter.context() if self.adapter is not None else None,
+                        self._shadow.copy() if self._shadow is not None else None)
 
     def restore(self, snap: Snapshot) -> None:
         """Go back to a `snapshot` (of this Improviser, with the same model)."""
         self._state = snap.state.copy()
+        self._shadow = snap.shadow.copy() if snap.shadow is not None else None
         self._prediction = snap.prediction
         self._since_priming = snap.since_priming
         self._history.clear()
