@@ -25,11 +25,15 @@ the player's notes and the weights of a mixture:
   0.02 % worse on random notes, tests/daemon/test_adapt.py). When no context was met before, every expert is
   the model and the mixture is skipped.
 - Memory. Only the last `memory` player notes are counted (older ones are subtracted as they leave); `forget`
-  clears the counts and resets the weights to the prior. Memory is O(memory) (about 3.5 kB a note) and time
-  per note O(orders), whatever the session's length. Improvd's own notes extend the context the experts look
-  up, but are never counted.
+  clears the counts, the context and resets the weights to the prior. Memory is O(memory) (about 2.6 kB a
+  note, measured with tracemalloc) and time per note O(orders), whatever the session's length: per note, one
+  dictionary look-up per counted context length, a few Python operations per count met, and four array
+  operations over the 128 pitches (`softmax` and `mix`). Improvd's own notes extend the context the experts
+  look up, but are never counted.
 
-It adapts pitch only; step, duration and velocity come from the model unchanged.
+- Timing (`TimingCache`, unless `timing=False`): step and duration are predicted by the model, by the timing
+  of what followed the same pitches last time, and by what followed the same rhythm last time, mixed with
+  weights learned from each one's recent absolute errors on the player's notes. Velocity comes from the model.
 
 Threads: one at a time (the engine thread in the daemon; `improvd eval --adapt` in the main thread).
 """
@@ -53,6 +57,16 @@ ESCAPE = 1.0              # Witten-Bell escape weight: the base keeps ESCAPE·u 
 SCALAR_ADDS = 8            # mix adds up to this many counts to the array one by one, more in one indexed add
 FLOOR = 1e-12              # no expert's probability of a note counts as less than this (a log(0) guard)
 _INTERVAL_ORDERS = tuple(n - 1 for n in INTERVAL_SPANS)  # the same contexts in intervals
+# Timing (step and duration). The prior and the softness were chosen on sessions of 60 files of the chorales'
+# training split (files the model was trained on), never on evaluation files (docs/training.md):
+TIMING_PITCH_ORDERS = (8, 4, 2)   # the pitch contexts whose latest follower's timing is an expert (longest first)
+TIMING_RHYTHM_ORDERS = (4, 2)     # the same with the last notes' steps and durations (longest first)
+TIMING_QUANTUM_S = 0.01           # steps and durations are compared in rhythm contexts to this resolution
+TIMING_DISCOUNT = 0.98            # the experts' past errors fade by this factor per note (about 50 notes)
+TIMING_SCALE_FLOOR_S = 0.001      # the error scale never counts as less than this
+TIMING_SOFTNESS = 8.0             # weights exp(-L / (TIMING_SOFTNESS · the model's mean absolute error))
+TIMING_PRIOR = (0.8, 0.1, 0.1)    # the experts' prior weights (model, pitch context, rhythm context)
+TIMING_EXPERTS = ("model", "pitch context", "rhythm context")
 
 
 def _plan(spans: tuple[int, ...], lowest: tuple[int, ...], first: int) -> tuple[tuple, ...]:
@@ -111,6 +125,121 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e
 
 
+class TimingCache:
+    """The session's timing memory: step and duration predicted from the player's recent notes (see the module
+    docstring). Owned by a `SessionAdapter`, which gives it the pitch context and keeps it in step.
+
+    Experts, per quantity (step, duration): the model's prediction; the timing of the latest counted note that
+    followed the longest of the last 8, 4 or 2 pitches (a motif played again tends to keep its rhythm); the
+    timing of the latest counted note that followed the last 4 or 2 (step, duration) pairs (a rhythm played
+    again). An expert with nothing matched is the model. The prediction is the experts' weighted mean, weights
+    `exp(-L_k / (8·s))` with L_k the expert's discounted sum of absolute errors on the player's notes so far and
+    s the model's discounted mean absolute error (the exponentially weighted forecaster, with its learning rate
+    set by the scale of the errors met), times the prior `TIMING_PRIOR`: whichever expert has been right
+    lately dominates.
+    """
+
+    def __init__(self, memory: int):
+        self.memory = memory
+        self._by_pitch: dict[tuple, tuple] = {}   # pitch context -> (step, duration, serial) of its latest follower
+        self._by_rhythm: dict[tuple, tuple] = {}  # rhythm context (quantised step, duration, ...) -> the same
+        self._rhythm: tuple = ()  # the last notes' quantised (step, duration), flattened, oldest first
+        self._added: deque = deque()  # per counted note: (serial, its keys in _by_pitch, in _by_rhythm)
+        self._serial = 0
+        self._loss = [[0.0] * len(TIMING_EXPERTS) for _ in range(2)]  # per quantity, per expert
+        self._scale: list[float | None] = [None, None]
+        self._cache: tuple | None = None  # the matched followers for the current context
+
+    def clear(self) -> None:
+        self._by_pitch.clear()
+        self._by_rhythm.clear()
+        self._added.clear()
+        self._rhythm = ()
+        self._loss = [[0.0] * len(TIMING_EXPERTS) for _ in range(2)]
+        self._scale = [None, None]
+        self._cache = None
+
+    @property
+    def rhythm(self) -> tuple:
+        return self._rhythm
+
+    def set_rhythm(self, rhythm: tuple) -> None:
+        self._rhythm = tuple(rhythm)
+        self._cache = None
+
+    def _followers(self, pitches: tuple) -> tuple:
+        """(the timing after the longest matched pitch context, the same for rhythm), None where none matched."""
+        if self._cache is None:
+            by_pitch = self._by_pitch
+            size = len(pitches)
+            after_pitch = next((hit for n in TIMING_PITCH_ORDERS if n <= size
+                                for hit in (by_pitch.get(pitches[-n:]),) if hit is not None), None)
+            by_rhythm = self._by_rhythm
+            rhythm = self._rhythm
+            size = len(rhythm)
+            after_rhythm = next((hit for n in TIMING_RHYTHM_ORDERS if 2 * n <= size
+                                 for hit in (by_rhythm.get(rhythm[-2 * n:]),) if hit is not None), None)
+            self._cache = (after_pitch, after_rhythm)
+        return self._cache
+
+    def experts(self, pitches: tuple, step: float, duration: float) -> list[tuple[float, float]]:
+        """Each expert's (step, duration) for the next note, given the model's, in `TIMING_EXPERTS` order."""
+        out = [(step, duration)]
+        for hit in self._followers(pitches):
+            out.append((hit[0], hit[1]) if hit is not None else (step, duration))
+        return out
+
+    def predict(self, pitches: tuple, step: float, duration: float) -> tuple[float, float]:
+        """The adapted (step, duration) for the next note, given the model's (after the notes observed so far)."""
+        after_pitch, after_rhythm = self._followers(pitches)
+        if after_pitch is None and after_rhythm is None:
+            return step, duration  # every expert is the model
+        experts = self.experts(pitches, step, duration)
+        out = []
+        for q in (0, 1):
+            loss = self._loss[q]
+            scale = TIMING_SOFTNESS * max(self._scale[q] or 0.0, TIMING_SCALE_FLOOR_S)
+            least = min(loss)
+            w = [prior * math.exp((least - lk) / scale) for prior, lk in zip(TIMING_PRIOR, loss)]
+            out.append(sum([wk * e[q] for wk, e in zip(w, experts)]) / sum(w))
+        return out[0], out[1]
+
+    def observe(self, pitches: tuple, step: float, duration: float, model: tuple | None, learn: bool) -> None:
+        """A note was played with this (step, duration), after `pitches`; `model` is the model's (step,
+        duration) for it (None: the weights are not updated). `learn`: the player's note (remembered)."""
+        if learn:
+            if model is not None:
+                experts = self.experts(pitches, model[0], model[1])
+                for q, truth in enumerate((step, duration)):
+                    loss = self._loss[q]
+                    errors = [abs(e[q] - truth) for e in experts]
+                    self._loss[q] = [TIMING_DISCOUNT * lk + err for lk, err in zip(loss, errors)]
+                    scale = self._scale[q]
+                    self._scale[q] = errors[0] if scale is None else \
+                        TIMING_DISCOUNT * scale + (1.0 - TIMING_DISCOUNT) * errors[0]
+            self._serial += 1
+            timing = (step, duration, self._serial)
+            size = len(pitches)
+            pkeys = tuple(pitches[-n:] for n in TIMING_PITCH_ORDERS if n <= size)
+            for key in pkeys:
+                self._by_pitch[key] = timing
+            size = len(self._rhythm)
+            rkeys = tuple(self._rhythm[-2 * n:] for n in TIMING_RHYTHM_ORDERS if 2 * n <= size)
+            for key in rkeys:
+                self._by_rhythm[key] = timing
+            self._added.append((self._serial, pkeys, rkeys))
+            if len(self._added) > self.memory:
+                serial, pkeys, rkeys = self._added.popleft()
+                for table, keys in ((self._by_pitch, pkeys), (self._by_rhythm, rkeys)):
+                    for key in keys:
+                        if table[key][2] == serial:  # its latest follower leaves: nothing newer followed it
+                            del table[key]
+        quantum = TIMING_QUANTUM_S
+        self._rhythm = (self._rhythm + (round(step / quantum), round(duration / quantum)))[
+            -2 * TIMING_RHYTHM_ORDERS[0]:]
+        self._cache = None
+
+
 class SessionAdapter:
     """The session's pitch memory and mixture (see the module docstring).
 
@@ -126,14 +255,20 @@ class SessionAdapter:
     the experts that include it; `observe` needs each expert's probability of one pitch, a scalar
     `α_k·model[pitch] + Σ d_n[pitch]`. `_state` finds the matched orders once per context, for both.
 
+    With `timing` (the default), a `TimingCache` adapts step and duration too: `timing(step, duration)` gives
+    them for the next note from the model's, and `observe` takes the note's `timing` and the model's
+    `model_timing` for it.
+
     Args:
         memory: how many player notes are counted at most (older ones are forgotten first).
+        timing: adapt step and duration as well as pitch.
     """
 
-    def __init__(self, memory: int = 2000):
+    def __init__(self, memory: int = 2000, *, timing: bool = True):
         if memory < 1:
             raise ValueError(f"memory = {memory!r} is not valid: expected at least 1 note")
         self.memory = int(memory)
+        self._timing = TimingCache(self.memory) if timing else None
         self._pitch_table: dict[tuple, dict[int, int]] = {}     # pitch context (2, 4, 8, 16) -> {pitch: count}
         self._interval_table: dict[tuple, dict[int, int]] = {}  # interval context (3, 7, 15) -> {interval: count}
         # per counted note, oldest first: the pitches before it, the intervals between those, its pitch, and the
@@ -170,14 +305,30 @@ class SessionAdapter:
         return {"pitch": {k: dict(v) for k, v in self._pitch_table.items()},
                 "interval": {k: dict(v) for k, v in self._interval_table.items()}}
 
+    @property
+    def adapts_timing(self) -> bool:
+        return self._timing is not None
+
     def context(self) -> tuple:
         """The last pitches played (what the experts look up); `set_context` puts it back (undo of fed notes)."""
         return self._pitches
+
+    def save(self) -> tuple:
+        """The context (pitches, and the last notes' timing): `restore` puts it back (undo of fed notes)."""
+        return self._pitches, self._timing.rhythm if self._timing is not None else ()
+
+    def restore(self, saved: tuple) -> None:
+        pitches, rhythm = saved
+        self.set_context(pitches)
+        if self._timing is not None:
+            self._timing.set_rhythm(rhythm)
 
     def set_context(self, pitches: tuple) -> None:
         self._pitches = tuple(int(p) for p in pitches)[-(MAX_ORDER + 1):]
         self._intervals = tuple(b - a for a, b in zip(self._pitches, self._pitches[1:]))
         self._cache = False
+        if self._timing is not None:
+            self._timing.set_rhythm(self._timing.rhythm)  # (its look-ups depend on the pitches too)
 
     def forget(self) -> None:
         """Clear the session memory and the context, and reset the weights to the prior."""
@@ -189,6 +340,14 @@ class SessionAdapter:
         self._weights = [list(row) for row in self._prior]
         self.learned = 0
         self._cache = False
+        if self._timing is not None:
+            self._timing.clear()
+
+    def timing(self, step: float, duration: float) -> tuple[float, float]:
+        """The (step, duration) to play next, given the model's (unchanged without timing adaptation)."""
+        if self._timing is None:
+            return step, duration
+        return self._timing.predict(self._pitches, step, duration)
 
     def _state(self) -> tuple | None:
         """(the α of every expert, the levels, the weight row, the levels' entries) for the current context, or None when no
@@ -283,17 +442,25 @@ class SessionAdapter:
         out[np.fromiter(acc, np.intp, len(acc))] += np.fromiter(acc.values(), np.float64, len(acc))
         return out
 
-    def observe(self, pitch: int, model_probs: np.ndarray | None, *, learn: bool = True) -> None:
+    def observe(self, pitch: int, model_probs: np.ndarray | None, *, learn: bool = True,
+                timing: tuple[float, float] | None = None, model_timing: tuple[float, float] | None = None) -> None:
         """Record a played note: `learn` updates weights and counts (a player's note); otherwise context only.
 
         `model_probs` is the model's distribution for this note (None: the weights are not updated, e.g. for
-        the first note after a reset, when the model had nothing to predict from).
+        the first note after a reset, when the model had nothing to predict from). `timing`: the note's (step,
+        duration) in seconds, and `model_timing` the model's prediction of them (None: not updated), for the
+        timing adaptation.
         """
         pitch = int(pitch)
         if not 0 <= pitch < 128:
             raise ValueError(f"pitch = {pitch} is not valid: expected a MIDI pitch 0..127")
         history = self._pitches
         intervals = self._intervals
+        if self._timing is not None:
+            if timing is not None:
+                self._timing.observe(history, float(timing[0]), float(timing[1]), model_timing, learn)
+            else:
+                self._timing.set_rhythm(self._timing.rhythm)  # (the pitch context changes)
         if learn:
             state = self._state()
             if model_probs is not None and state is not None:  # (all experts equal: nothing to learn)

@@ -22,8 +22,8 @@ becomes the state. A batch row's outputs do not depend on the other row (onnxrun
 Session adaptation (`improvise.adapt`, daemon/adapt.py): with a `SessionAdapter`, each note fed is told to it
 (`feed(note, player=True)` for the player's notes, which it learns from; improvd's own notes only extend its
 context), and `predict` decodes the pitch from the adapter's mixture of the model's distribution and the
-session's memory instead of the model's alone. `forget()` clears that memory. Without an adapter (the default)
-nothing changes.
+session's memory instead of the model's alone, and the step and duration from its timing memory (when it
+adapts timing, the default). `forget()` clears that memory. Without an adapter (the default) nothing changes.
 
 Greedy decoding (temperature 0) of a prediction is: pitch = argmax of the logits within `pitch_range`,
 step = clip(step, step_range), duration = clip(duration, duration_range) (see `daemon.sampling.decode`).
@@ -148,7 +148,11 @@ class Improviser:
         values = np.asarray(note, dtype=np.float64).reshape(-1)[:4]
         row[:len(values)] = values
         if self.adapter is not None:
-            self.adapter.observe(int(row[nt.PITCH]), self._model_probs(), learn=player)
+            pred = self._prediction
+            self.adapter.observe(int(row[nt.PITCH]), self._model_probs(), learn=player,
+                                 timing=(row[nt.STEP], row[nt.DURATION]),
+                                 model_timing=(max(float(pred.step[0]), 0.0), max(float(pred.duration[0]), 0.0))
+                                 if pred is not None else None)
         self._history.append(row)
         self._fed += 1
         self._since_priming += 1
@@ -201,9 +205,11 @@ class Improviser:
             velocity_hint = float(np.mean(recent)) if recent else None
         model_velocity = float(pred.velocity[0]) if pred.velocity is not None else None
         logits = pred.pitch_logits[0]
+        step, duration = float(pred.step[0]), float(pred.duration[0])
         if self.adapter is not None:  # log-probabilities of the mixture: decoding treats them as logits
             with np.errstate(divide="ignore"):
                 logits = np.log(self.adapter.mix(self._model_probs()))
+            step, duration = self.adapter.timing(max(step, 0.0), max(duration, 0.0))
         decoding = self.decoding
         self.rechosen = False
         bounded = None
@@ -213,11 +219,9 @@ class Improviser:
             if lo <= hi and (lo, hi) != tuple(decoding.pitch_range):
                 bounded = dataclasses.replace(decoding, pitch_range=(lo, hi))
         if bounded is None:
-            return decode(logits, float(pred.step[0]), float(pred.duration[0]), model_velocity,
-                          decoding, self.rng, player_velocity=velocity_hint)
+            return decode(logits, step, duration, model_velocity, decoding, self.rng, player_velocity=velocity_hint)
         before = self.rng.bit_generator.state
-        row = decode(logits, float(pred.step[0]), float(pred.duration[0]), model_velocity,
-                     bounded, self.rng, player_velocity=velocity_hint)
+        row = decode(logits, step, duration, model_velocity, bounded, self.rng, player_velocity=velocity_hint)
         after = self.rng.bit_generator.state
         self.rng.bit_generator.state = before  # the same draw without the register
         free = choose_pitch(logits, decoding.temperature, decoding.top_p, decoding.pitch_range,
@@ -229,7 +233,7 @@ class Improviser:
     def snapshot(self) -> Snapshot:
         """What `restore` needs to undo the feeds made after this call (O(context) copy)."""
         return Snapshot(self._state.copy(), self._prediction, self._since_priming, tuple(self._history), self._fed,
-                        self.adapter.context() if self.adapter is not None else None,
+                        self.adapter.save() if self.adapter is not None else None,
                         self._shadow.copy() if self._shadow is not None else None)
 
     def restore(self, snap: Snapshot) -> None:
@@ -242,4 +246,4 @@ class Improviser:
         self._history.extend(snap.history)
         self._fed = snap.fed
         if self.adapter is not None and snap.adapter_context is not None:
-            self.adapter.set_context(snap.adapter_context)
+            self.adapter.restore(snap.adapter_context)
