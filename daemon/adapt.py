@@ -67,6 +67,9 @@ TIMING_SCALE_FLOOR_S = 0.001      # the error scale never counts as less than th
 TIMING_SOFTNESS = 8.0             # weights exp(-L / (TIMING_SOFTNESS · the model's mean absolute error))
 TIMING_PRIOR = (0.8, 0.1, 0.1)    # the experts' prior weights (model, pitch context, rhythm context)
 TIMING_EXPERTS = ("model", "pitch context", "rhythm context")
+_P0, _P1, _P2 = TIMING_PRIOR
+_RHYTHM_SPANS = tuple(2 * n for n in TIMING_RHYTHM_ORDERS)  # a note is two symbols in a rhythm context
+_PER_QUANTUM = 1.0 / TIMING_QUANTUM_S
 
 
 def _plan(spans: tuple[int, ...], lowest: tuple[int, ...], first: int) -> tuple[tuple, ...]:
@@ -146,7 +149,7 @@ class TimingCache:
         self._rhythm: tuple = ()  # the last notes' quantised (step, duration), flattened, oldest first
         self._added: deque = deque()  # per counted note: (serial, its keys in _by_pitch, in _by_rhythm)
         self._serial = 0
-        self._loss = [[0.0] * len(TIMING_EXPERTS) for _ in range(2)]  # per quantity, per expert
+        self._loss = [(0.0, 0.0, 0.0), (0.0, 0.0, 0.0)]  # per quantity (step, duration), per expert
         self._scale: list[float | None] = [None, None]
         self._cache: tuple | None = None  # the matched followers for the current context
 
@@ -155,7 +158,7 @@ class TimingCache:
         self._by_rhythm.clear()
         self._added.clear()
         self._rhythm = ()
-        self._loss = [[0.0] * len(TIMING_EXPERTS) for _ in range(2)]
+        self._loss = [(0.0, 0.0, 0.0), (0.0, 0.0, 0.0)]
         self._scale = [None, None]
         self._cache = None
 
@@ -169,18 +172,26 @@ class TimingCache:
 
     def _followers(self, pitches: tuple) -> tuple:
         """(the timing after the longest matched pitch context, the same for rhythm), None where none matched."""
-        if self._cache is None:
-            by_pitch = self._by_pitch
+        cache = self._cache
+        if cache is None:
+            after_pitch = after_rhythm = None
             size = len(pitches)
-            after_pitch = next((hit for n in TIMING_PITCH_ORDERS if n <= size
-                                for hit in (by_pitch.get(pitches[-n:]),) if hit is not None), None)
-            by_rhythm = self._by_rhythm
+            get = self._by_pitch.get
+            for n in TIMING_PITCH_ORDERS:
+                if n <= size:
+                    after_pitch = get(pitches[-n:])
+                    if after_pitch is not None:
+                        break
             rhythm = self._rhythm
             size = len(rhythm)
-            after_rhythm = next((hit for n in TIMING_RHYTHM_ORDERS if 2 * n <= size
-                                 for hit in (by_rhythm.get(rhythm[-2 * n:]),) if hit is not None), None)
-            self._cache = (after_pitch, after_rhythm)
-        return self._cache
+            get = self._by_rhythm.get
+            for n in _RHYTHM_SPANS:
+                if n <= size:
+                    after_rhythm = get(rhythm[-n:])
+                    if after_rhythm is not None:
+                        break
+            cache = self._cache = (after_pitch, after_rhythm)
+        return cache
 
     def experts(self, pitches: tuple, step: float, duration: float) -> list[tuple[float, float]]:
         """Each expert's (step, duration) for the next note, given the model's, in `TIMING_EXPERTS` order."""
@@ -194,49 +205,58 @@ class TimingCache:
         after_pitch, after_rhythm = self._followers(pitches)
         if after_pitch is None and after_rhythm is None:
             return step, duration  # every expert is the model
-        experts = self.experts(pitches, step, duration)
-        out = []
+        p = after_pitch or (step, duration)
+        r = after_rhythm or (step, duration)
+        out = [step, duration]
         for q in (0, 1):
-            loss = self._loss[q]
-            scale = TIMING_SOFTNESS * max(self._scale[q] or 0.0, TIMING_SCALE_FLOOR_S)
-            least = min(loss)
-            w = [prior * math.exp((least - lk) / scale) for prior, lk in zip(TIMING_PRIOR, loss)]
-            out.append(sum([wk * e[q] for wk, e in zip(w, experts)]) / sum(w))
+            l0, l1, l2 = self._loss[q]
+            least = min(l0, l1, l2)
+            rate = -1.0 / (TIMING_SOFTNESS * max(self._scale[q] or 0.0, TIMING_SCALE_FLOOR_S))
+            w0 = _P0 * math.exp(rate * (l0 - least))
+            w1 = _P1 * math.exp(rate * (l1 - least))
+            w2 = _P2 * math.exp(rate * (l2 - least))
+            out[q] = (w0 * out[q] + w1 * p[q] + w2 * r[q]) / (w0 + w1 + w2)
         return out[0], out[1]
 
     def observe(self, pitches: tuple, step: float, duration: float, model: tuple | None, learn: bool) -> None:
         """A note was played with this (step, duration), after `pitches`; `model` is the model's (step,
         duration) for it (None: the weights are not updated). `learn`: the player's note (remembered)."""
+        rhythm = self._rhythm
         if learn:
             if model is not None:
-                experts = self.experts(pitches, model[0], model[1])
-                for q, truth in enumerate((step, duration)):
-                    loss = self._loss[q]
-                    errors = [abs(e[q] - truth) for e in experts]
-                    self._loss[q] = [TIMING_DISCOUNT * lk + err for lk, err in zip(loss, errors)]
+                after_pitch, after_rhythm = self._followers(pitches)
+                p = after_pitch or model
+                r = after_rhythm or model
+                g = TIMING_DISCOUNT
+                for q, truth in ((0, step), (1, duration)):
+                    l0, l1, l2 = self._loss[q]
+                    e0 = abs(model[q] - truth)
+                    self._loss[q] = (g * l0 + e0, g * l1 + abs(p[q] - truth), g * l2 + abs(r[q] - truth))
                     scale = self._scale[q]
-                    self._scale[q] = errors[0] if scale is None else \
-                        TIMING_DISCOUNT * scale + (1.0 - TIMING_DISCOUNT) * errors[0]
+                    self._scale[q] = e0 if scale is None else g * scale + (1.0 - g) * e0
             self._serial += 1
             timing = (step, duration, self._serial)
             size = len(pitches)
-            pkeys = tuple(pitches[-n:] for n in TIMING_PITCH_ORDERS if n <= size)
+            pkeys = tuple([pitches[-n:] for n in TIMING_PITCH_ORDERS if n <= size])
+            by_pitch = self._by_pitch
             for key in pkeys:
-                self._by_pitch[key] = timing
-            size = len(self._rhythm)
-            rkeys = tuple(self._rhythm[-2 * n:] for n in TIMING_RHYTHM_ORDERS if 2 * n <= size)
+                by_pitch[key] = timing
+            size = len(rhythm)
+            rkeys = tuple([rhythm[-n:] for n in _RHYTHM_SPANS if n <= size])
+            by_rhythm = self._by_rhythm
             for key in rkeys:
-                self._by_rhythm[key] = timing
-            self._added.append((self._serial, pkeys, rkeys))
-            if len(self._added) > self.memory:
-                serial, pkeys, rkeys = self._added.popleft()
-                for table, keys in ((self._by_pitch, pkeys), (self._by_rhythm, rkeys)):
-                    for key in keys:
-                        if table[key][2] == serial:  # its latest follower leaves: nothing newer followed it
-                            del table[key]
-        quantum = TIMING_QUANTUM_S
-        self._rhythm = (self._rhythm + (round(step / quantum), round(duration / quantum)))[
-            -2 * TIMING_RHYTHM_ORDERS[0]:]
+                by_rhythm[key] = timing
+            added = self._added
+            added.append((self._serial, pkeys, rkeys))
+            if len(added) > self.memory:
+                serial, pkeys, rkeys = added.popleft()
+                for key in pkeys:
+                    if by_pitch[key][2] == serial:  # its latest follower leaves: nothing newer followed it
+                        del by_pitch[key]
+                for key in rkeys:
+                    if by_rhythm[key][2] == serial:
+                        del by_rhythm[key]
+        self._rhythm = (rhythm + (round(step * _PER_QUANTUM), round(duration * _PER_QUANTUM)))[-_RHYTHM_SPANS[0]:]
         self._cache = None
 
 

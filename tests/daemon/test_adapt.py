@@ -214,6 +214,70 @@ def test_the_fast_mixture_equals_the_straightforward_computation(seed):
     assert matched_seen == {0, 2, 4, 8, 16}  # every weight row is used, the longest contexts too
 
 
+RHYTHM = [(0.25, 0.2), (0.125, 0.1), (0.125, 0.1), (0.5, 0.45), (0.75, 0.3)]  # a distinctive rhythm
+
+
+def play_timed(a, pitches, rhythm, model_timing=(0.3, 0.3)):
+    for p, (step, duration) in zip(pitches, rhythm):
+        a.observe(p, UNIFORM, timing=(step, duration), model_timing=model_timing)
+
+
+def test_timing_equals_the_model_until_something_repeats():
+    a = SessionAdapter(100)
+    assert a.timing(0.3, 0.2) == (0.3, 0.2)
+    play_timed(a, [60, 62, 64], RHYTHM)
+    assert a.timing(0.3, 0.2) == (0.3, 0.2)  # pitches 62 64 and the last two rhythms never met before
+
+
+def test_a_repeated_rhythm_is_predicted_and_forget_clears_it():
+    """A model that always says 0.3 s: after the player repeats a motif with its rhythm, the step and duration
+    of the motif's next note come from the session: nearly all the way when pitches and rhythm both match, part
+    of the way by its pitches alone (played in another rhythm) or by its rhythm alone (on other pitches), as
+    the expert that did not match is the model."""
+    both, by_pitch, by_rhythm = SessionAdapter(1000), SessionAdapter(1000), SessionAdapter(1000)
+    for a in (both, by_pitch, by_rhythm):
+        for _ in range(6):
+            play_timed(a, MOTIF[:5], RHYTHM)
+    play_timed(both, MOTIF[:3], RHYTHM[:3])
+    play_timed(by_pitch, MOTIF[:3], [(0.3, 0.3)] * 3)
+    play_timed(by_rhythm, [40, 41, 42], RHYTHM[:3])
+    for a, part in ((both, 0.7), (by_pitch, 0.2), (by_rhythm, 0.3)):
+        step, duration = a.timing(0.3, 0.3)
+        assert (step - 0.3) > part * (RHYTHM[3][0] - 0.3)  # towards the motif's next step, 0.5
+        assert (duration - 0.3) > part * (RHYTHM[3][1] - 0.3)
+    both.forget()
+    play_timed(both, MOTIF[:3], RHYTHM[:3])
+    assert both.timing(0.3, 0.3) == (0.3, 0.3)
+
+
+def test_timing_never_much_worse_than_the_model_on_a_player_who_never_repeats():
+    """Random pitches and steps, and a model that predicts their median: the session's followers only mislead,
+    and the mixture must keep the step error within 2 % of the model's."""
+    rng = np.random.default_rng(4)
+    a = SessionAdapter(1000)
+    plain = adapted = 0.0
+    for p, step in zip(rng.integers(40, 90, 3000), rng.choice([0.125, 0.25, 0.375, 0.5], 3000)):
+        plain += abs(0.3125 - step)
+        adapted += abs(a.timing(0.3125, 0.3)[0] - step)
+        a.observe(int(p), UNIFORM, timing=(step, 0.3), model_timing=(0.3125, 0.3))
+    assert adapted <= 1.02 * plain
+
+
+def test_timing_memory_stays_bounded_and_pitch_only_leaves_timing_alone():
+    rng = np.random.default_rng(5)
+    a = SessionAdapter(50)
+    for p in rng.integers(40, 90, 3000):
+        a.observe(int(p), UNIFORM, timing=(float(rng.choice([0.1, 0.2, 0.3])), 0.2), model_timing=(0.2, 0.2))
+    cache = a._timing
+    assert len(cache._added) == 50
+    assert len(cache._by_pitch) <= 50 * len(adapt.TIMING_PITCH_ORDERS)
+    assert len(cache._by_rhythm) <= 50 * len(adapt.TIMING_RHYTHM_ORDERS)
+    pitch_only = SessionAdapter(100, timing=False)
+    for _ in range(4):
+        play_timed(pitch_only, MOTIF[:5], RHYTHM)
+    assert pitch_only.timing(0.3, 0.3) == (0.3, 0.3) and not pitch_only.adapts_timing
+
+
 def test_memory_must_be_positive():
     with pytest.raises(ValueError, match="memory = 0"):
         SessionAdapter(0)
