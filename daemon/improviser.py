@@ -17,7 +17,8 @@ notes, and k becomes 0. A third party reproduces the greedy output (docs/model-f
 That rebuild is not done all at once (C model steps in one feed, a spike of C times a note's cost every C + 1
 notes): a second state, started from zero after the first note of each cycle, is fed every later note beside the
 main one (the same call, a batch of two rows), so at k = C + 1 it has been fed exactly the last C notes and
-becomes the state. A batch row's outputs do not depend on the other row (onnxruntime computes them alike).
+becomes the state. A batch row's outputs are those of the row fed alone (bit for bit with the shipped model
+and onnxruntime's CPU provider; tests/daemon/test_improviser.py checks the rule's outputs to 1e-6).
 
 Session adaptation (`improvise.adapt`, daemon/adapt.py): with a `SessionAdapter`, each note fed is told to it
 (`feed(note, player=True)` for the player's notes, which it learns from; improvd's own notes only extend its
