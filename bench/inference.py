@@ -3,14 +3,17 @@
 (a) the step model with its state carried (one call per note), and (b) the window model re-run over the last
 `context` notes for every new note (what a model without carried state costs), measured in the same run.
 (c) `step_adapted`: (a) plus session adaptation (`improvise.adapt = "cache"`, daemon/predict/adapt.py) as the
-Improviser does it per note: softmax of the logits, the adapter's mixture, and `observe` of the note (weights
-and counts updated), on a pitch stream that repeats motifs (so contexts match) with the memory full
-(`--adapt-memory`, default the config's). `adapt_cost_ratio_median` = median (c) / median (a).
+Improviser does it per note: softmax of the logits, the adapter's pitch mixture and timing, and `observe` of the
+note (weights and counts updated, pitch and timing), on a stream that repeats motifs and their rhythms (so
+contexts match) with the memory full (`--adapt-memory`, default the config's). `adapt_cost_ratio_median` =
+median (c) / median (a); `adapt_cost_ratio_cpu_median` the same with the thread's CPU time per note, which a
+shared machine's other processes disturb far less than wall-clock time.
 (d) `improviser` / `improviser_adapted`: what the engine thread spends per note, through `Improviser`: feed a
 player's note, then decode the next note (`predict`, the default [improvise] decoding: temperature 0.9, top-p
 0.95), without and with adaptation. `improviser_adapt_ratio_median` = median adapted / median without.
 
     .venv/bin/python bench/inference.py [--model models/bach.onnx] [--window models/bach.window.onnx]
+                                        [--adapt cache|pitch]
 
 Without --window, the window model is exported next to a temporary copy from --keras (a run directory's
 model.keras); with neither, only the step model is measured.
@@ -41,10 +44,15 @@ def _session(path: str):
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
-def _stats(samples_s: list[float]) -> dict:
+def _stats(samples_s: list[float], cpu_s: list[float] | None = None) -> dict:
+    """Wall-clock latency per note; with `cpu_s`, also the thread's CPU time per note (`cpu_median_us`), which
+    time slices lost to other processes on a shared machine do not inflate."""
     us = np.asarray(samples_s) * 1e6
-    return {"median_us": float(np.median(us)), "p99_us": float(np.percentile(us, 99)),
-            "max_us": float(us.max()), "n": len(us)}
+    out = {"median_us": float(np.median(us)), "p99_us": float(np.percentile(us, 99)),
+           "max_us": float(us.max()), "n": len(us)}
+    if cpu_s is not None:
+        out["cpu_median_us"] = float(np.median(cpu_s) * 1e6)
+    return out
 
 
 def bench_step(path: str, notes: int, warmup: int = 200) -> dict:
@@ -52,16 +60,17 @@ def bench_step(path: str, notes: int, warmup: int = 200) -> dict:
     rng = np.random.default_rng(0)
     feats = model.num_features
     state = model.zero_state(1)
-    times = []
+    times, cpu = [], []
     for i in range(warmup + notes):
         note = np.array([[rng.integers(40, 80), 0.25, 0.4, 80][:feats]], dtype=np.float32)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         pred = model.run(note, state)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.thread_time() - c0
         state = pred.state
         if i >= warmup:
             times.append(dt)
-    return _stats(times) | {"state_size": model.state_size, "features": ",".join(model.features)}
+            cpu.append(dc)
+    return _stats(times, cpu) | {"state_size": model.state_size, "features": ",".join(model.features)}
 
 
 def _pitch_stream(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -76,38 +85,42 @@ def _pitch_stream(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(out[:n])
 
 
-def bench_step_adapted(path: str, notes: int, memory: int, warmup: int = 200) -> dict:
+def bench_step_adapted(path: str, notes: int, memory: int, timing: bool = True, warmup: int = 200) -> dict:
     model = StepModel(path, threads=1)
     rng = np.random.default_rng(0)
     feats = model.num_features
     state = model.zero_state(1)
-    adapter = SessionAdapter(memory)
+    adapter = SessionAdapter(memory, timing=timing)
     pitches = _pitch_stream(memory + warmup + notes, rng)
-    for p in pitches[:memory]:  # the memory full before timing: the worst case for its size
-        adapter.observe(int(p), None)
-    times = []
-    probs = None
-    for i, p in enumerate(pitches[memory:]):
-        note = np.array([[p, 0.25, 0.4, 80][:feats]], dtype=np.float32)
-        t0 = time.perf_counter()
-        adapter.observe(int(p), probs)
+    steps = 0.125 * (1 + pitches % 3)  # a rhythm that comes back with the motifs
+    for p, s in zip(pitches[:memory], steps):  # the memory full before timing: the worst case for its size
+        adapter.observe(int(p), None, timing=(s, 0.4))
+    times, cpu = [], []
+    probs = model_timing = None
+    for i, (p, s) in enumerate(zip(pitches[memory:], steps[memory:])):
+        note = np.array([[p, s, 0.4, 80][:feats]], dtype=np.float32)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        adapter.observe(int(p), probs, timing=(s, 0.4), model_timing=model_timing)
         pred = model.run(note, state)
         probs = softmax(pred.pitch_logits[0])
         adapter.mix(probs)
-        dt = time.perf_counter() - t0
+        model_timing = (max(float(pred.step[0]), 0.0), max(float(pred.duration[0]), 0.0))
+        adapter.timing(*model_timing)
+        dt, dc = time.perf_counter() - t0, time.thread_time() - c0
         state = pred.state
         if i >= warmup:
             times.append(dt)
-    return _stats(times) | {"memory": memory, "counted": adapter.counted}
+            cpu.append(dc)
+    return _stats(times, cpu) | {"memory": memory, "counted": adapter.counted, "timing": timing}
 
 
-def bench_improviser(path: str, notes: int, memory: int | None, warmup: int = 200) -> dict:
+def bench_improviser(path: str, notes: int, memory: int | None, timing: bool = True, warmup: int = 200) -> dict:
     from improvd.core.config import ImproviseConfig
     from improvd.daemon.predict.improviser import Decoding, Improviser
 
     model = StepModel(path, threads=1)
     rng = np.random.default_rng(0)
-    adapter = SessionAdapter(memory) if memory else None
+    adapter = SessionAdapter(memory, timing=timing) if memory else None
     imp = Improviser(model, Decoding.from_config(ImproviseConfig()), rng=np.random.default_rng(1), adapter=adapter)
     pitches = _pitch_stream((memory or 0) + warmup + notes + 1, rng)
     if adapter is not None:
@@ -115,16 +128,17 @@ def bench_improviser(path: str, notes: int, memory: int | None, warmup: int = 20
             imp.feed([p, 0.25, 0.4, 80], player=True)
         pitches = pitches[memory:]
     imp.feed([pitches[0], 0.25, 0.4, 80], player=True)
-    times = []
+    times, cpu = [], []
     for i, p in enumerate(pitches[1:]):
         note = [float(p), 0.25, 0.4, 80.0]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         imp.feed(note, player=True)
         imp.predict()
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.thread_time() - c0
         if i >= warmup:
             times.append(dt)
-    return _stats(times) | ({"memory": memory, "counted": adapter.counted} if adapter is not None else {})
+            cpu.append(dc)
+    return _stats(times, cpu) | ({"memory": memory, "counted": adapter.counted} if adapter is not None else {})
 
 
 def bench_window(path: str, notes: int, warmup: int = 50) -> dict:
@@ -135,7 +149,7 @@ def bench_window(path: str, notes: int, warmup: int = 50) -> dict:
     window = np.zeros((1, context, feats), dtype=np.float32)
     window[..., 0] = rng.integers(40, 80, (1, context))
     window[..., 1:3] = 0.3
-    times = []
+    times, cpu = [], []
     for i in range(warmup + notes):
         t0 = time.perf_counter()
         sess.run(None, {inp.name: window})
@@ -153,7 +167,10 @@ def main() -> int:
     parser.add_argument("--notes", type=int, default=3000, help="notes timed per model")
     parser.add_argument("--adapt-memory", type=int, default=None,
                         help="session memory of the adapted measurement (default: improvise.adapt_memory)")
+    parser.add_argument("--adapt", default="cache", choices=("cache", "pitch"),
+                        help="improvise.adapt of the adapted measurements: cache (pitch and timing) or pitch")
     args = parser.parse_args()
+    timing = args.adapt == "cache"
     if args.adapt_memory is None:
         from improvd.core.config import ImproviseConfig
         args.adapt_memory = ImproviseConfig().adapt_memory
@@ -162,21 +179,25 @@ def main() -> int:
     rounds = 3
     for _ in range(rounds):
         step_rounds.append(bench_step(args.model, args.notes // rounds))
-        adapted_rounds.append(bench_step_adapted(args.model, args.notes // rounds, args.adapt_memory))
+        adapted_rounds.append(bench_step_adapted(args.model, args.notes // rounds, args.adapt_memory, timing))
         imp_rounds.append(bench_improviser(args.model, args.notes // rounds, None))
-        imp_adapted_rounds.append(bench_improviser(args.model, args.notes // rounds, args.adapt_memory))
+        imp_adapted_rounds.append(bench_improviser(args.model, args.notes // rounds, args.adapt_memory, timing))
         if args.window:
             window_rounds.append(bench_window(args.window, max(100, args.notes // (rounds * 5))))
     pick = lambda rs: min(rs, key=lambda r: r["median_us"])  # noqa: E731  the quietest round
-    result = {"benchmark": "inference", "model": args.model, "threads": 1, "step": pick(step_rounds),
+    result = {"benchmark": "inference", "model": args.model, "threads": 1, "adapt": args.adapt,
+              "step": pick(step_rounds),
               "step_rounds": step_rounds, "step_adapted": pick(adapted_rounds), "step_adapted_rounds": adapted_rounds}
     result["adapt_cost_ratio_median"] = result["step_adapted"]["median_us"] / result["step"]["median_us"]
+    result["adapt_cost_ratio_cpu_median"] = result["step_adapted"]["cpu_median_us"] / result["step"]["cpu_median_us"]
     result["adapt_cost_ratio_per_round"] = [a["median_us"] / s["median_us"]
                                             for s, a in zip(step_rounds, adapted_rounds)]
     result["improviser"] = pick(imp_rounds)
     result["improviser_adapted"] = pick(imp_adapted_rounds)
     result["improviser_adapt_ratio_median"] = (result["improviser_adapted"]["median_us"]
                                                / result["improviser"]["median_us"])
+    result["improviser_adapt_ratio_cpu_median"] = (result["improviser_adapted"]["cpu_median_us"]
+                                                   / result["improviser"]["cpu_median_us"])
     result["improviser_adapt_ratio_per_round"] = [a["median_us"] / s["median_us"]
                                                   for s, a in zip(imp_rounds, imp_adapted_rounds)]
     result["loadavg"] = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None

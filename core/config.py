@@ -116,7 +116,7 @@ class ImproviseConfig:
     max_hold: float = _opt(8.0, lo=0.1, hi=3600.0)
     key: str = _opt("none")
     key_strength: float = _opt(1.0, lo=0.0, hi=1.0)
-    adapt: str = _opt("off", choices=("off", "cache"))
+    adapt: str = _opt("off", choices=("off", "cache", "pitch"))
     adapt_memory: int = _opt(1000, lo=1, hi=100000)
 
 

@@ -330,14 +330,18 @@ def cmd_eval(args, config: Config) -> int:
             raise ImprovdError(str(err)) from err
         report.update({"model": str(args.model), "protocol": "session (second half of each file)",
                        "cross_entropy": result["cross_entropy"], "accuracy": result["accuracy"],
+                       "step_mae_s": result["step_mae_s"], "duration_mae_s": result["duration_mae_s"],
                        "notes": result["notes"], "sessions": result["files"], "adapted": result["adapted"],
                        "per_file": result["per_file"]})
         print(f"session protocol on {result['files']} file(s), {result['notes']} target notes (second halves), "
               f"memory {memory} notes")
-        print(f"{'':<12} {'pitch CE':>9} {'top-1':>7}")
-        print(f"{'model':<12} {result['cross_entropy']:>9.4f} {result['accuracy']:>7.3f}")
-        print(f"{'adapted':<12} {result['adapted']['cross_entropy']:>9.4f} {result['adapted']['accuracy']:>7.3f}"
-              f"   ({result['adapted']['ratio']:.3f} × the model's cross-entropy)")
+        print(f"{'':<12} {'pitch CE':>9} {'top-1':>7} {'step MAE':>9} {'dur MAE':>9}")
+        for name, m in (("model", result), ("adapted", result["adapted"])):
+            print(f"{name:<12} {m['cross_entropy']:>9.4f} {m['accuracy']:>7.3f} {m['step_mae_s']:>9.4f} "
+                  f"{m['duration_mae_s']:>9.4f}")
+        ad = result["adapted"]
+        print(f"adapted / model: pitch CE {ad['ratio']:.3f}, step MAE {ad['step_ratio'] or float('nan'):.3f}, "
+              f"duration MAE {ad['duration_ratio'] or float('nan'):.3f}")
         if args.json:
             from improvd.train.fit import write_json
             write_json(Path(args.json), report)

@@ -102,23 +102,30 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
 
 
 def _file_predictions(predict: Predictor, notes: np.ndarray, context: int,
-                      batch_size: int) -> list[np.ndarray | None]:
-    """The model's pitch distribution for every note of one file: note i (i >= 1) from the min(i, context) notes
-    before it, from a zero state (None for note 0, and for i < context when the model takes only full windows)."""
-    out: list[np.ndarray | None] = [None]
+                      batch_size: int) -> tuple[list[np.ndarray | None], list[tuple[float, float] | None]]:
+    """The model's pitch distribution and (step, duration) (negatives as 0) for every note of one file: note i
+    (i >= 1) from the min(i, context) notes before it, from a zero state (None for note 0, and for i < context
+    when the model takes only full windows)."""
+    probs: list[np.ndarray | None] = [None]
+    timing: list[tuple[float, float] | None] = [None]
     x = np.asarray(notes, dtype=np.float64)
+
+    def add(out: dict) -> None:
+        probs.extend(np.exp(log_softmax(out["pitch_logits"])))
+        timing.extend(zip(np.maximum(out["step"], 0.0).tolist(), np.maximum(out["duration"], 0.0).tolist()))
+
     for i in range(1, min(context, len(x))):
         try:
-            logits = predict(x[None, :i])["pitch_logits"]
+            out = predict(x[None, :i])
         except Exception:  # noqa: BLE001  a model of fixed window length (the tutorial's): no prefix prediction
-            out.append(None)
+            probs.append(None)
+            timing.append(None)
             continue
-        out.append(np.exp(log_softmax(logits)[0]))
+        add(out)
     for start in range(context, len(x), batch_size):
         idx = np.arange(start, min(start + batch_size, len(x)))
-        windows = x[idx[:, None] - context + np.arange(context)]
-        out.extend(np.exp(log_softmax(predict(windows)["pitch_logits"])))
-    return out
+        add(predict(x[idx[:, None] - context + np.arange(context)]))
+    return probs, timing
 
 
 def evaluate_adapted(predict: Predictor, files, context: int = 25, memory: int = 2000, batch_size: int = 512,
@@ -127,8 +134,8 @@ def evaluate_adapted(predict: Predictor, files, context: int = 25, memory: int =
     at least `context` notes before them), each predicted by the model from exactly the `context` notes before
     it, while the adaptive part (`daemon.adapt.SessionAdapter`) has heard every earlier note of the file.
 
-    Returns the model's cross-entropy and top-1 on the targets, and the same with adaptation under "adapted",
-    with the per-file numbers (cross-entropy with and without) under "per_file".
+    Returns the model's cross-entropy, top-1 and step and duration MAE (s) on the targets, and the same with
+    adaptation (pitch and timing) under "adapted", with the per-file numbers under "per_file".
 
     Raises:
         ValueError: no file has a target.
@@ -140,6 +147,7 @@ def evaluate_adapted(predict: Predictor, files, context: int = 25, memory: int =
 
     notes = as_note_set(files)
     ce = ce_ad = correct = correct_ad = 0.0
+    errors = np.zeros(4)  # step and duration absolute errors, without and with adaptation
     n = 0
     per_file = []
     weights = []
@@ -148,11 +156,13 @@ def evaluate_adapted(predict: Predictor, files, context: int = 25, memory: int =
         first = max(len(x) // 2, context)
         if first >= len(x):
             continue
-        probs = _file_predictions(predict, x, context, batch_size)
+        probs, timing = _file_predictions(predict, x, context, batch_size)
         adapter = SessionAdapter(memory)
         f_ce = f_ad = 0.0
+        f_err = np.zeros(4)
         for i, row in enumerate(x):
             pitch = int(row[nt.PITCH])
+            truth = (row[nt.STEP], row[nt.DURATION])
             if i >= first:
                 p = probs[i]
                 q = adapter.mix(p)
@@ -160,20 +170,29 @@ def evaluate_adapted(predict: Predictor, files, context: int = 25, memory: int =
                 f_ad -= np.log(max(q[pitch], 1e-300))
                 correct += int(np.argmax(p) == pitch)
                 correct_ad += int(np.argmax(q) == pitch)
-            adapter.observe(pitch, probs[i])
+                adapted = adapter.timing(*timing[i])
+                f_err += [abs(timing[i][0] - truth[0]), abs(timing[i][1] - truth[1]),
+                          abs(adapted[0] - truth[0]), abs(adapted[1] - truth[1])]
+            adapter.observe(pitch, probs[i], timing=truth, model_timing=timing[i])
         k = len(x) - first
         ce += f_ce
         ce_ad += f_ad
+        errors += f_err
         n += k
         weights.append(adapter.weights)
-        per_file.append({"notes": k, "cross_entropy": f_ce / k, "adapted_cross_entropy": f_ad / k})
+        per_file.append({"notes": k, "cross_entropy": f_ce / k, "adapted_cross_entropy": f_ad / k,
+                         "step_mae_s": f_err[0] / k, "duration_mae_s": f_err[1] / k,
+                         "adapted_step_mae_s": f_err[2] / k, "adapted_duration_mae_s": f_err[3] / k})
     if n == 0:
         raise ValueError(f"no file has a second-half note with {context} notes before it: too short for the "
                          f"session protocol")
-    return {"cross_entropy": ce / n, "accuracy": correct / n, "notes": n, "files": len(per_file),
-            "context": context,
+    return {"cross_entropy": ce / n, "accuracy": correct / n, "step_mae_s": errors[0] / n,
+            "duration_mae_s": errors[1] / n, "notes": n, "files": len(per_file), "context": context,
             "adapted": {"cross_entropy": ce_ad / n, "accuracy": correct_ad / n, "memory": memory,
+                        "step_mae_s": errors[2] / n, "duration_mae_s": errors[3] / n,
                         "ratio": (ce_ad / n) / (ce / n) if ce else None,
+                        "step_ratio": errors[2] / errors[0] if errors[0] else None,
+                        "duration_ratio": errors[3] / errors[1] if errors[1] else None,
                         "mean_final_weights": dict(zip(SessionAdapter(memory).experts,
                                                        np.mean(weights, axis=0)[-1].round(4).tolist()))},
             "per_file": per_file}

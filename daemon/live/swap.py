@@ -33,14 +33,15 @@ def make_rng(seed: int) -> np.random.Generator:
 
 
 def adapter_for(config: Config, current: SessionAdapter | None) -> SessionAdapter | None:
-    """The session adapter `config` asks for: the current one (its memory kept across a reload) if the bound is
-    unchanged, a new one if it changed, None when adaptation is off."""
+    """The session adapter `config` asks for: the current one (its memory kept across a reload) if the bound and
+    what it adapts are unchanged, a new one if they changed, None when adaptation is off."""
     imp = config.improvise
     if imp.adapt == "off":
         return None
-    if current is not None and current.memory == imp.adapt_memory:
+    timing = imp.adapt == "cache"  # "pitch": pitch only
+    if current is not None and current.memory == imp.adapt_memory and current.adapts_timing == timing:
         return current
-    return SessionAdapter(imp.adapt_memory)
+    return SessionAdapter(imp.adapt_memory, timing=timing)
 
 
 class Swap(NamedTuple):

@@ -25,17 +25,23 @@ the player's notes and the weights of a mixture:
   0.02 % worse on random notes, tests/daemon/test_adapt.py). When no context was met before, every expert is
   the model and the mixture is skipped.
 - Memory. Only the last `memory` player notes are counted (older ones are subtracted as they leave); `forget`
-  clears the counts and resets the weights to the prior. Memory is O(memory) (about 3.5 kB a note) and time
-  per note O(orders), whatever the session's length. Improvd's own notes extend the context the experts look
-  up, but are never counted.
+  clears the counts, the context and resets the weights to the prior. Memory is O(memory) (about 2.6 kB a
+  note for pitch, 3.6 kB with timing, measured with tracemalloc) and time per note O(orders), whatever the
+  session's length: per note, one
+  dictionary look-up per counted context length, a few Python operations per count met, and four array
+  operations over the 128 pitches (`softmax` and `mix`). Improvd's own notes extend the context the experts
+  look up, but are never counted.
 
-It adapts pitch only; step, duration and velocity come from the model unchanged.
+- Timing (`TimingCache`, unless `timing=False`): step and duration are predicted by the model, by the timing
+  of what followed the same pitches last time, and by what followed the same rhythm last time, mixed with
+  weights learned from each one's recent absolute errors on the player's notes. Velocity comes from the model.
 
 Threads: one at a time (the engine thread in the daemon; `improvd eval --adapt` in the main thread).
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import numpy as np
@@ -49,99 +55,210 @@ BUCKETS = (0, 2, 4, 8, 16)  # the mixture keeps one set of weights per matched c
 MODEL_PRIOR = (0.9, 0.8, 0.7, 0.5, 0.1)  # the model's prior weight per bucket; the experts split the rest
 SHARE = 0.01               # fixed share: the part of the weight spread evenly after each note
 ESCAPE = 1.0              # Witten-Bell escape weight: the base keeps ESCAPE·u / (C + ESCAPE·u)
+SCALAR_ADDS = 8            # mix adds up to this many counts to the array one by one, more in one indexed add
 FLOOR = 1e-12              # no expert's probability of a note counts as less than this (a log(0) guard)
+_INTERVAL_ORDERS = tuple(n - 1 for n in INTERVAL_SPANS)  # the same contexts in intervals
+# Timing (step and duration). The prior and the softness were chosen on sessions of 60 files of the chorales'
+# training split (files the model was trained on), never on evaluation files (docs/training.md):
+TIMING_PITCH_ORDERS = (8, 4, 2)   # the pitch contexts whose latest follower's timing is an expert (longest first)
+TIMING_RHYTHM_ORDERS = (4, 2)     # the same with the last notes' steps and durations (longest first)
+TIMING_QUANTUM_S = 0.01           # steps and durations are compared in rhythm contexts to this resolution
+TIMING_DISCOUNT = 0.98            # the experts' past errors fade by this factor per note (about 50 notes)
+TIMING_SCALE_FLOOR_S = 0.001      # the error scale never counts as less than this
+TIMING_SOFTNESS = 8.0             # weights exp(-L / (TIMING_SOFTNESS · the model's mean absolute error))
+TIMING_PRIOR = (0.8, 0.1, 0.1)    # the experts' prior weights (model, pitch context, rhythm context)
+TIMING_EXPERTS = ("model", "pitch context", "rhythm context")
+_P0, _P1, _P2 = TIMING_PRIOR
+_RHYTHM_SPANS = tuple(2 * n for n in TIMING_RHYTHM_ORDERS)  # a note is two symbols in a rhythm context
+_PER_QUANTUM = 1.0 / TIMING_QUANTUM_S
 
 
-class _Counts:
-    """n-gram counts over one symbol sequence (pitches or intervals) at the given orders, bounded in notes."""
+def _plan(spans: tuple[int, ...], lowest: tuple[int, ...], first: int) -> tuple[tuple, ...]:
+    """The top-down walk of one kind of expert's chains: per counted context (longest first), its length in
+    pitches, the experts whose chain includes it (those starting at or below it; experts `first`, `first` + 1,
+    ... start at `lowest`), and the expert whose chain starts there (None when none does)."""
+    return tuple((n, tuple(first + j for j, m in enumerate(lowest) if m <= n),
+                  first + lowest.index(n) if n in lowest else None) for n in spans[::-1])
 
-    def __init__(self, orders: tuple[int, ...]):
-        self.orders = orders
-        self.tables: dict[int, dict[tuple, dict[int, int]]] = {n: {} for n in orders}
-        self.added: deque = deque()  # per counted note: the (order, context) keys it added, and the symbol
 
-    def clear(self) -> None:
-        for table in self.tables.values():
-            table.clear()
-        self.added.clear()
+_PITCH_PLAN = _plan(ORDERS, MIN_ORDERS, 1)
+_INTERVAL_PLAN = _plan(INTERVAL_SPANS, INTERVAL_MIN, 1 + len(MIN_ORDERS))
+_PITCH_INDEX = {n: i for i, n in enumerate(ORDERS)}
+_INTERVAL_INDEX = {n: i for i, n in enumerate(INTERVAL_SPANS)}
+_BUCKET_OF = tuple(sum(matched >= edge for edge in BUCKETS) - 1 for matched in range(MAX_ORDER + 1))
 
-    def add(self, history: tuple, symbol: int) -> None:
-        """Count `symbol` after each suffix of `history` (the symbols before it, oldest first)."""
-        keys = []
-        for n in self.orders:
-            if n > len(history):
-                break
-            ctx = history[-n:]
-            row = self.tables[n].setdefault(ctx, {})
+
+def _add(table: dict, rows: list, context: tuple, spans: tuple[int, ...], symbol: int) -> tuple:
+    """Count `symbol` after each suffix of `context` (a table's contexts of every length share one dict, keyed by
+    their symbols). `rows` are the rows of those suffixes already looked up (None: not in the table yet).
+    Returns the rows counted in, for `_drop`."""
+    out = []
+    for n, row in zip(spans, rows):
+        if row is None:
+            row = table[context[-n:]] = {symbol: 1}
+        else:
             row[symbol] = row.get(symbol, 0) + 1
-            keys.append((n, ctx))
-        self.added.append((keys, symbol))
-
-    def drop_oldest(self) -> None:
-        keys, symbol = self.added.popleft()
-        for n, ctx in keys:
-            table = self.tables[n]
-            row = table[ctx]
-            row[symbol] -= 1
-            if not row[symbol]:
-                del row[symbol]
-                if not row:
-                    del table[ctx]
-
-    def rows(self, history: tuple, span: int = 0) -> dict[int, dict[int, int]]:
-        """{order + span: what followed the last `order` symbols of `history`} for the orders met before."""
-        out = {}
-        for n in self.orders:
-            if n > len(history):
-                break
-            row = self.tables[n].get(history[-n:])
-            if row:
-                out[n + span] = row
-        return out
+        out.append(row)
+    return tuple(out)
 
 
-def _levels(rows: dict[int, dict[int, int]], shift: int, orders: tuple[int, ...], lowest: tuple[int, ...],
-            first: int) -> tuple[list[float], list[tuple[list[int], dict[int, float]]]]:
-    """The Witten-Bell chains of one kind of expert (one per lowest order in `lowest`, experts `first`,
-    `first` + 1, ...), blended up to the longest of `orders`. `rows` maps a context length (in pitches) to the
-    counts of what followed it.
-
-    The chain from order m is affine in its base: p_m = α_m·base + Σ_{n >= m} d_n, where d_n is the (sparse)
-    mass order n adds. So it is accumulated from the top order down in plain Python (a few continuations per
-    order), each d_n once for all the chains that include it, and no dense array is touched. Returns the α of
-    each chain and the levels (the experts that include d_n, d_n as pitch -> mass). A row's symbol s stands for
-    the pitch s + `shift` (0 for pitches, the last pitch for intervals); pitches outside 0..127 are left out.
-    """
-    alpha = 1.0
-    alphas: dict[int, float] = {}
-    levels: list[tuple[list[int], dict[int, float]]] = []
-    for n in orders[::-1]:
-        row = rows.get(n)
-        if row:
-            kept = [(s + shift, c) for s, c in row.items() if 0 <= s + shift < 128]
-            if kept:
-                total = float(sum(c for _, c in kept))
-                escape = ESCAPE * len(kept)
-                scale = alpha / (total + escape)
-                levels.append(([first + j for j, m in enumerate(lowest) if m <= n],
-                               {pitch: scale * c for pitch, c in kept}))
-                alpha *= escape / (total + escape)
-        if n in lowest:
-            alphas[n] = alpha
-    return [alphas[m] for m in lowest], levels
-
-
-def _bucket(matched: int) -> int:
-    """The weight row used when the last `matched` pitches (and no more) were met before in the session."""
-    return sum(matched >= edge for edge in BUCKETS) - 1
+def _drop(table: dict, rows: tuple, context: tuple, spans: tuple[int, ...], symbol: int) -> None:
+    """Undo `_add` (given the rows it returned): a count that reaches 0 is removed, and a context left with
+    nothing after it too (no note still counted refers to that row: each note counted in it added 1)."""
+    for n, row in zip(spans, rows):
+        c = row[symbol] - 1
+        if c:
+            row[symbol] = c
+        else:
+            del row[symbol]
+            if not row:
+                del table[context[-n:]]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """The model's pitch distribution from its logits [128] (float64; three array operations, per note)."""
-    x = np.asarray(logits, dtype=np.float64)
-    e = np.exp(x - x.max())
-    e /= e.sum()
+    """The model's pitch distribution from its logits [128] (float64, a new array). Per note, so three array
+    operations: without subtracting the largest logit first, which only matters when exp overflows or every
+    term underflows (then it is done the careful way)."""
+    e = np.exp(logits, dtype=np.float64)
+    total = float(e.sum())
+    if not 0.0 < total < math.inf:
+        x = np.asarray(logits, dtype=np.float64)
+        e = np.exp(x - x.max())
+        total = float(e.sum())
+    e *= 1.0 / total
     return e
+
+
+class TimingCache:
+    """The session's timing memory: step and duration predicted from the player's recent notes (see the module
+    docstring). Owned by a `SessionAdapter`, which gives it the pitch context and keeps it in step.
+
+    Experts, per quantity (step, duration): the model's prediction; the timing of the latest counted note that
+    followed the longest of the last 8, 4 or 2 pitches (a motif played again tends to keep its rhythm); the
+    timing of the latest counted note that followed the last 4 or 2 (step, duration) pairs (a rhythm played
+    again). An expert with nothing matched is the model. The prediction is the experts' weighted mean, weights
+    `exp(-L_k / (8·s))` with L_k the expert's discounted sum of absolute errors on the player's notes so far and
+    s the model's discounted mean absolute error (the exponentially weighted forecaster, with its learning rate
+    set by the scale of the errors met), times the prior `TIMING_PRIOR`: whichever expert has been right
+    lately dominates.
+    """
+
+    def __init__(self, memory: int):
+        self.memory = memory
+        self._by_pitch: dict[tuple, tuple] = {}   # pitch context -> (step, duration, serial) of its latest follower
+        self._by_rhythm: dict[tuple, tuple] = {}  # rhythm context (quantised step, duration, ...) -> the same
+        self._rhythm: tuple = ()  # the last notes' quantised (step, duration), flattened, oldest first
+        self._added: deque = deque()  # per counted note: (serial, its keys in _by_pitch, in _by_rhythm)
+        self._serial = 0
+        self._loss = [(0.0, 0.0, 0.0), (0.0, 0.0, 0.0)]  # per quantity (step, duration), per expert
+        self._scale: list[float | None] = [None, None]
+        self._cache: tuple | None = None  # the matched followers for the current context
+
+    def clear(self) -> None:
+        self._by_pitch.clear()
+        self._by_rhythm.clear()
+        self._added.clear()
+        self._rhythm = ()
+        self._loss = [(0.0, 0.0, 0.0), (0.0, 0.0, 0.0)]
+        self._scale = [None, None]
+        self._cache = None
+
+    @property
+    def rhythm(self) -> tuple:
+        return self._rhythm
+
+    def set_rhythm(self, rhythm: tuple) -> None:
+        self._rhythm = tuple(rhythm)
+        self._cache = None
+
+    def _followers(self, pitches: tuple) -> tuple:
+        """(the timing after the longest matched pitch context, the same for rhythm), None where none matched."""
+        cache = self._cache
+        if cache is None:
+            after_pitch = after_rhythm = None
+            size = len(pitches)
+            get = self._by_pitch.get
+            for n in TIMING_PITCH_ORDERS:
+                if n <= size:
+                    after_pitch = get(pitches[-n:])
+                    if after_pitch is not None:
+                        break
+            rhythm = self._rhythm
+            size = len(rhythm)
+            get = self._by_rhythm.get
+            for n in _RHYTHM_SPANS:
+                if n <= size:
+                    after_rhythm = get(rhythm[-n:])
+                    if after_rhythm is not None:
+                        break
+            cache = self._cache = (after_pitch, after_rhythm)
+        return cache
+
+    def experts(self, pitches: tuple, step: float, duration: float) -> list[tuple[float, float]]:
+        """Each expert's (step, duration) for the next note, given the model's, in `TIMING_EXPERTS` order."""
+        out = [(step, duration)]
+        for hit in self._followers(pitches):
+            out.append((hit[0], hit[1]) if hit is not None else (step, duration))
+        return out
+
+    def predict(self, pitches: tuple, step: float, duration: float) -> tuple[float, float]:
+        """The adapted (step, duration) for the next note, given the model's (after the notes observed so far)."""
+        after_pitch, after_rhythm = self._followers(pitches)
+        if after_pitch is None and after_rhythm is None:
+            return step, duration  # every expert is the model
+        p = after_pitch or (step, duration)
+        r = after_rhythm or (step, duration)
+        out = [step, duration]
+        for q in (0, 1):
+            l0, l1, l2 = self._loss[q]
+            least = min(l0, l1, l2)
+            rate = -1.0 / (TIMING_SOFTNESS * max(self._scale[q] or 0.0, TIMING_SCALE_FLOOR_S))
+            w0 = _P0 * math.exp(rate * (l0 - least))
+            w1 = _P1 * math.exp(rate * (l1 - least))
+            w2 = _P2 * math.exp(rate * (l2 - least))
+            out[q] = (w0 * out[q] + w1 * p[q] + w2 * r[q]) / (w0 + w1 + w2)
+        return out[0], out[1]
+
+    def observe(self, pitches: tuple, step: float, duration: float, model: tuple | None, learn: bool) -> None:
+        """A note was played with this (step, duration), after `pitches`; `model` is the model's (step,
+        duration) for it (None: the weights are not updated). `learn`: the player's note (remembered)."""
+        rhythm = self._rhythm
+        if learn:
+            if model is not None:
+                after_pitch, after_rhythm = self._followers(pitches)
+                p = after_pitch or model
+                r = after_rhythm or model
+                g = TIMING_DISCOUNT
+                for q, truth in ((0, step), (1, duration)):
+                    l0, l1, l2 = self._loss[q]
+                    e0 = abs(model[q] - truth)
+                    self._loss[q] = (g * l0 + e0, g * l1 + abs(p[q] - truth), g * l2 + abs(r[q] - truth))
+                    scale = self._scale[q]
+                    self._scale[q] = e0 if scale is None else g * scale + (1.0 - g) * e0
+            self._serial += 1
+            timing = (step, duration, self._serial)
+            size = len(pitches)
+            pkeys = tuple([pitches[-n:] for n in TIMING_PITCH_ORDERS if n <= size])
+            by_pitch = self._by_pitch
+            for key in pkeys:
+                by_pitch[key] = timing
+            size = len(rhythm)
+            rkeys = tuple([rhythm[-n:] for n in _RHYTHM_SPANS if n <= size])
+            by_rhythm = self._by_rhythm
+            for key in rkeys:
+                by_rhythm[key] = timing
+            added = self._added
+            added.append((self._serial, pkeys, rkeys))
+            if len(added) > self.memory:
+                serial, pkeys, rkeys = added.popleft()
+                for key in pkeys:
+                    if by_pitch[key][2] == serial:  # its latest follower leaves: nothing newer followed it
+                        del by_pitch[key]
+                for key in rkeys:
+                    if by_rhythm[key][2] == serial:
+                        del by_rhythm[key]
+        self._rhythm = (rhythm + (round(step * _PER_QUANTUM), round(duration * _PER_QUANTUM)))[-_RHYTHM_SPANS[0]:]
+        self._cache = None
 
 
 class SessionAdapter:
@@ -152,18 +269,35 @@ class SessionAdapter:
     for it (what the model predicted just before it): a player's note (`learn=True`) updates the weights and
     the counts, improvd's own note (`learn=False`) only extends the context.
 
+    Every expert is the model's distribution scaled plus a sparse part: at each order of a Witten-Bell chain
+    `p_n = a_n·p_{n-1} + c/(C + u)` with `a_n = u/(C + u)`, so a chain is `α·model + Σ_n d_n`, α the product
+    of its orders' `a_n` and `d_n` the counts of order n scaled (only the pitches met after that context). So
+    `mix` is one dense multiply by `Σ_k w_k·α_k` plus, per matched order, its few counts times the weight of
+    the experts that include it; `observe` needs each expert's probability of one pitch, a scalar
+    `α_k·model[pitch] + Σ d_n[pitch]`. `_state` finds the matched orders once per context, for both.
+
+    With `timing` (the default), a `TimingCache` adapts step and duration too: `timing(step, duration)` gives
+    them for the next note from the model's, and `observe` takes the note's `timing` and the model's
+    `model_timing` for it.
+
     Args:
         memory: how many player notes are counted at most (older ones are forgotten first).
+        timing: adapt step and duration as well as pitch.
     """
 
-    def __init__(self, memory: int = 2000):
+    def __init__(self, memory: int = 2000, *, timing: bool = True):
         if memory < 1:
             raise ValueError(f"memory = {memory!r} is not valid: expected at least 1 note")
         self.memory = int(memory)
-        self._pitch = _Counts(ORDERS)
-        self._interval = _Counts(tuple(n - 1 for n in INTERVAL_SPANS))
-        self._pitches: deque = deque(maxlen=MAX_ORDER + 1)  # the context: last pitches played by anyone
-        self._intervals: deque = deque(maxlen=MAX_ORDER)     # and the intervals between them
+        self._timing = TimingCache(self.memory) if timing else None
+        self._pitch_table: dict[tuple, dict[int, int]] = {}     # pitch context (2, 4, 8, 16) -> {pitch: count}
+        self._interval_table: dict[tuple, dict[int, int]] = {}  # interval context (3, 7, 15) -> {interval: count}
+        # per counted note, oldest first: the pitches before it, the intervals between those, its pitch, and the
+        # pitch and interval count rows it was counted in
+        self._added: deque = deque()
+        self._rows: tuple = ([], [])  # the rows of the current context's suffixes (None: not met), by `_state`
+        self._pitches: tuple = ()    # the context: the last MAX_ORDER + 1 pitches played by anyone, oldest first
+        self._intervals: tuple = ()  # and the (up to MAX_ORDER) intervals between them
         self._experts = ["model"] + [f"pitch>={m}" for m in MIN_ORDERS] + [f"interval>={m}" for m in INTERVAL_MIN]
         k = len(self._experts) - 1
         self._prior = [[m] + [(1.0 - m) / k] * k for m in MODEL_PRIOR]
@@ -184,47 +318,112 @@ class SessionAdapter:
     @property
     def counted(self) -> int:
         """Player notes in memory (at most `memory`)."""
-        return len(self._pitch.added)
+        return len(self._added)
+
+    def counts(self) -> dict[str, dict[tuple, dict[int, int]]]:
+        """The session's counts (copies): "pitch" maps a context of pitches (2, 4, 8 or 16, oldest first) to
+        {pitch: how often it followed}, "interval" a context of intervals (3, 7 or 15) to {interval: count}."""
+        return {"pitch": {k: dict(v) for k, v in self._pitch_table.items()},
+                "interval": {k: dict(v) for k, v in self._interval_table.items()}}
+
+    @property
+    def adapts_timing(self) -> bool:
+        return self._timing is not None
 
     def context(self) -> tuple:
         """The last pitches played (what the experts look up); `set_context` puts it back (undo of fed notes)."""
-        return tuple(self._pitches)
+        return self._pitches
+
+    def save(self) -> tuple:
+        """The context (pitches, and the last notes' timing): `restore` puts it back (undo of fed notes)."""
+        return self._pitches, self._timing.rhythm if self._timing is not None else ()
+
+    def restore(self, saved: tuple) -> None:
+        pitches, rhythm = saved
+        self.set_context(pitches)
+        if self._timing is not None:
+            self._timing.set_rhythm(rhythm)
 
     def set_context(self, pitches: tuple) -> None:
-        self._pitches.clear()
-        self._pitches.extend(int(p) for p in pitches)
-        self._intervals.clear()
-        self._intervals.extend(b - a for a, b in zip(self._pitches, list(self._pitches)[1:]))
+        self._pitches = tuple(int(p) for p in pitches)[-(MAX_ORDER + 1):]
+        self._intervals = tuple(b - a for a, b in zip(self._pitches, self._pitches[1:]))
         self._cache = False
+        if self._timing is not None:
+            self._timing.set_rhythm(self._timing.rhythm)  # (its look-ups depend on the pitches too)
 
     def forget(self) -> None:
         """Clear the session memory and the context, and reset the weights to the prior."""
-        self._pitch.clear()
-        self._interval.clear()
-        self._pitches.clear()
+        self._pitch_table.clear()
+        self._interval_table.clear()
+        self._added.clear()
+        self._pitches = ()
+        self._intervals = ()
         self._weights = [list(row) for row in self._prior]
         self.learned = 0
         self._cache = False
+        if self._timing is not None:
+            self._timing.clear()
+
+    def timing(self, step: float, duration: float) -> tuple[float, float]:
+        """The (step, duration) to play next, given the model's (unchanged without timing adaptation)."""
+        if self._timing is None:
+            return step, duration
+        return self._timing.predict(self._pitches, step, duration)
 
     def _state(self) -> tuple | None:
-        """(the α of every expert, the levels, the weight row) for the current context, or None when no
-        context was met before (every expert is then the model). Expert k's distribution is
-        α_k·model + Σ d over the levels that include k. The weight row is chosen by the longest context of the
-        last pitches met before in the session, as pitches or as intervals. Computed once per context: `mix`
-        and the next `observe` share it."""
+        """(the α of every expert, the levels, the weight row, the levels' entries) for the current context, or None when no
+        context was met before (every expert is then the model). A level is one matched order's part of the
+        chains that include it: (those experts, the scale c/(C + u) is c times, its counts {symbol: c}, the
+        pitch a symbol 0 stands for), so expert k's distribution is α_k·model + Σ scale·c over the levels that
+        include k. The weight row is chosen by the longest context of the last pitches met before in the
+        session, as pitches or as intervals. Computed once per context: `mix` and the next `observe` share it."""
         if self._cache is not False:
             return self._cache
-        history = tuple(self._pitches)
-        prow = self._pitch.rows(history)
-        irow = self._interval.rows(tuple(self._intervals), span=1) if history else {}  # keyed by pitches spanned
-        if not prow and not irow:
-            self._cache = None
-            return None
-        pa, plevels = _levels(prow, 0, ORDERS, MIN_ORDERS, 1)
-        ia, ilevels = _levels(irow, history[-1] if history else 0, INTERVAL_SPANS, INTERVAL_MIN,
-                              1 + len(MIN_ORDERS))
-        matched = max(max(prow, default=0), max(irow, default=0))
-        self._cache = ([1.0] + pa + ia, plevels + ilevels, _bucket(matched))
+        history = self._pitches
+        size = len(history)
+        get = self._pitch_table.get
+        prows = [get(history[-n:]) for n in ORDERS if n <= size]
+        if size:
+            get = self._interval_table.get
+            intervals = self._intervals
+            irows = [get(intervals[-n:]) for n in _INTERVAL_ORDERS if n < size]
+        else:
+            irows = []
+        self._rows = (prows, irows)
+        alphas = [1.0] * (1 + len(MIN_ORDERS) + len(INTERVAL_MIN))
+        levels = []
+        matched = 0
+        alpha = 1.0
+        for n, covers, starts in _PITCH_PLAN:
+            row = prows[_PITCH_INDEX[n]] if n <= size else None
+            if row:
+                if not matched:
+                    matched = n
+                total = sum(row.values())
+                escape = ESCAPE * len(row)
+                levels.append((covers, alpha / (total + escape), row, 0))
+                alpha *= escape / (total + escape)
+            if starts is not None:
+                alphas[starts] = alpha
+        if any(irows):
+            shift = history[-1]  # an interval s after the context leads to the pitch shift + s
+            alpha = 1.0
+            for n, covers, starts in _INTERVAL_PLAN:
+                row = irows[_INTERVAL_INDEX[n]] if n <= size else None
+                if row:
+                    if n > matched:
+                        matched = n
+                    if shift + min(row) < 0 or shift + max(row) > 127:  # pitches outside 0..127 are left out
+                        row = {s: c for s, c in row.items() if 0 <= shift + s < 128}
+                    if row:
+                        total = sum(row.values())
+                        escape = ESCAPE * len(row)
+                        levels.append((covers, alpha / (total + escape), row, shift))
+                        alpha *= escape / (total + escape)
+                if starts is not None:
+                    alphas[starts] = alpha
+        self._cache = (alphas, levels, _BUCKET_OF[matched], sum([len(level[2]) for level in levels])) if matched \
+            else None
         return self._cache
 
     def expert_probs(self, model_probs: np.ndarray) -> list[np.ndarray]:
@@ -233,12 +432,12 @@ class SessionAdapter:
         state = self._state()
         if state is None:
             return [base.copy() for _ in self._experts]
-        alphas, levels, _ = state
+        alphas, levels, _, _ = state
         out = [base * a for a in alphas]
-        for covers, mass in levels:
+        for covers, scale, row, shift in levels:
             for k in covers:
-                for pitch, m in mass.items():
-                    out[k][pitch] += m
+                for symbol, c in row.items():
+                    out[k][shift + symbol] += scale * c
         return out
 
     def mix(self, model_probs: np.ndarray) -> np.ndarray:
@@ -246,47 +445,71 @@ class SessionAdapter:
         state = self._state()
         if state is None:
             return np.asarray(model_probs, dtype=np.float64)
-        alphas, levels, bucket = state
+        alphas, levels, bucket, entries = state
         w = self._weights[bucket]
-        out = np.asarray(model_probs, dtype=np.float64) * sum(wk * a for wk, a in zip(w, alphas))
-        for covers, mass in levels:
-            weight = sum(w[k] for k in covers)
-            for pitch, m in mass.items():
-                out[pitch] += weight * m
+        out = np.multiply(model_probs, sum([wk * a for wk, a in zip(w, alphas)]), dtype=np.float64)
+        if entries <= SCALAR_ADDS:  # (an array's item costs about as much as a dozen Python operations)
+            for covers, scale, row, shift in levels:
+                f = scale * sum([w[k] for k in covers])
+                for symbol, c in row.items():
+                    out[shift + symbol] += f * c
+            return out
+        acc: dict[int, float] = {}
+        get = acc.get
+        for covers, scale, row, shift in levels:
+            f = scale * sum([w[k] for k in covers])
+            for symbol, c in row.items():
+                acc[shift + symbol] = get(shift + symbol, 0.0) + f * c
+        out[np.fromiter(acc, np.intp, len(acc))] += np.fromiter(acc.values(), np.float64, len(acc))
         return out
 
-    def observe(self, pitch: int, model_probs: np.ndarray | None, *, learn: bool = True) -> None:
+    def observe(self, pitch: int, model_probs: np.ndarray | None, *, learn: bool = True,
+                timing: tuple[float, float] | None = None, model_timing: tuple[float, float] | None = None) -> None:
         """Record a played note: `learn` updates weights and counts (a player's note); otherwise context only.
 
         `model_probs` is the model's distribution for this note (None: the weights are not updated, e.g. for
-        the first note after a reset, when the model had nothing to predict from).
+        the first note after a reset, when the model had nothing to predict from). `timing`: the note's (step,
+        duration) in seconds, and `model_timing` the model's prediction of them (None: not updated), for the
+        timing adaptation.
         """
         pitch = int(pitch)
+        if not 0 <= pitch < 128:
+            raise ValueError(f"pitch = {pitch} is not valid: expected a MIDI pitch 0..127")
+        history = self._pitches
+        intervals = self._intervals
+        if self._timing is not None:
+            if timing is not None:
+                self._timing.observe(history, float(timing[0]), float(timing[1]), model_timing, learn)
+            else:
+                self._timing.set_rhythm(self._timing.rhythm)  # (the pitch context changes)
         if learn:
             state = self._state()
             if model_probs is not None and state is not None:  # (all experts equal: nothing to learn)
-                alphas, levels, bucket = state
+                alphas, levels, bucket, _ = state
                 base = float(model_probs[pitch])
                 likes = [a * base for a in alphas]
-                for covers, mass in levels:
-                    m = mass.get(pitch)
-                    if m:
+                for covers, scale, row, shift in levels:
+                    c = row.get(pitch - shift)
+                    if c:
+                        m = scale * c
                         for k in covers:
                             likes[k] += m
-                w = [wk * max(like, FLOOR) for wk, like in zip(self._weights[bucket], likes)]
+                w = [wk * (like if like > FLOOR else FLOOR) for wk, like in zip(self._weights[bucket], likes)]
                 keep, spread = (1.0 - SHARE) / sum(w), SHARE / len(w)
                 self._weights[bucket] = [wk * keep + spread for wk in w]
-            history = tuple(self._pitches)
-            self._pitch.add(history, pitch)
-            if history:
-                self._interval.add(tuple(self._intervals), pitch - history[-1])
-            else:
-                self._interval.added.append(([], 0))  # keeps the two memories in step
-            while len(self._pitch.added) > self.memory:
-                self._pitch.drop_oldest()
-                self._interval.drop_oldest()
+            prows, irows = self._rows  # (looked up by `_state` for this context)
+            counted_p = _add(self._pitch_table, prows, history, ORDERS, pitch)
+            counted_i = _add(self._interval_table, irows, intervals, _INTERVAL_ORDERS, pitch - history[-1]) \
+                if history else ()
+            self._added.append((history, intervals, pitch, counted_p, counted_i))
+            if len(self._added) > self.memory:
+                old_history, old_intervals, old, old_p, old_i = self._added.popleft()
+                _drop(self._pitch_table, old_p, old_history, ORDERS, old)
+                if old_history:
+                    _drop(self._interval_table, old_i, old_intervals, _INTERVAL_ORDERS, old - old_history[-1])
             self.learned += 1
-        if self._pitches:
-            self._intervals.append(pitch - self._pitches[-1])
-        self._pitches.append(pitch)
+        if history:
+            intervals = (intervals + (pitch - history[-1],))[-MAX_ORDER:]
+            self._intervals = intervals
+        self._pitches = (history + (pitch,))[-(MAX_ORDER + 1):]
         self._cache = False

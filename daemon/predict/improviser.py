@@ -9,17 +9,22 @@ the last note fed. Its surface is small, like Notochord's: `feed(note)`, `predic
         note = imp.predict()      # decode the next note; it is NOT fed
         imp.feed(note)            # feed what was actually played (the caller decides)
 
-Context: each `feed` is one model step (O(1)). When the notes fed since the last priming exceed the model's
+Context: each `feed` is one model call (O(1)). When the notes fed since the last priming exceed the model's
 context (`improvd.context`, C), the state is rebuilt from zero over the last C notes fed, so the state always
 summarises between C and 2C notes (fewer right after `reset`). Exactly: with k notes fed since the last priming
 (or since `reset`), the feed that makes k = C + 1 is followed by `reset` of the state and a feed of the last C
 notes, and k becomes 0. A third party reproduces the greedy output (docs/model-format.md) by doing the same.
+That rebuild is not done all at once (C model steps in one feed, a spike of C times a note's cost every C + 1
+notes): a second state, started from zero after the first note of each cycle, is fed every later note beside the
+main one (the same call, a batch of two rows), so at k = C + 1 it has been fed exactly the last C notes and
+becomes the state. A batch row's outputs are those of the row fed alone (bit for bit with the shipped model
+and onnxruntime's CPU provider; tests/daemon/test_improviser.py checks the rule's outputs to 1e-6).
 
 Session adaptation (`improvise.adapt`, daemon/predict/adapt.py): with a `SessionAdapter`, each note fed is told to it
 (`feed(note, player=True)` for the player's notes, which it learns from; improvd's own notes only extend its
 context), and `predict` decodes the pitch from the adapter's mixture of the model's distribution and the
-session's memory instead of the model's alone. `forget()` clears that memory. Without an adapter (the default)
-nothing changes.
+session's memory instead of the model's alone, and the step and duration from its timing memory (when it
+adapts timing, the default). `forget()` clears that memory. Without an adapter (the default) nothing changes.
 
 Greedy decoding (temperature 0) of a prediction is: pitch = argmax of the logits within `pitch_range`,
 step = clip(step, step_range), duration = clip(duration, duration_range) (see `daemon.sampling.decode`).
@@ -58,6 +63,7 @@ class Snapshot:
     history: tuple
     fed: int
     adapter_context: tuple | None = None
+    shadow: np.ndarray | None = None
 
 
 class Improviser:
@@ -88,6 +94,7 @@ class Improviser:
     def reset(self) -> None:
         """Forget everything: zero state, no prediction, empty history."""
         self._state = self.model.zero_state(1)
+        self._shadow: np.ndarray | None = None  # the next cycle's state: zero fed the notes since the cycle's first
         self._prediction: Prediction | None = None
         self._since_priming = 0
         self._history.clear()
@@ -142,17 +149,31 @@ class Improviser:
         values = np.asarray(note, dtype=np.float64).reshape(-1)[:4]
         row[:len(values)] = values
         if self.adapter is not None:
-            self.adapter.observe(int(row[nt.PITCH]), self._model_probs(), learn=player)
+            pred = self._prediction
+            self.adapter.observe(int(row[nt.PITCH]), self._model_probs(), learn=player,
+                                 timing=(row[nt.STEP], row[nt.DURATION]),
+                                 model_timing=(max(float(pred.step[0]), 0.0), max(float(pred.duration[0]), 0.0))
+                                 if pred is not None else None)
         self._history.append(row)
         self._fed += 1
         self._since_priming += 1
-        if self._since_priming > self.model.context:
-            self._state = self.model.zero_state(1)
-            for past in self._history:
-                self._step(past)
+        if self._shadow is None:  # the first note of a cycle (k = 1): the next cycle's state starts after it
+            self._step(row)
+            self._shadow = self.model.zero_state(1)
+            return
+        pair = self.model.run(np.repeat(row[None, :self.model.num_features], 2, axis=0),
+                              np.concatenate((self._state, self._shadow)))
+        rebuilt = self._since_priming > self.model.context
+        r = 1 if rebuilt else 0  # the row that continues: the main state, or the rebuilt one at k = C + 1
+        self._prediction = Prediction(pair.pitch_logits[r:r + 1], pair.step[r:r + 1], pair.duration[r:r + 1],
+                                      pair.velocity[r:r + 1] if pair.velocity is not None else None,
+                                      pair.state[r:r + 1])
+        self._state = self._prediction.state
+        if rebuilt:
+            self._shadow = None
             self._since_priming = 0
         else:
-            self._step(row)
+            self._shadow = pair.state[1:]
 
     def prime(self, notes: np.ndarray) -> None:
         """`reset`, then feed each row of `notes` (float [K, 3 or 4]) in order."""
@@ -185,9 +206,11 @@ class Improviser:
             velocity_hint = float(np.mean(recent)) if recent else None
         model_velocity = float(pred.velocity[0]) if pred.velocity is not None else None
         logits = pred.pitch_logits[0]
+        step, duration = float(pred.step[0]), float(pred.duration[0])
         if self.adapter is not None:  # log-probabilities of the mixture: decoding treats them as logits
             with np.errstate(divide="ignore"):
                 logits = np.log(self.adapter.mix(self._model_probs()))
+            step, duration = self.adapter.timing(max(step, 0.0), max(duration, 0.0))
         decoding = self.decoding
         self.rechosen = False
         bounded = None
@@ -197,11 +220,9 @@ class Improviser:
             if lo <= hi and (lo, hi) != tuple(decoding.pitch_range):
                 bounded = dataclasses.replace(decoding, pitch_range=(lo, hi))
         if bounded is None:
-            return decode(logits, float(pred.step[0]), float(pred.duration[0]), model_velocity,
-                          decoding, self.rng, player_velocity=velocity_hint)
+            return decode(logits, step, duration, model_velocity, decoding, self.rng, player_velocity=velocity_hint)
         before = self.rng.bit_generator.state
-        row = decode(logits, float(pred.step[0]), float(pred.duration[0]), model_velocity,
-                     bounded, self.rng, player_velocity=velocity_hint)
+        row = decode(logits, step, duration, model_velocity, bounded, self.rng, player_velocity=velocity_hint)
         after = self.rng.bit_generator.state
         self.rng.bit_generator.state = before  # the same draw without the register
         free = choose_pitch(logits, decoding.temperature, decoding.top_p, decoding.pitch_range,
@@ -213,15 +234,17 @@ class Improviser:
     def snapshot(self) -> Snapshot:
         """What `restore` needs to undo the feeds made after this call (O(context) copy)."""
         return Snapshot(self._state.copy(), self._prediction, self._since_priming, tuple(self._history), self._fed,
-                        self.adapter.context() if self.adapter is not None else None)
+                        self.adapter.save() if self.adapter is not None else None,
+                        self._shadow.copy() if self._shadow is not None else None)
 
     def restore(self, snap: Snapshot) -> None:
         """Go back to a `snapshot` (of this Improviser, with the same model)."""
         self._state = snap.state.copy()
+        self._shadow = snap.shadow.copy() if snap.shadow is not None else None
         self._prediction = snap.prediction
         self._since_priming = snap.since_priming
         self._history.clear()
         self._history.extend(snap.history)
         self._fed = snap.fed
         if self.adapter is not None and snap.adapter_context is not None:
-            self.adapter.set_context(snap.adapter_context)
+            self.adapter.restore(snap.adapter_context)

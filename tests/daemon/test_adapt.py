@@ -70,9 +70,11 @@ def test_memory_stays_bounded():
     for p in rng.integers(40, 90, 5000):
         a.observe(int(p), UNIFORM)
     assert a.counted == 50
-    entries = sum(len(row) for table in a._pitch.tables.values() for row in table.values())
+    counts = a.counts()
+    entries = sum(len(row) for row in counts["pitch"].values())
     assert entries <= 50 * len(adapt.ORDERS)
-    assert sum(c for table in [a._pitch.tables[2]] for row in table.values() for c in row.values()) <= 50
+    assert sum(c for ctx, row in counts["pitch"].items() if len(ctx) == 2 for c in row.values()) == 50
+    assert sum(c for ctx, row in counts["interval"].items() if len(ctx) == 3 for c in row.values()) == 50
 
 
 def test_never_much_worse_than_the_model_on_a_player_who_never_repeats():
@@ -88,6 +90,192 @@ def test_never_much_worse_than_the_model_on_a_player_who_never_repeats():
         adapted -= np.log(a.mix(model)[p])
         a.observe(int(p), model)
     assert adapted <= 1.01 * plain
+
+
+class NaiveAdapter:
+    """The adapter's mathematics written out the slow way, for the fast one to be checked against: every
+    expert's chain as dense arrays, the counts recounted from the whole history at every note."""
+
+    def __init__(self, memory):
+        self.memory = memory
+        self.forget()
+
+    def forget(self):
+        self.played = []   # every pitch since the last forget: (pitch, learned)
+        self.learned = []  # per learned note: (the pitches before it, at most MAX_ORDER + 1; its pitch)
+        k = 1 + len(adapt.MIN_ORDERS) + len(adapt.INTERVAL_MIN)
+        self.weights = [[m] + [(1 - m) / (k - 1)] * (k - 1) for m in adapt.MODEL_PRIOR]
+
+    def context(self):
+        return [p for p, _ in self.played][-(adapt.MAX_ORDER + 1):]
+
+    def _row(self, kind, n):
+        """What followed the current context of n pitches in the counted notes: {pitch: count}."""
+        ctx = self.context()
+        if len(ctx) < n:
+            return {}
+        row = {}
+        for before, pitch in self.learned[-self.memory:]:
+            if len(before) < n:
+                continue
+            if kind == "pitch" and before[-n:] == ctx[-n:]:
+                row[pitch] = row.get(pitch, 0) + 1
+            elif kind == "interval" and np.array_equal(np.diff(before[-n:]), np.diff(ctx[-n:])):
+                target = ctx[-1] + pitch - before[-1]  # the same interval from the last pitch now
+                if 0 <= target < 128:
+                    row[target] = row.get(target, 0) + 1
+        return row
+
+    def _matched(self):
+        best = 0
+        for n in adapt.ORDERS:
+            if self._row("pitch", n):
+                best = max(best, n)
+        ctx = self.context()
+        for n in adapt.INTERVAL_SPANS:  # a context met, even when every pitch it leads to is out of range
+            if len(ctx) >= n and any(len(b) >= n and np.array_equal(np.diff(b[-n:]), np.diff(ctx[-n:]))
+                                     for b, _ in self.learned[-self.memory:]):
+                best = max(best, n)
+        return best
+
+    def experts(self, model):
+        out = [model.copy()]
+        for kind, spans, lowest in (("pitch", adapt.ORDERS, adapt.MIN_ORDERS),
+                                    ("interval", adapt.INTERVAL_SPANS, adapt.INTERVAL_MIN)):
+            for m in lowest:
+                p = model.copy()
+                for n in spans:
+                    row = self._row(kind, n) if n >= m else {}
+                    if row:
+                        counts = np.zeros(128)
+                        for pitch, c in row.items():
+                            counts[pitch] = c
+                        u = adapt.ESCAPE * len(row)
+                        p = (counts + u * p) / (counts.sum() + u)
+                out.append(p)
+        return out
+
+    def mix(self, model):
+        """(the mixture, the experts, the matched context length) now."""
+        matched = self._matched()
+        experts = self.experts(model)
+        w = self.weights[sum(matched >= e for e in adapt.BUCKETS) - 1]
+        return sum(wk * p for wk, p in zip(w, experts)), experts, matched
+
+    def observe(self, pitch, model, learn=True):
+        if learn:
+            matched = self._matched()
+            if model is not None and matched:
+                b = sum(matched >= e for e in adapt.BUCKETS) - 1
+                w = [wk * max(p[pitch], adapt.FLOOR) for wk, p in zip(self.weights[b], self.experts(model))]
+                self.weights[b] = [wk / sum(w) * (1 - adapt.SHARE) + adapt.SHARE / len(w) for wk in w]
+            self.learned.append((self.context(), pitch))
+        self.played.append((pitch, learn))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_fast_mixture_equals_the_straightforward_computation(seed):
+    """Random sessions (a few motifs, transposed, near the ends of the pitch range too, the player's notes and
+    improvd's, a memory that overflows, a forget): the adapter's mixture, its experts and its weights equal the
+    dense computation of the same mathematics at every note."""
+    rng = np.random.default_rng(seed)
+    memory = int(rng.integers(40, 80))
+    fast, slow = SessionAdapter(memory), NaiveAdapter(memory)
+    base = int(rng.choice([3, 60, 116]))
+    tune = [base + int(p) for p in rng.integers(-3, 12, 10)]  # played again and again, at times transposed
+    stream = []
+    while len(stream) < 200:
+        r = rng.random()
+        if r < 0.6:
+            stream += tune
+        elif r < 0.8:
+            stream += [p + int(rng.choice([3, -5])) for p in tune[:int(rng.integers(4, 10))]]
+        else:
+            stream += [int(p) for p in rng.integers(base - 3, base + 12, rng.integers(1, 4))]
+    matched_seen = set()
+    model = None
+    for i, pitch in enumerate(stream):
+        pitch = int(np.clip(pitch, 0, 127))
+        if i == 120:
+            fast.forget()
+            slow.forget()
+        if model is not None:
+            mixed, experts, matched = slow.mix(model)
+            matched_seen.add(matched)
+            np.testing.assert_allclose(fast.mix(model), mixed, rtol=1e-12, atol=1e-15)
+            for got, want in zip(fast.expert_probs(model), experts):
+                np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+        learn = bool(rng.random() < 0.85)
+        fast.observe(pitch, model, learn=learn)
+        slow.observe(pitch, model, learn=learn)
+        np.testing.assert_allclose(fast.weights, slow.weights, rtol=1e-12)
+        model = rng.dirichlet(np.full(128, 0.3))
+    assert fast.counted == min(memory, sum(1 for _, learned in slow.played if learned))  # (since the forget)
+    assert matched_seen == {0, 2, 4, 8, 16}  # every weight row is used, the longest contexts too
+
+
+RHYTHM = [(0.25, 0.2), (0.125, 0.1), (0.125, 0.1), (0.5, 0.45), (0.75, 0.3)]  # a distinctive rhythm
+
+
+def play_timed(a, pitches, rhythm, model_timing=(0.3, 0.3)):
+    for p, (step, duration) in zip(pitches, rhythm):
+        a.observe(p, UNIFORM, timing=(step, duration), model_timing=model_timing)
+
+
+def test_timing_equals_the_model_until_something_repeats():
+    a = SessionAdapter(100)
+    assert a.timing(0.3, 0.2) == (0.3, 0.2)
+    play_timed(a, [60, 62, 64], RHYTHM)
+    assert a.timing(0.3, 0.2) == (0.3, 0.2)  # pitches 62 64 and the last two rhythms never met before
+
+
+def test_a_repeated_rhythm_is_predicted_and_forget_clears_it():
+    """A model that always says 0.3 s: after the player repeats a motif with its rhythm, the step and duration
+    of the motif's next note come from the session: nearly all the way when pitches and rhythm both match, part
+    of the way by its pitches alone (played in another rhythm) or by its rhythm alone (on other pitches), as
+    the expert that did not match is the model."""
+    both, by_pitch, by_rhythm = SessionAdapter(1000), SessionAdapter(1000), SessionAdapter(1000)
+    for a in (both, by_pitch, by_rhythm):
+        for _ in range(6):
+            play_timed(a, MOTIF[:5], RHYTHM)
+    play_timed(both, MOTIF[:3], RHYTHM[:3])
+    play_timed(by_pitch, MOTIF[:3], [(0.3, 0.3)] * 3)
+    play_timed(by_rhythm, [40, 41, 42], RHYTHM[:3])
+    for a, part in ((both, 0.7), (by_pitch, 0.2), (by_rhythm, 0.3)):
+        step, duration = a.timing(0.3, 0.3)
+        assert (step - 0.3) > part * (RHYTHM[3][0] - 0.3)  # towards the motif's next step, 0.5
+        assert (duration - 0.3) > part * (RHYTHM[3][1] - 0.3)
+    both.forget()
+    play_timed(both, MOTIF[:3], RHYTHM[:3])
+    assert both.timing(0.3, 0.3) == (0.3, 0.3)
+
+
+def test_timing_never_much_worse_than_the_model_on_a_player_who_never_repeats():
+    """Random pitches and steps, and a model that predicts their median: the session's followers only mislead,
+    and the mixture must keep the step error within 2 % of the model's."""
+    rng = np.random.default_rng(4)
+    a = SessionAdapter(1000)
+    plain = adapted = 0.0
+    for p, step in zip(rng.integers(40, 90, 3000), rng.choice([0.125, 0.25, 0.375, 0.5], 3000)):
+        plain += abs(0.3125 - step)
+        adapted += abs(a.timing(0.3125, 0.3)[0] - step)
+        a.observe(int(p), UNIFORM, timing=(step, 0.3), model_timing=(0.3125, 0.3))
+    assert adapted <= 1.02 * plain
+
+
+def test_timing_memory_stays_bounded_and_pitch_only_leaves_timing_alone():
+    rng = np.random.default_rng(5)
+    a = SessionAdapter(50)
+    for p in rng.integers(40, 90, 3000):
+        a.observe(int(p), UNIFORM, timing=(float(rng.choice([0.1, 0.2, 0.3])), 0.2), model_timing=(0.2, 0.2))
+    cache = a._timing
+    assert len(cache._added) == 50
+    assert len(cache._by_pitch) <= 50 * len(adapt.TIMING_PITCH_ORDERS)
+    assert len(cache._by_rhythm) <= 50 * len(adapt.TIMING_RHYTHM_ORDERS)
+    pitch_only = SessionAdapter(100, timing=False)
+    for _ in range(4):
+        play_timed(pitch_only, MOTIF[:5], RHYTHM)
+    assert pitch_only.timing(0.3, 0.3) == (0.3, 0.3) and not pitch_only.adapts_timing
 
 
 def test_memory_must_be_positive():

@@ -89,6 +89,48 @@ def test_repriming_over_last_context_notes(tmp_path):
     np.testing.assert_array_equal(imp.history, seq[-context:])
 
 
+def test_repriming_is_spread_over_the_cycle_and_gives_the_same_outputs(tmp_path):
+    """The rebuild at k = C + 1 comes from a second state fed beside the main one (no C-step spike): its outputs
+    equal those of the rule done at once (zero state, feed the last C notes) through the same StepModel, over
+    several cycles and across a snapshot taken mid-cycle and restored."""
+    context = 5
+    ref = make_step_model(tmp_path / "m.onnx", num_features=4, context=context)
+    model = StepModel(ref.path)
+    imp = Improviser(model, GREEDY)
+    rng = np.random.default_rng(3)
+    seq = np.column_stack([rng.integers(40, 80, 40), rng.uniform(0, 0.5, 40), rng.uniform(0.05, 1, 40),
+                           rng.integers(30, 120, 40)]).astype(np.float64)
+    calls = []
+    run = model.run
+    model.run = lambda note, state: calls.append(len(note)) or run(note, state)
+    state, since, history, snap = model.zero_state(1), 0, [], None
+    for i, row in enumerate(seq):
+        if i == 23:
+            snap = (imp.snapshot(), state, since, list(history))
+            imp.feed(seq[0])  # fed, then undone
+            imp.feed(seq[1])
+            imp.restore(snap[0])
+        calls.clear()
+        imp.feed(row)
+        assert calls in ([1], [2]), i  # one model call per note, never a rebuild of C steps
+        history.append(row)
+        since += 1
+        if since > context:
+            state = model.zero_state(1)
+            for past in history[-context:]:
+                out = run(past[None, :], state)
+                state = out.state
+            since = 0
+        else:
+            out = run(row[None, :], state)
+            state = out.state
+        assert imp.since_priming == since, i
+        np.testing.assert_allclose(imp.prediction.state, out.state, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(imp.prediction.pitch_logits, out.pitch_logits, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(imp.prediction.step, out.step, rtol=1e-6, atol=1e-7)
+        assert imp.prediction.pitch_logits.shape == (1, 128) and imp.prediction.velocity.shape == (1,)
+
+
 def test_snapshot_restore(factory):
     imp = Improviser(StepModel(factory.path), GREEDY)
     imp.prime(PRIME)
