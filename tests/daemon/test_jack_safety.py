@@ -10,6 +10,7 @@ import time
 import mido
 import pytest
 
+from harness.fakes import off, on
 from improvd.daemon.io import ports
 from improvd.daemon.live import service
 from improvd.daemon.live.scheduler import Scheduler
@@ -35,14 +36,6 @@ def _output(frame_source=None):
     out.jack_threads = frozenset()
     out.frame_source = frame_source
     return out, rt
-
-
-def on(p, v=90):
-    return mido.Message("note_on", note=p, velocity=v)
-
-
-def off(p):
-    return mido.Message("note_off", note=p, velocity=0)
 
 
 def test_no_more_than_half_the_ring_between_two_server_cycles():

@@ -41,7 +41,7 @@ class Call:
         return f"{self.bpm} bpm {self.value}s {self.articulation}{' held' if self.held else ''}"
 
     def events(self, channel: int, start_s: float = 0.0) -> list[tuple[float, str, int, int, int]]:
-        """(t_s, kind, pitch, velocity, channel) events of the call (tests/e2e/jack.py `Player` format)."""
+        """(t_s, kind, pitch, velocity, channel) events of the call (harness/clients.py `Player` format)."""
         out = []
         ioi = self.ioi_s
         for i, p in enumerate(PITCHES):

@@ -1,0 +1,92 @@
+"""The unit tests' shared fakes: one fake clock (`FakeClock`), the note builders (`on`, `off`), and the `balanced`
+family that checks a list of sent messages for hanging or doubled notes. Also what the benches use of them
+(bench/record_flush.py's clock). Pure; called from the test's thread (and, for `FakeClock`, from the threads of the
+code under test that it is injected into).
+"""
+
+from __future__ import annotations
+
+import queue
+
+import mido
+
+
+class FakeClock:
+    """Time the test sets by hand (`clock.t = ...`) or that moves only when the code under test waits.
+
+    Call it (or `now()`) for the time in seconds: it fits an injected `now`. `sleep(s)` and `wait(cond, timeout_s)`
+    fit an injected sleep and condition wait (the scheduler's): they move the time on instead of waiting, so a
+    thread-driven run takes no real time."""
+
+    def __init__(self, t: float = 100.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += max(seconds, 1e-5)
+
+    def wait(self, cond, timeout_s):
+        if timeout_s is None:
+            cond.wait(0.005)  # idle: nothing to fast-forward to
+        else:
+            self.t += max(timeout_s, 1e-6)  # a real wait always takes some time
+            cond.wait(0)
+
+
+def on(note: int, velocity: int = 90, channel: int = 0, *, time: float = 0) -> mido.Message:
+    """A note-on (`time`: a MIDI file's delta time in ticks, where the message goes into a track)."""
+    return mido.Message("note_on", note=note, velocity=velocity, channel=channel, time=time)
+
+
+def off(note: int, channel: int = 0, velocity: int = 0, *, time: float = 0,
+        zero_velocity_on: bool = False) -> mido.Message:
+    """A note-off, or with `zero_velocity_on` the note-on with velocity 0 that many devices send instead."""
+    if zero_velocity_on:
+        return mido.Message("note_on", note=note, velocity=0, channel=channel, time=time)
+    return mido.Message("note_off", note=note, velocity=velocity, channel=channel, time=time)
+
+
+def _is_on(m) -> bool:
+    return m.type == "note_on" and m.velocity > 0
+
+
+def balanced(sent) -> bool:
+    """Whether sent (time, message) pairs sound each key once at a time and release every one: no note-off of a
+    silent key, no second note-on of a sounding key, nothing left sounding (per channel and pitch). Messages
+    other than notes are ignored."""
+    count: dict[tuple[int, int], int] = {}
+    for _, m in sent:
+        if m.type not in ("note_on", "note_off"):
+            continue
+        key = (m.channel, m.note)
+        count[key] = count.get(key, 0) + (1 if _is_on(m) else -1)
+        if not 0 <= count[key] <= 1:
+            return False
+    return all(v == 0 for v in count.values())
+
+
+def balanced_in_total(sent) -> bool:
+    """Whether sent (time, message) pairs hold as many note-offs as note-ons per channel and pitch: a key may sound
+    twice at once (two overlapping notes of one pitch), and only the totals count. Weaker than `balanced`."""
+    count: dict[tuple[int, int], int] = {}
+    for _, m in sent:
+        if m.type not in ("note_on", "note_off"):
+            continue
+        key = (m.channel, m.note)
+        count[key] = count.get(key, 0) + (1 if _is_on(m) else -1)
+    return all(v == 0 for v in count.values())
+
+
+def drain(q) -> list:
+    """Everything a queue holds now, in order, without waiting."""
+    out = []
+    while True:
+        try:
+            out.append(q.get_nowait())
+        except queue.Empty:
+            return out
