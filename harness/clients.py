@@ -66,7 +66,6 @@ def parse_dump_line(line: str, rate: int = SAMPLE_RATE) -> MidiEvent | None:
     return MidiEvent(int(m.group(1)) / rate, tuple(int(b, 16) for b in m.group(2).split()))
 
 
-
 class Receiver:
     """`jack_midi_dump -a` on its own JACK client; `events` fill in as they arrive."""
 
@@ -103,7 +102,6 @@ class Receiver:
 
     def stop(self) -> None:
         terminate(self.proc)
-
 
 
 SOURCE_SCRIPT = r"""
@@ -193,7 +191,6 @@ def phrase(pitches: Iterable[int], *, step_s: float = 0.12, duration_s: float = 
     return sorted(events, key=lambda e: (e[0], e[1] == "note_on"))
 
 
-
 class Player(Source):
     """A `Source` that plays note phrases; `play(events)` sends them with their timing."""
 
@@ -216,7 +213,6 @@ def balance(events, channel: int) -> dict[int, int]:
         elif ev.channel == channel and ev.kind == "off" and sounding[ev.note] > 0:
             sounding[ev.note] -= 1
     return {p: n for p, n in sounding.items() if n}
-
 
 
 def notes_of(events, channel: int) -> list[list]:

@@ -46,7 +46,6 @@ def toml_config(path: Path, sections: dict) -> Path:
     return path
 
 
-
 class Daemon:
     """`improvd run --config CONFIG` as a subprocess; its stderr lines are kept in `lines`.
 

@@ -51,34 +51,32 @@ def off(note: int, channel: int = 0, velocity: int = 0, *, time: float = 0,
     return mido.Message("note_off", note=note, velocity=velocity, channel=channel, time=time)
 
 
-def _is_on(m) -> bool:
-    return m.type == "note_on" and m.velocity > 0
-
-
-def balanced(sent) -> bool:
-    """Whether sent (time, message) pairs sound each key once at a time and release every one: no note-off of a
-    silent key, no second note-on of a sounding key, nothing left sounding (per channel and pitch). Messages
-    other than notes are ignored."""
+def _key_counts(sent) -> tuple[dict[tuple[int, int], int], bool]:
+    """Note-ons minus note-offs per (channel, pitch) at the end of sent (time, message) pairs, and whether any key
+    ever left 0..1 on the way (a note-off of a silent key, a second note-on of a sounding one). Messages other than
+    notes are ignored."""
     count: dict[tuple[int, int], int] = {}
+    stepped_out = False
     for _, m in sent:
         if m.type not in ("note_on", "note_off"):
             continue
         key = (m.channel, m.note)
-        count[key] = count.get(key, 0) + (1 if _is_on(m) else -1)
-        if not 0 <= count[key] <= 1:
-            return False
-    return all(v == 0 for v in count.values())
+        count[key] = count.get(key, 0) + (1 if m.type == "note_on" and m.velocity > 0 else -1)
+        stepped_out |= not 0 <= count[key] <= 1
+    return count, stepped_out
+
+
+def balanced(sent) -> bool:
+    """Whether sent (time, message) pairs sound each key once at a time and release every one: no note-off of a
+    silent key, no second note-on of a sounding key, nothing left sounding (per channel and pitch)."""
+    count, stepped_out = _key_counts(sent)
+    return not stepped_out and all(v == 0 for v in count.values())
 
 
 def balanced_in_total(sent) -> bool:
     """Whether sent (time, message) pairs hold as many note-offs as note-ons per channel and pitch: a key may sound
     twice at once (two overlapping notes of one pitch), and only the totals count. Weaker than `balanced`."""
-    count: dict[tuple[int, int], int] = {}
-    for _, m in sent:
-        if m.type not in ("note_on", "note_off"):
-            continue
-        key = (m.channel, m.note)
-        count[key] = count.get(key, 0) + (1 if _is_on(m) else -1)
+    count, _ = _key_counts(sent)
     return all(v == 0 for v in count.values())
 
 

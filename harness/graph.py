@@ -153,8 +153,6 @@ def assert_graph_clean(server: "JackServer", since: int) -> None:
         raise AssertionError(f"{report.failure}: {report.summary()}\n" + "\n".join(report.improvd[:10]))
 
 
-
-
 def xrun_counts(server: "JackServer", since: int = 0) -> dict:
     """JACK's xrun reports after byte `since` of its log, for a bench's JSON: all of them, those naming one of
     improvd's clients (any state: `Running`, its process callback was still running at the deadline; `Triggered`,

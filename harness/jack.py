@@ -221,8 +221,6 @@ def steal_percent(before: tuple[float, float], after: tuple[float, float]) -> fl
     return round(100.0 * (after[1] - before[1]) / total, 2) if total > 0 else None
 
 
-
-
 def improvd_ports(server: JackServer, client: str = "", timeout: float = 10.0) -> tuple[str, str]:
     """The full names of improvd's input and output ports on `server`, waited for up to `timeout` seconds.
 

@@ -8,13 +8,14 @@ Called from the test's or bench's thread; `LineReader` runs one thread per strea
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import itertools
 import re
 import signal
 import subprocess
 import threading
-from typing import Callable
+from typing import Callable, Iterator
 
 _ids = itertools.count()
 _children: list[subprocess.Popen] = []
@@ -114,3 +115,20 @@ class LineReader:
     def join(self, timeout: float) -> None:
         """Wait up to `timeout` seconds for the stream's end to be read."""
         self._thread.join(timeout)
+
+
+@contextlib.contextmanager
+def closing_all(build: Callable) -> Iterator[Callable]:
+    """A factory that calls `build(...)` and keeps what it made; on leaving, each is closed (`close()`), in the
+    order they were made: rigs of a test that own child processes."""
+    made = []
+
+    def make(*args, **kwargs):
+        rig = build(*args, **kwargs)
+        made.append(rig)
+        return rig
+    try:
+        yield make
+    finally:
+        for rig in made:
+            rig.close()

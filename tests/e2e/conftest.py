@@ -9,6 +9,7 @@ from harness.band import Band
 from harness.daemon import make_model
 from harness.jack import JackServer, jack_missing
 from harness.modelfactory import make_step_model
+from harness.procs import closing_all
 from harness.session import Session
 
 
@@ -37,29 +38,15 @@ def model(tmp_path_factory):
 def session(jack_server, tmp_path, model):
     """`session(**kwargs)` makes a `Session` with the module's model; each is closed (and its graph checked) after
     the test."""
-    made = []
-
-    def make(**kwargs):
-        s = Session(jack_server, tmp_path, model, **kwargs)
-        made.append(s)
-        return s
-    yield make
-    for s in made:
-        s.close()
+    with closing_all(lambda **kwargs: Session(jack_server, tmp_path, model, **kwargs)) as make:
+        yield make
 
 
 @pytest.fixture
 def band(jack_server, tmp_path):
     """`band(model_path, **kwargs)` makes a `Band`; each is closed (and its graph checked) after the test."""
-    made = []
-
-    def make(model_path, **kwargs):
-        b = Band(jack_server, tmp_path, model_path, **kwargs)
-        made.append(b)
-        return b
-    yield make
-    for b in made:
-        b.close()
+    with closing_all(lambda model_path, **kwargs: Band(jack_server, tmp_path, model_path, **kwargs)) as make:
+        yield make
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from harness.clients import Receiver, Source, balance, notes_of, prime_from_rece
 from harness.daemon import Daemon, greedy_answer, toml_config  # noqa: E402
 from harness.graph import assert_graph_clean  # noqa: E402
 from harness.jack import wire  # noqa: E402
-from harness.procs import unique_id  # noqa: E402
+from harness.procs import closing_all, unique_id  # noqa: E402
 from harness.session import IMPROVD_CH, PHRASE, PLAYER_CH  # noqa: E402
 from tests.e2e.expect import check_timing  # noqa: E402
 
@@ -123,15 +123,8 @@ class OscRig:
 
 @pytest.fixture
 def rig(jack_server, tmp_path):
-    made = []
-
-    def make(model_path, **kwargs):
-        r = OscRig(jack_server, tmp_path, model_path, **kwargs)
-        made.append(r)
-        return r
-    yield make
-    for r in made:
-        r.close()
+    with closing_all(lambda model_path, **kwargs: OscRig(jack_server, tmp_path, model_path, **kwargs)) as make:
+        yield make
 
 
 def test_osc_panic_silences_within_10_ms_and_states_arrive_in_order(rig, long_model):
