@@ -10,6 +10,8 @@ note-ons and note-offs after the call's first onset and before the next call, an
 - `premature`: improvd started a note while the player was still inside the call (between its first onset and
   its last release);
 - `ratio`: the answer's length (first note-on to last note-off) over the call's (first onset to last release).
+
+Pure; called from the test's or bench's thread.
 """
 
 from __future__ import annotations
