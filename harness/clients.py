@@ -120,8 +120,8 @@ for line in sys.stdin:
     start = time.perf_counter() + 0.005
     for ev in events:
         due = start + ev[0]
-        while due - time.perf_counter() > 0.002:
-            time.sleep(due - time.perf_counter() - 0.0015)
+        while due - time.perf_counter() > 0.002:  # sleep to 1.5 ms before, then spin
+            time.sleep(max(0.0, due - time.perf_counter() - 0.0015))  # >= 0 even when preempted between the two
         while time.perf_counter() < due:
             pass
         kind = ev[1]
