@@ -34,11 +34,9 @@ Acceptance (issue 6): lateness p99 < 2 ms during the flood, memory bounded, no h
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,221 +47,19 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.e2e.jack import (REPO as _REPO, Daemon, finish, JackServer, Player, Receiver, _LineReader,  # noqa: E402
-                            PROCESS_ERROR_RUN, cpu_steal, graph_report, phrase, spawn, steal_percent, write_config, xrun_kind)
-from improvd.daemon.live.statslog import (WINDOW_STATS_PREFIX, is_answer, parse_input_totals,  # noqa: E402
-                                          parse_stats, parse_window_stats, rss_mb)
-
-PLAYER_CH, IMPROVD_CH = 1, 0
-PHRASE = [60, 62, 64, 65, 67, 65, 64, 62]
-
-FLOOD_SCRIPT = r"""
-import heapq, json, random, sys, time
-import rtmidi
-out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, sys.argv[1])
-out.open_virtual_port("out")
-print("ready", flush=True)
-
-def sysex(rng):
-    return [0xF0] + [rng.randrange(128) for _ in range(rng.choice((4, 8, 16, 48, 200)))] + [0xF7]
-
-MALFORMED = [[0x90], [0x90, 60], [0x3C, 0x40], [0xF4], [0xF5], [0xF9], [0xFD], [0xF0, 1, 2, 3], [0xF7],
-             [0x90, 200, 64], [0xB0, 7, 255], [0xE0, 0x80, 0x80]]
-
-for line in sys.stdin:
-    cfg = json.loads(line)
-    rng = random.Random(cfg["seed"])
-    rate, seconds, hang = cfg["rate"], cfg["seconds"], cfg["hang"]
-    note_channels = [c for c in range(16) if c != cfg.get("quiet_channel")]
-    counts = {}
-    held = set()
-    offs = []  # heap of (due, channel, pitch)
-
-    def send(kind, data):
-        try:
-            out.send_message(data)
-        except Exception:
-            counts["refused"] = counts.get("refused", 0) + 1
-            return
-        counts[kind] = counts.get(kind, 0) + 1
-
-    def release(ch, p):
-        held.discard((ch, p))
-        if rng.random() < 0.5:
-            send("note_off", [0x80 | ch, p, rng.randrange(128)])
-        else:
-            send("note_off", [0x90 | ch, p, 0])
-
-    def one(now):
-        if offs and offs[0][0] <= now:
-            _, ch, p = heapq.heappop(offs)
-            if (ch, p) in held:
-                release(ch, p)
-                return
-        r = rng.random()
-        ch = rng.randrange(16)
-        if r < 0.30:
-            ch = rng.choice(note_channels)
-            p = rng.randrange(128)
-            if (ch, p) in held:
-                release(ch, p)
-                return
-            held.add((ch, p))
-            send("note_on", [0x90 | ch, p, rng.randrange(1, 128)])
-            heapq.heappush(offs, (now + rng.uniform(0.002, 0.08), ch, p))
-        elif r < 0.42:
-            send("clock", [0xF8])
-        elif r < 0.47:
-            send("active_sensing", [0xFE])
-        elif r < 0.57:
-            send("pitchwheel", [0xE0 | ch, rng.randrange(128), rng.randrange(128)])
-        elif r < 0.62:
-            send("aftertouch", [0xD0 | ch, rng.randrange(128)])
-        elif r < 0.67:
-            send("polytouch", [0xA0 | ch, rng.randrange(128), rng.randrange(128)])
-        elif r < 0.74:
-            send("control_change", [0xB0 | ch, rng.randrange(120), rng.randrange(128)])
-        elif r < 0.76:
-            send("program_change", [0xC0 | ch, rng.randrange(128)])
-        elif r < 0.79:
-            send("sysex", sysex(rng))
-        elif r < 0.82:
-            send("system", rng.choice([[0xF1, rng.randrange(128)], [0xF2, rng.randrange(128), rng.randrange(128)],
-                                       [0xF3, rng.randrange(128)], [0xF6], [0xFF]]))
-        elif r < 0.88:
-            send("malformed", list(rng.choice(MALFORMED)))
-        else:
-            ch = rng.choice(note_channels)
-            p = rng.randrange(128)
-            if (ch, p) in held:
-                release(ch, p)
-            else:
-                send("note_off", [0x80 | ch, p, 64])  # a release of a key that is not held
-
-    start = time.perf_counter()
-    end = start + seconds
-    n = 0
-    late_ticks = 0
-    while True:
-        now = time.perf_counter()
-        if now >= end:
-            break
-        target = int((now - start) * rate)
-        if target - n > rate * 0.01:
-            late_ticks += 1
-        while n < target:
-            one(now)
-            n += 1
-        time.sleep(0.0005)
-    elapsed = time.perf_counter() - start
-    # Release what is held, but leave `hang` notes pressed: improvd must count them released after max_hold.
-    keep = sorted(held)[:hang]
-    for ch, p in sorted(held):
-        if (ch, p) not in keep:
-            release(ch, p)
-            time.sleep(0.0002)
-    # One complete SysEx last (0x7D: the non-commercial ID). A flood cycle JACK missed can lose the F7 that ended
-    # one of the flood's unterminated SysEx starts; rtmidi's JACK input then takes every later message as part of
-    # that SysEx until an event ends with F7. improvd's EOX guard ends it within 0.25 s (tests/e2e/test_input_e2e.py);
-    # the complete SysEx ends it at once, so that the releases above come with their own times.
-    time.sleep(0.005)
-    send("sysex", [0xF0, 0x7D, 0xF7])
-    print("done " + json.dumps({"sent": n, "seconds": round(elapsed, 3), "rate": round(n / elapsed, 1),
-                                "by_kind": counts, "left_held": len(keep), "behind_10ms_ticks": late_ticks}),
-          flush=True)
-"""
-
-
-class Flooder:
-    """The flood sender: a JACK client with one output port (`port`), in its own process."""
-
-    def __init__(self, server: JackServer, client: str = "flooder") -> None:
-        self.client = client
-        self.proc = spawn([sys.executable, "-c", FLOOD_SCRIPT, client], env=server.env, cwd=_REPO,
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.reader = _LineReader(self.proc.stdout)
-        self.reader.wait_line("^ready$", 10.0)
-        self.port = server.wait_port(f"{client}:out")
-        self._runs = 0
-
-    def flood(self, seconds: float, rate: int = 10000, *, hang: int = 0, seed: int = 1, wait: bool = True,
-              quiet_channel: int | None = None) -> None:
-        """Start a flood (no notes on the 0-based `quiet_channel`, when given); with `wait`, return when it is over
-        (see `result`)."""
-        self.proc.stdin.write(json.dumps({"seconds": seconds, "rate": rate, "hang": hang, "seed": seed,
-                                          "quiet_channel": quiet_channel}) + "\n")
-        self.proc.stdin.flush()
-        self._runs += 1
-        if wait:
-            self.wait(seconds + 30.0)
-
-    def wait(self, timeout: float) -> dict:
-        n = self._runs
-        if not self.reader.wait_for(lambda: sum(ln.startswith("done ") for ln in self.reader.lines) >= n, timeout):
-            raise AssertionError("the flooder did not finish")
-        return self.result()
-
-    def result(self) -> dict:
-        done = [ln for ln in self.reader.lines if ln.startswith("done ")]
-        return json.loads(done[-1][5:])
-
-    def stop(self) -> None:
-        finish(self.proc)
-
-
-def window_stats(daemon: Daemon, start: int, timeout: float = 5.0) -> dict:
-    """Send SIGUSR1 and parse the `window stats:` line it makes (the first one at index >= start)."""
-    daemon.send_signal(signal.SIGUSR1)
-    return parse_window_stats(daemon.reader.wait_line(WINDOW_STATS_PREFIX, timeout, start=start))
-
-
-def input_counts(lines: list[str]) -> dict | None:
-    """What improvd says it received, dropped and found invalid (its `input:` line at exit), or None before."""
-    for line in lines:
-        counts = parse_input_totals(line)
-        if counts is not None:
-            return {k: counts[k] for k in ("received", "dropped", "invalid")}
-    return None
-
-
-def sent_counts(lines: list[str]) -> dict | None:
-    """The note-ons and note-offs improvd says it sent (its final `stats:` line), or None before it exits."""
-    for line in lines:
-        stats = parse_stats(line)
-        if stats is not None and stats["note_ons"] is not None:
-            return {"note_ons": stats["note_ons"], "note_offs": stats["note_offs"]}
-    return None
-
-
-def xrun_counts(server: JackServer, since: int = 0) -> dict:
-    """JACK's xrun reports after byte `since` of its log: all of them, those naming one of improvd's clients (any
-    state: `Running`, its process callback was still running at the deadline; `Triggered`, its thread did not
-    run the cycle at all), those where one overran (`Running`), and the longest run of process errors in a row (a
-    client that stopped running its cycle; see tests/e2e/jack.py, `graph_report`)."""
-    lines = server.xruns(since)
-    report = graph_report(server, since)
-    by_client = collections.Counter(xrun_kind(ln) for ln in lines)
-    return {"reports": len(lines),
-            "naming_improvd": len(report.improvd),
-            "improvd_overran": sum("client = improvd" in ln and "state = Running" in ln for ln in lines),
-            "process_errors": report.process_errors,
-            "longest_process_error_run": report.longest_run,
-            "by_client_state": dict(by_client.most_common())}
-
-
-def jack_mark(server: JackServer) -> tuple[int, tuple[float, float]]:
-    """Where a measured stretch starts: the server's log size and the host's CPU time (for `jack_trouble`)."""
-    return server.log_size(), cpu_steal()
-
-
-def jack_trouble(server: JackServer, mark: tuple[int, tuple[float, float]]) -> dict:
-    """JACK's xruns (`xrun_counts`) and the host's CPU steal since `mark` (`jack_mark`)."""
-    return {**xrun_counts(server, mark[0]), "host_steal_percent": steal_percent(mark[1], cpu_steal())}
+from harness.clients import Player, Receiver, note_counts, phrase  # noqa: E402
+from harness.daemon import Daemon, input_counts, sent_counts, window_stats, write_config  # noqa: E402
+from harness.flood import Flooder  # noqa: E402
+from harness.graph import PROCESS_ERROR_RUN, jack_mark, jack_trouble  # noqa: E402
+from harness.jack import JackServer, wire  # noqa: E402
+from improvd.daemon.live.statslog import rss_mb  # noqa: E402
+from harness.session import IMPROVD_CH, PHRASE, PLAYER_CH  # noqa: E402
+from improvd.daemon.live.statslog import is_answer  # noqa: E402
 
 
 def note_balance(events, channel: int = IMPROVD_CH) -> dict:
-    ons = sum(e.kind == "on" and e.channel == channel for e in events)
-    offs = sum(e.kind == "off" and e.channel == channel for e in events)
+    """The note-ons and note-offs a receiver saw on one channel, for the JSON."""
+    ons, offs = note_counts(events, channel)
     return {"note_ons": ons, "note_offs": offs}
 
 
@@ -283,12 +79,7 @@ class Rig:
         self.daemon = Daemon(server, config)
         try:
             self.daemon.wait_ready()
-            ports = server.ports()
-            in_port = next(p for p in ports if p.startswith(name) and p.endswith(":improvd in"))
-            out_port = next(p for p in ports if p.startswith(name) and p.endswith(":improvd out"))
-            server.connect(self.player.port, in_port)
-            server.connect(self.flooder.port, in_port)
-            server.connect(out_port, self.receiver.port)
+            wire(server, [self.player, self.flooder], [self.receiver], client=name)
         except BaseException:
             self.close()
             raise
@@ -420,7 +211,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="improvd-flood-"))
     model = args.model
     if model is None:
-        from tests.modelfactory import make_step_model
+        from harness.modelfactory import make_step_model
         model = tmp / "model.onnx"
         make_step_model(model, seed=3, context=64)
     realtime = None if args.realtime == "auto" else args.realtime == "1"

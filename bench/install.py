@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -23,14 +22,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.e2e.jack import Daemon, JackServer, Player, Receiver, phrase  # noqa: E402
-
-
-def timed(cmd: list[str], **kwargs) -> float:
-    started = time.perf_counter()
-    subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   **kwargs)
-    return time.perf_counter() - started
+from harness.clients import Player, Receiver, phrase  # noqa: E402
+from harness.daemon import Daemon  # noqa: E402
+from harness.install import install_wheel  # noqa: E402
+from harness.jack import JackServer, wire  # noqa: E402
 
 
 def main() -> int:
@@ -44,22 +39,16 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(root / "dist"), str(REPO)],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wheel = next((root / "dist").glob("improvd-*.whl"))
-        venv_s = timed([sys.executable, "-m", "venv", str(root / "venv")])
-        pip_s = timed([str(root / "venv/bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                       str(wheel)])
-        (root / "home").mkdir()
-        (root / "work").mkdir()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
-        env["HOME"] = str(root / "home")
+        user = install_wheel(wheel, root)
+        venv_s, pip_s = user.venv_s, user.install_s
         server = JackServer().start(root)
         try:
             receiver, player = Receiver(server), Player(server)
             started = time.perf_counter()
-            daemon = Daemon(server, None, command=[str(root / "venv/bin/improvd")], cwd=root / "work", env=env)
+            daemon = Daemon(server, None, command=[str(user.improvd)], cwd=user.work, env=user.env)
             daemon.wait_ready(60.0)
             ready_s = time.perf_counter() - started
-            server.connect(player.port, server.wait_port(":improvd in"))
-            server.connect(server.wait_port(":improvd out"), receiver.port)
+            wire(server, [player], [receiver])
             time.sleep(0.3)
             player.play(phrase([60, 62, 64, 65, 67, 65, 64, 62], step_s=0.15, duration_s=0.1))
             played = time.perf_counter()

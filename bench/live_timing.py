@@ -15,7 +15,7 @@ What it measures, each from a real process on real JACK MIDI ports:
   playing in continuous mode, against a bare client holding the same two JACK ports, measured over the same
   seconds.
 
-Without `--model` a small random model from tests/modelfactory.py is used (the timing does not depend on the
+Without `--model` a small random model from harness/modelfactory.py is used (the timing does not depend on the
 weights, and its numpy twin gives the reference prediction). Needs jackd2 and its example clients.
 """
 
@@ -36,11 +36,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.e2e.jack import (Daemon, JackServer, Player, Receiver, greedy_answer, phrase,  # noqa: E402
-                            spawn, terminate, write_config)
+from harness.clients import Player, Receiver, phrase  # noqa: E402
+from harness.daemon import Daemon, greedy_answer, write_config  # noqa: E402
+from harness.jack import JackServer, wire  # noqa: E402
+from harness.procs import spawn, terminate  # noqa: E402
+from harness.session import IMPROVD_CH, PLAYER_CH  # noqa: E402
 from improvd.daemon.live.statslog import parse_event, parse_stats  # noqa: E402
 
-PLAYER_CH, IMPROVD_CH = 1, 0
 PHRASES = [[60, 62, 64, 65, 67, 65, 64, 62], [67, 69, 71, 72, 71, 69, 67, 65], [55, 59, 62, 65, 64, 62, 60, 59],
            [72, 71, 69, 67, 65, 64, 62, 60]]
 SILENCE_S = 0.4
@@ -117,15 +119,6 @@ def sent_notes(lines: list[str]) -> list[list[float]]:
     return out
 
 
-def wire(server, daemon_client, player, receiver):
-    ports = server.ports()
-    in_port = next(p for p in ports if p.startswith(daemon_client) and p.endswith(":improvd in"))
-    out_port = next(p for p in ports if p.startswith(daemon_client) and p.endswith(":improvd out"))
-    server.connect(player.port, in_port)
-    server.connect(player.port, receiver.port)
-    server.connect(out_port, receiver.port)
-
-
 def respond_run(server, tmp: Path, model_path: Path, twin, n_phrases: int, cpu_s: float) -> dict:
     receiver, player = Receiver(server), Player(server)
     config = write_config(tmp / "respond.toml", model=model_path,
@@ -139,7 +132,7 @@ def respond_run(server, tmp: Path, model_path: Path, twin, n_phrases: int, cpu_s
     try:
         daemon.wait_ready()
         assert bare.stdout.readline().strip() == "ready"
-        wire(server, "improvd-bench", player, receiver)
+        wire(server, [player], [receiver], client="improvd-bench", monitor=True)
         bare_in = server.wait_port("bare-client:improvd in")
         server.connect(player.port, bare_in)
         time.sleep(1.0)
@@ -218,7 +211,7 @@ def continuous_run(server, tmp: Path, model_path: Path, cpu_s: float) -> dict:
     try:
         daemon.wait_ready()
         assert bare.stdout.readline().strip() == "ready"
-        wire(server, "improvd-cont", player, receiver)
+        wire(server, [player], [receiver], client="improvd-cont", monitor=True)
         server.connect(player.port, server.wait_port("bare-client2:improvd in"))
         player.play(phrase(PHRASES[0], step_s=0.15, duration_s=0.1, channel=PLAYER_CH))
         receiver.wait_events(lambda evs: any(e.channel == IMPROVD_CH for e in evs), 10)
@@ -250,7 +243,7 @@ def main() -> int:
     twin = None
     model_path = Path(args.model).resolve() if args.model else None  # the temporary config lives elsewhere
     if model_path is None:
-        from tests.modelfactory import make_step_model
+        from harness.modelfactory import make_step_model
         model_path = tmp / "model.onnx"
         twin = make_step_model(model_path, seed=3, context=256)  # the most a model may declare: no re-priming here
     server = JackServer().start(tmp)
@@ -261,7 +254,7 @@ def main() -> int:
         server.stop()
     result = {
         "bench": "live_timing", "jack": server.settings(),
-        "cpus": os.cpu_count(), "model": str(args.model or "tests.modelfactory(seed=3)"),
+        "cpus": os.cpu_count(), "model": str(args.model or "harness.modelfactory(seed=3)"),
         "respond": respond, "continuous": continuous,
         "cpu_idle_excess_pp": round(respond["cpu_percent_idle"]["improvd"]
                                     - respond["cpu_percent_idle"]["bare_client"], 2),

@@ -33,11 +33,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from improvd.daemon.live.statslog import rss_mb  # noqa: E402
+from harness.fakes import FakeClock  # noqa: E402
 from improvd.core import midifile  # noqa: E402
 from improvd.core import notes as nt  # noqa: E402
 from improvd.daemon.io.recorder import SessionRecorder  # noqa: E402
-from improvd.daemon.live.statslog import rss_mb  # noqa: E402
-from tests.daemon.fakes import Clock  # noqa: E402
 
 STEP_S, DURATION_S = 0.020, 0.010
 NEW_PER_FLUSH = 500  # notes in 10 s at one every 20 ms
@@ -74,7 +74,7 @@ def measure(n: int, repeat: int, folder: Path) -> dict:
     """One size: the new recorder's flushes and memory, and the old full rewrite of the same notes."""
     rng = np.random.default_rng(n)
     onset, pitch, velocity = _stream(rng, 0, n)
-    clock = Clock(0.0)
+    clock = FakeClock(0.0)
     rec = SessionRecorder(folder, start_s=0.0, now=clock, name=f"new-{n}.mid")
     half = n // 2
     tracemalloc.start()

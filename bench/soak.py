@@ -40,10 +40,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.flood import (IMPROVD_CH, input_counts, jack_mark, jack_trouble, note_balance,  # noqa: E402
-                         sent_counts, window_stats)
+from bench.flood import note_balance  # noqa: E402
+from harness.clients import Player, Receiver  # noqa: E402
+from harness.daemon import Daemon, input_counts, sent_counts, window_stats, write_config  # noqa: E402
+from harness.graph import PROCESS_ERROR_RUN, jack_mark, jack_trouble  # noqa: E402
+from harness.jack import PERIOD_FRAMES, JackServer, wire  # noqa: E402
 from improvd.daemon.live.statslog import rss_mb  # noqa: E402
-from tests.e2e.jack import PERIOD_FRAMES, PROCESS_ERROR_RUN, Daemon, JackServer, Player, Receiver, write_config  # noqa: E402
+from harness.session import IMPROVD_CH  # noqa: E402
 
 WARM_UP_S = 60.0
 
@@ -88,7 +91,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="improvd-soak-"))
     model = args.model
     if model is None:
-        from tests.modelfactory import make_step_model
+        from harness.modelfactory import make_step_model
         model = tmp / "model.onnx"
         make_step_model(model, seed=3, context=64)
     rng = random.Random(args.seed)
@@ -105,10 +108,7 @@ def main() -> int:
                                                                 "rotate_minutes": args.rotate_minutes})
         daemon = Daemon(server, config)
         daemon.wait_ready()
-        ports = server.ports()
-        mine = [p for p in ports if p.startswith("improvd-soak")]
-        server.connect(player.port, next(p for p in mine if p.endswith(":improvd in")))
-        server.connect(next(p for p in mine if p.endswith(":improvd out")), receiver.port)
+        wire(server, [player], [receiver], client="improvd-soak")
         pid = daemon.proc.pid
         run_start = window_start = jack_mark(server)
         t0 = time.monotonic()

@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,9 +37,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.flood import cpu_steal, steal_percent  # noqa: E402
-from tests.e2e.jack import (Daemon, JackServer, Player, spawn, terminate, write_config,  # noqa: E402
-                            _LineReader)
+from harness.clients import Player  # noqa: E402
+from harness.daemon import Daemon, write_config  # noqa: E402
+from harness.jack import JackServer, cpu_steal, steal_percent  # noqa: E402
+from harness.procs import LineReader, spawn, terminate  # noqa: E402
 
 NOTES = 3
 MESSAGES = 2 * NOTES
@@ -114,7 +113,7 @@ class Bare:
     def __init__(self, server: JackServer) -> None:
         self.proc = spawn([sys.executable, "-c", BARE_SCRIPT], env=server.env, stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.reader = _LineReader(self.proc.stdout)
+        self.reader = LineReader(self.proc.stdout)
         self.reader.wait_line("^ready$", 20.0)
 
     def stop(self) -> tuple[int | None, int | None]:

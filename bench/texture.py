@@ -30,16 +30,11 @@ from improvd.daemon.generate import continue_notes, prime_texture  # noqa: E402
 from improvd.daemon.predict.improviser import Improviser  # noqa: E402
 from improvd.daemon.predict.model import StepModel  # noqa: E402
 from improvd.daemon.predict.sampling import Decoding  # noqa: E402
-from improvd.daemon.music.texture import TextureCounts, max_simultaneous  # noqa: E402
-from tests.daemon.test_texture import CHORALE_1, CHORALE_2, MELODY, chorale  # noqa: E402
+from improvd.daemon.music.texture import TextureCounts  # noqa: E402
+from harness.chorales import CHORALE_1, CHORALE_2, MELODY, chorale, sounding_max  # noqa: E402
 
 CALLS = {"melody": MELODY, "chorale I-IV-V-I in C": chorale(CHORALE_1),
          "chorale i-iv-V-i in A minor": chorale(CHORALE_2, 0.8)}
-
-
-def sounding_max(notes: np.ndarray) -> int:
-    onsets = nt.onsets(notes)
-    return max_simultaneous(onsets, onsets + notes[:, nt.DURATION])
 
 
 def main() -> int:

@@ -4,7 +4,7 @@ they last, for fixed and pulse-measured phrase ends; prints JSON.
     .venv/bin/python bench/turns.py [--settings fixed,auto] [--articulations legato,detached,staccato]
                                     [--model M.onnx]
 
-A player process plays scripted calls (tests/e2e/turns_measure.py: 8 notes at 60, 100 and 160 bpm, quarters and
+A player process plays scripted calls (harness/turns.py: 8 notes at 60, 100 and 160 bpm, quarters and
 eighths, legato, detached and staccato, with and without a held last note); `jack_midi_dump -a`, an independent client,
 timestamps the calls and improvd's answers on the server's clock. Each call is played once improvd's answer to the
 previous one is over. Per setting of `[improvise]` and per tempo it reports:
@@ -32,11 +32,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from harness.clients import Player, Receiver  # noqa: E402
+from harness.daemon import Daemon, write_config  # noqa: E402
+from harness.jack import JackServer, wire  # noqa: E402
+from harness.session import IMPROVD_CH, PLAYER_CH  # noqa: E402
+from harness.turns import calls, measure, summarize  # noqa: E402
 from improvd.daemon.live.statslog import is_answer  # noqa: E402
-from tests.e2e.jack import Daemon, JackServer, Player, Receiver, write_config  # noqa: E402
-from tests.e2e.turns_measure import calls, measure, summarize  # noqa: E402
 
-PLAYER_CH, IMPROVD_CH = 1, 0
 SETTINGS = {
     "fixed": {"silence": 0.6, "answer_length": "max", "max_notes": 32, "max_seconds": 8.0},
     "auto": {"silence": "auto", "answer_length": "match", "max_notes": 128, "max_seconds": 8.0},
@@ -56,11 +58,7 @@ def run_setting(server: JackServer, tmp: Path, model: Path, name: str, improvise
     rows = []
     try:
         daemon.wait_ready()
-        ports = server.ports()
-        server.connect(player.port, next(p for p in ports if p.startswith(client) and p.endswith(":improvd in")))
-        server.connect(player.port, receiver.port)
-        server.connect(next(p for p in ports if p.startswith(client) and p.endswith(":improvd out")),
-                       receiver.port)
+        wire(server, [player], [receiver], client=client, monitor=True)
         for call in calls(articulations):
             mark = len(receiver.events)
             player.play(call.events(PLAYER_CH), wait=True, timeout=60)

@@ -23,6 +23,7 @@ import mido
 import numpy as np
 import pytest
 
+from harness.install import Installed, install_wheel
 from improvd.core import midifile
 from improvd.daemon.cli import HANDLERS, build_parser
 
@@ -67,28 +68,13 @@ def dist(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def installed(dist, tmp_path_factory) -> dict:
+def installed(dist, tmp_path_factory) -> Installed:
     """A fresh venv outside the checkout with the wheel installed; a home and a folder with no config in them."""
-    root = tmp_path_factory.mktemp("user")
-    venv = root / "venv"
-    run([sys.executable, "-m", "venv", str(venv)])
-    wheel = next(dist.glob("improvd-*.whl"))
-    started = time.perf_counter()
-    run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(wheel)])
-    install_s = time.perf_counter() - started
-    home, work = root / "home", root / "work"
-    home.mkdir()
-    work.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
-    env.update(HOME=str(home), PATH=f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}")
-    site = Path(run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                    cwd=work, env=env).stdout.strip())
-    return {"venv": venv, "improvd": venv / "bin" / "improvd", "home": home, "work": work, "env": env,
-            "site": site, "install_s": install_s, "wheel": wheel}
+    return install_wheel(next(dist.glob("improvd-*.whl")), tmp_path_factory.mktemp("user"))
 
 
 def improvd(installed, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    return run([str(installed["improvd"]), *args], cwd=installed["work"], env=installed["env"], check=check,
+    return run([str(installed.improvd), *args], cwd=installed.work, env=installed.env, check=check,
                timeout=timeout)
 
 
@@ -103,23 +89,24 @@ def test_the_wheel_holds_one_import_package_its_data_and_the_manual_page(dist):
         assert data in names
     assert not any(n.startswith("improvd/models/") and "window" in n for n in names)  # step format only
     assert any(n.endswith(".data/data/share/man/man1/improvd.1") for n in names)
-    assert not any(n.startswith(("improvd/tests/", "improvd/bench/")) for n in names)
+    assert not any(n.startswith(("improvd/tests/", "improvd/bench/", "improvd/harness/")) for n in names)
     sdist = next(dist.glob("improvd-*.tar.gz"))
     members = {m.split("/", 1)[1] for m in tarfile.open(sdist).getnames() if "/" in m}
     for needed in ("pyproject.toml", "MANIFEST.in", "config.toml", "models/bach.onnx", "models/bach.card.json",
                    "models/bach.keras",
                    "docs/improvd.1", "daemon/cli.py", "train/fit.py", "export/onnx.py", "contrib/improvd.service"):
         assert needed in members, f"the sdist lacks {needed}"
+    assert not any(m.startswith("harness/") for m in members), "the sdist holds the test harness"
 
 
 @pytest.mark.slow
 def test_site_packages_gets_improvd_and_its_dist_info_only(installed):
-    site = installed["site"]
+    site = installed.site
     ours = {p.name for p in site.iterdir() if p.name.lower().startswith("improvd")}
-    assert ours == {"improvd", f"{installed['wheel'].name.split('-py3')[0]}.dist-info"}
-    for generic in ("daemon", "train", "export", "models", "tests"):
+    assert ours == {"improvd", f"{installed.wheel.name.split('-py3')[0]}.dist-info"}
+    for generic in ("daemon", "train", "export", "models", "tests", "harness"):
         assert not (site / generic).exists(), f"the wheel installed a top-level '{generic}'"
-    assert (installed["venv"] / "share" / "man" / "man1" / "improvd.1").is_file()
+    assert (installed.venv / "share" / "man" / "man1" / "improvd.1").is_file()
 
 
 @pytest.mark.slow
@@ -128,13 +115,13 @@ def test_version_config_and_help_work_from_any_folder_without_a_config_file(inst
     assert re.fullmatch(r"improvd \d+\.\d+\.\d+\S*", version), version
     shown = improvd(installed, "config").stdout
     assert "Config file: none" in shown
-    packaged = installed["site"] / "improvd" / "models" / "bach.onnx"
+    packaged = installed.site / "improvd" / "models" / "bach.onnx"
     assert f'path = "{packaged}"  # built-in' in shown
     assert re.search(r'^temperature = 0\.5  # --set$',
                      improvd(installed, "config", "--set", "improvise.temperature=0.5").stdout, re.M)
     assert "usage: improvd run" in improvd(installed, "run", "--help").stdout
 
-    written = installed["home"] / ".config" / "improvd" / "config.toml"
+    written = installed.home / ".config" / "improvd" / "config.toml"
     assert "wrote the default config" in improvd(installed, "config", "--init").stdout
     assert written.read_text(encoding="utf-8") == (REPO / "config.toml").read_text(encoding="utf-8")
     again = improvd(installed, "config", "--init", check=False)
@@ -148,10 +135,10 @@ def test_version_config_and_help_work_from_any_folder_without_a_config_file(inst
 
 @pytest.mark.slow
 def test_generate_continues_a_prime_with_the_packaged_model(installed):
-    prime = installed["work"] / "prime.mid"
+    prime = installed.work / "prime.mid"
     notes = np.array([[60 + 2 * i, 0.25 if i else 0.0, 0.2, 80] for i in range(8)], dtype=np.float64)
     midifile.write_notes(prime, [midifile.Track("prime", notes)])
-    out = installed["work"] / "out.mid"
+    out = installed.work / "out.mid"
     improvd(installed, "generate", "--prime", "prime.mid", "--out", "out.mid", "--notes", "16", "--seed", "3")
     ons = [m for track in mido.MidiFile(out).tracks for m in track if m.type == "note_on" and m.velocity > 0]
     assert len(ons) >= 8 + 16
@@ -164,9 +151,9 @@ def test_the_unit_file_verifies_against_the_installed_command(installed, tmp_pat
         pytest.skip("systemd-analyze is not installed")
     home = tmp_path / "home"
     (home / ".local" / "bin").mkdir(parents=True)
-    (home / ".local" / "bin" / "improvd").symlink_to(installed["improvd"])
+    (home / ".local" / "bin" / "improvd").symlink_to(installed.improvd)
     shutil.copy(UNIT, tmp_path / "improvd.service")
-    env = dict(os.environ, HOME=str(home), MANPATH=str(installed["venv"] / "share" / "man"))
+    env = dict(os.environ, HOME=str(home), MANPATH=str(installed.venv / "share" / "man"))
     done = run([analyze, "verify", str(tmp_path / "improvd.service")], env=env, check=False, cwd=tmp_path)
     assert done.returncode == 0 and done.stderr.strip() == "", done.stderr  # unknown keys are only warnings
 
@@ -174,26 +161,23 @@ def test_the_unit_file_verifies_against_the_installed_command(installed, tmp_pat
 @pytest.mark.slow
 @pytest.mark.jack
 def test_improvd_run_answers_a_phrase_with_the_packaged_model(installed, tmp_path):
-    from tests.e2e.jack import Daemon, JackServer, Player, Receiver, phrase
-    if shutil.which("jackd") is None:
-        pytest.skip("jackd is not installed (apt-get install jackd2)")
+    from harness.clients import Player, Receiver, phrase
+    from harness.daemon import Daemon
+    from harness.jack import JackServer, wire
     server = JackServer().start(tmp_path)
     daemon = receiver = player = None
     try:
         receiver = Receiver(server)
         player = Player(server)
         # As the systemd unit runs it: no --config, no config file, the user's umask 0077.
-        daemon = Daemon(server, None, command=["/bin/sh", "-c", f'umask 077; exec "{installed["improvd"]}" "$@"',
-                                               "improvd"], cwd=installed["work"], env=installed["env"])
+        daemon = Daemon(server, None, command=["/bin/sh", "-c", f'umask 077; exec "{installed.improvd}" "$@"',
+                                               "improvd"], cwd=installed.work, env=installed.env)
         daemon.wait_ready()
         assert any("bach.onnx" in line for line in daemon.lines), daemon.log()
-        listed = run([str(installed["improvd"]), "ports"], cwd=installed["work"],
-                     env={**server.env, **installed["env"]}, timeout=60).stdout
+        listed = run([str(installed.improvd), "ports"], cwd=installed.work,
+                     env={**server.env, **installed.env}, timeout=60).stdout
         assert "improvd in" in listed and "improvd out" in listed, listed
-        inport = server.wait_port(":improvd in")
-        outport = server.wait_port(":improvd out")
-        server.connect(player.port, inport)
-        server.connect(outport, receiver.port)
+        wire(server, [player], [receiver])
         time.sleep(0.3)
         player.play(phrase([60, 62, 64, 65, 67, 65, 64, 62], step_s=0.15, duration_s=0.1))
         answered = receiver.wait_events(lambda evs: sum(e.kind == "on" for e in evs) >= 4, timeout=15.0)

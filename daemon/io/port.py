@@ -2,7 +2,7 @@
 that notices the port it is connected to going away and coming back, closing.
 
 Every rtmidi object improvd uses is made by `open_rt_client` (or whatever a caller hands the ports in its place:
-tests pass a fake, `tests/daemon/fakes.py`); on JACK it first waits until the new client cannot inherit a removed
+tests pass a fake, `harness/fakes.py`); on JACK it first waits until the new client cannot inherit a removed
 client's synchro (`daemon/io/libjack.py` `settle_jack_synchros`) and learns which threads the client started
 (`jack_threads`, for the stall watch, `daemon/io/jackwatch.py` `ClientWatch`).
 

@@ -13,7 +13,7 @@ from improvd.daemon.control.cc import Action, ControlMap
 from improvd.daemon.predict.improviser import Decoding, Improviser
 from improvd.daemon.predict.model import StepModel
 from tests.daemon.test_engine import Rig, improvise
-from tests.modelfactory import make_step_model
+from harness.modelfactory import make_step_model
 
 UNIFORM = np.full(128, 1.0 / 128)
 MOTIF = [61, 68, 63, 70, 66, 73]  # a distinctive zig-zag, played again and again

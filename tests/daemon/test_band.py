@@ -18,7 +18,8 @@ from improvd.core.config import Config, ControlConfig, ImproviseConfig, MidiConf
 from improvd.daemon.live.engine import Engine
 from improvd.daemon.predict.model import StepModel
 from improvd.daemon.live.scheduler import Scheduler
-from tests.modelfactory import make_step_model
+from harness.fakes import balanced
+from harness.modelfactory import make_step_model
 
 C_MAJOR = {0, 2, 4, 5, 7, 9, 11}
 T0 = 1000.0
@@ -113,18 +114,6 @@ class Sim:
 
     def of_type(self, kind):
         return [(t, m) for t, m in self.sent if m.type == kind]
-
-
-def balanced(sent):
-    count = {}
-    for _, m in sent:
-        if m.type not in ("note_on", "note_off"):
-            continue
-        key = (m.channel, m.note)
-        count[key] = count.get(key, 0) + (1 if m.type == "note_on" and m.velocity > 0 else -1)
-        if not 0 <= count[key] <= 1:
-            return False
-    return all(v == 0 for v in count.values())
 
 
 @pytest.fixture(scope="module")

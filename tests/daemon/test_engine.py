@@ -1,7 +1,7 @@
 """The engine driven through its input queue, playing on a queue-backed fake output through a real scheduler.
 
 Real time is used (the engine waits on its queue), with short silences and steps so the whole file runs in a few
-seconds. Every played note is checked against the numpy twin of the model (tests/modelfactory.py).
+seconds. Every played note is checked against the numpy twin of the model (harness/modelfactory.py).
 """
 
 import queue
@@ -16,7 +16,8 @@ from improvd.core.config import Config, ControlConfig, ImproviseConfig, MidiConf
 from improvd.daemon.live.engine import Engine
 from improvd.daemon.predict.model import StepModel
 from improvd.daemon.live.scheduler import Scheduler
-from tests.modelfactory import make_step_model
+from harness.fakes import balanced
+from harness.modelfactory import make_step_model
 
 
 class FakePort:
@@ -103,16 +104,6 @@ class Rig:
 
 def note_ons(sent):
     return [(t, m) for t, m in sent if m.type == "note_on" and m.velocity > 0]
-
-
-def balanced(sent):
-    count = {}
-    for _, m in sent:
-        key = (m.channel, m.note)
-        count[key] = count.get(key, 0) + (1 if m.type == "note_on" and m.velocity > 0 else -1)
-        if not 0 <= count[key] <= 1:  # a note-off of a silent key, or a second note-on without a note-off
-            return False
-    return all(v == 0 for v in count.values())
 
 
 def check_against_reference(refs, events, imp, *, respond=True):

@@ -1,4 +1,4 @@
-"""Tests for `improvd generate` (daemon/generate.py) through the command line, with tests.modelfactory models."""
+"""Tests for `improvd generate` (daemon/generate.py) through the command line, with harness.modelfactory models."""
 
 from pathlib import Path
 
@@ -12,7 +12,7 @@ from improvd.core import notes as nt
 from improvd.daemon.cli import main
 from improvd.core.midifile import Track, notes_from_midi, read_notes, write_notes
 from improvd.daemon.predict.sampling import log_softmax
-from tests.modelfactory import make_step_model
+from harness.modelfactory import make_step_model
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "config.toml")  # pitch_range [21, 108], step_range [0, 2], duration_range [0.03, 4]

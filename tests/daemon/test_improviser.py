@@ -3,7 +3,7 @@ import pytest
 
 from improvd.daemon.predict.improviser import Decoding, Improviser
 from improvd.daemon.predict.model import StepModel
-from tests.modelfactory import make_step_model
+from harness.modelfactory import make_step_model
 
 PRIME = np.array([[60, 0.0, 0.2, 80], [62, 0.25, 0.2, 90], [64, 0.25, 0.2, 100], [65, 0.25, 0.4, 70],
                   [67, 0.5, 0.3, 60]])

@@ -10,12 +10,12 @@ import time
 import mido
 import pytest
 
+from harness.fakes import FakeMidi, FakeRt, off, on
 from improvd.daemon.io import jackwatch, libjack
 from improvd.daemon.io.outport import OutputPort, OutputSuspended
 from improvd.daemon.live import service
 from improvd.daemon.live.scheduler import Scheduler
 from improvd.daemon.live.watchdog import Heartbeat, ThreadWatch
-from tests.daemon.fakes import FakeMidi, FakeRt
 
 
 def _output(frame_source=None):
@@ -23,14 +23,6 @@ def _output(frame_source=None):
     out = OutputPort("jack", "virtual:improvd out", open_client=FakeMidi(rt))
     out.frame_source = frame_source
     return out, rt
-
-
-def on(p, v=90):
-    return mido.Message("note_on", note=p, velocity=v)
-
-
-def off(p):
-    return mido.Message("note_off", note=p, velocity=0)
 
 
 def test_no_more_than_half_the_ring_between_two_server_cycles():

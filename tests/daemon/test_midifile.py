@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.fakes import off, on
 from improvd.core import notes as nt
 from improvd.core.errors import MidiFileError
 from improvd.core.midifile import FILE_TICKS_PER_BEAT, Track, read_notes, track_events, write_notes
@@ -20,16 +21,6 @@ def save(path, tracks, *, ticks_per_beat=480, midi_type=1):
         midi.tracks.append(mido.MidiTrack(messages))
     midi.save(str(path))
     return path
-
-
-def on(note, time=0, channel=0, velocity=100):
-    return mido.Message("note_on", note=note, velocity=velocity, time=time, channel=channel)
-
-
-def off(note, time=0, channel=0, zero_velocity_on=False):
-    if zero_velocity_on:
-        return mido.Message("note_on", note=note, velocity=0, time=time, channel=channel)
-    return mido.Message("note_off", note=note, velocity=0, time=time, channel=channel)
 
 
 def random_notes(seed, n=60):
@@ -111,10 +102,11 @@ def test_all_non_drum_channels_and_tracks_are_merged_and_sorted(tmp_path):
     # drums (channel 9) everywhere; track 3: 48 at beat 1, written with note_on velocity 0 as its note-off.
     path = save(tmp_path / "m.mid", [
         [mido.MetaMessage("set_tempo", tempo=500_000)],
-        [on(67), on(60, channel=3), off(67, 480), off(60, 0, channel=3), on(67), off(67, 240)],
-        [on(36, channel=9), on(64, channel=1), off(36, 120, channel=9), off(64, 360, channel=1),
-         on(38, 0, channel=9), off(38, 60, channel=9)],
-        [on(48, 480, channel=5, velocity=40), off(48, 480, channel=5, zero_velocity_on=True)],
+        [on(67, 100), on(60, 100, channel=3), off(67, time=480), off(60, channel=3, time=0), on(67, 100),
+         off(67, time=240)],
+        [on(36, 100, channel=9), on(64, 100, channel=1), off(36, channel=9, time=120), off(64, channel=1, time=360),
+         on(38, 100, channel=9, time=0), off(38, channel=9, time=60)],
+        [on(48, 40, channel=5, time=480), off(48, channel=5, time=480, zero_velocity_on=True)],
     ])
     notes = read_notes(path)
     np.testing.assert_array_equal(notes[:, nt.PITCH], [60, 64, 67, 48, 67])
@@ -126,8 +118,8 @@ def test_all_non_drum_channels_and_tracks_are_merged_and_sorted(tmp_path):
 
 
 def test_type_0_file(tmp_path):
-    path = save(tmp_path / "t0.mid", [[on(62, channel=2), on(50, channel=1), off(62, 240, channel=2),
-                                        off(50, 240, channel=1)]], midi_type=0)
+    path = save(tmp_path / "t0.mid", [[on(62, 100, channel=2), on(50, 100, channel=1), off(62, channel=2, time=240),
+                                        off(50, channel=1, time=240)]], midi_type=0)
     notes = read_notes(path)
     np.testing.assert_array_equal(notes[:, nt.PITCH], [50, 62])
     np.testing.assert_allclose(notes[:, nt.DURATION], [0.5, 0.25])
@@ -135,8 +127,8 @@ def test_type_0_file(tmp_path):
 
 def test_unison_duplicates_at_one_onset_are_all_read(tmp_path):
     # Two instruments double the same pitch: both notes are kept (step 0 between them).
-    path = save(tmp_path / "u.mid", [[on(60, channel=0), on(60, channel=1), off(60, 480, channel=0),
-                                      off(60, 240, channel=1), on(62, 0), off(62, 480)]])
+    path = save(tmp_path / "u.mid", [[on(60, 100, channel=0), on(60, 100, channel=1), off(60, channel=0, time=480),
+                                      off(60, channel=1, time=240), on(62, 100, time=0), off(62, time=480)]])
     notes = read_notes(path)
     np.testing.assert_array_equal(notes[:, nt.PITCH], [60, 60, 62])
     np.testing.assert_allclose(notes[:, nt.STEP], [0, 0, 0.75])  # 480 ticks per beat at 120 bpm
@@ -189,7 +181,7 @@ def test_tempo_changes_are_honoured(tmp_path):
     # 480 ticks per beat; 120 bpm for the first beat, then 60 bpm (in the tempo track, type 1).
     path = save(tmp_path / "tempo.mid", [
         [mido.MetaMessage("set_tempo", tempo=500_000), mido.MetaMessage("set_tempo", tempo=1_000_000, time=480)],
-        [on(60), off(60, 240), on(62, 240), off(62, 480), on(64), off(64, 960)],
+        [on(60, 100), off(60, time=240), on(62, 100, time=240), off(62, time=480), on(64, 100), off(64, time=960)],
     ])
     notes = read_notes(path)
     np.testing.assert_allclose(nt.onsets(notes), [0.0, 0.5, 1.5])
@@ -197,8 +189,8 @@ def test_tempo_changes_are_honoured(tmp_path):
 
 
 def test_tempo_change_in_the_middle_of_a_note(tmp_path):
-    path = save(tmp_path / "tempo2.mid", [[on(60), mido.MetaMessage("set_tempo", tempo=250_000, time=480),
-                                            off(60, 480)]])
+    path = save(tmp_path / "tempo2.mid", [[on(60, 100), mido.MetaMessage("set_tempo", tempo=250_000, time=480),
+                                            off(60, time=480)]])
     np.testing.assert_allclose(read_notes(path)[:, nt.DURATION], [0.5 + 0.25])
 
 
@@ -213,8 +205,8 @@ def test_smpte_time_division(tmp_path):
 # --- files that hold nothing usable -----------------------------------------------------------------------------
 
 def test_drums_only_file(tmp_path):
-    path = save(tmp_path / "drums.mid", [[on(36, channel=9), off(36, 240, channel=9), on(38, 0, channel=9),
-                                          off(38, 240, channel=9)]])
+    path = save(tmp_path / "drums.mid", [[on(36, 100, channel=9), off(36, channel=9, time=240),
+                                          on(38, 100, channel=9, time=0), off(38, channel=9, time=240)]])
     with pytest.raises(MidiFileError, match="drums only"):
         read_notes(path)
 

@@ -6,7 +6,7 @@ import pytest
 
 from improvd.core.errors import ModelError
 from improvd.daemon.predict.model import StepModel
-from tests.modelfactory import make_step_model
+from harness.modelfactory import make_step_model
 
 
 @pytest.mark.parametrize("features,layers", [(3, 1), (4, 2)])

@@ -40,7 +40,7 @@ def test_importing_the_daemon_loads_no_tensorflow_train_or_export():
 def test_generate_loads_no_tensorflow_train_or_export(tmp_path):
     extra = f"""
 from pathlib import Path
-from tests.modelfactory import make_step_model
+from harness.modelfactory import make_step_model
 from improvd.daemon.cli import main
 tmp = Path({str(tmp_path)!r})
 make_step_model(tmp / "m.onnx")

@@ -12,7 +12,7 @@ from improvd.daemon.io import port, portnames
 from improvd.daemon.io.inport import EOX_GUARD_S, InputPort
 from improvd.daemon.io.outport import OutputPort
 from improvd.daemon.music.arrival import ArrivalClock
-from tests.daemon.fakes import FakeMidi, FakeRt
+from harness.fakes import FakeMidi, FakeRt
 
 ALSA = ["Midi Through:Midi Through Port-0 14:0", "FLUID Synth (4321):Synth input port (4321:0) 128:0",
         "Keystation 49:Keystation 49 MIDI 1 20:0", "Keystation 49:Keystation 49 MIDI 2 20:1"]

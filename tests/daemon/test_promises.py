@@ -32,10 +32,10 @@ from improvd.core.config import Config, from_dict, load_config
 from improvd.daemon.predict.model import StepModel
 from improvd.daemon.io.recorder import SessionRecorder
 from improvd.daemon.music.arrival import ArrivalClock
-from tests.daemon.fakes import Clock, FakeMidi, FakeRt
-from tests.daemon.test_band import PLAYER_CH, T0, Sim, balanced
-from tests.daemon.test_reliability import _drain
-from tests.modelfactory import make_step_model
+from harness.fakes import FakeClock as Clock
+from harness.fakes import FakeMidi, FakeRt, balanced, drain
+from tests.daemon.test_band import PLAYER_CH, T0, Sim
+from harness.modelfactory import make_step_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -162,7 +162,7 @@ def test_a_key_read_before_its_input_was_lost_is_released_after_it():
     arrival.stamp = stamp
     assert port.poll_once() == 1
     stamp.thread.join(2.0)
-    got = [(m.type, m.note) for _, m in _drain(engine_queue)]
+    got = [(m.type, m.note) for _, m in drain(engine_queue)]
     assert got == [("note_on", 60), ("note_off", 60)]  # the key-down, then its release: nothing held
     assert sink.held == set()
 
@@ -589,7 +589,7 @@ def test_messages_swallowed_by_an_unterminated_sysex_are_recovered():
     port = InputPort("jack", "kbd", sink, now=lambda: 5.0, clock=True, start=False, open_client=FakeMidi(rt),
                      arrival=ArrivalClock(drift=0.0))
     assert port.poll_once() == 3
-    got = [(t, m.type, getattr(m, "note", None)) for t, m in _drain(sink)]
+    got = [(t, m.type, getattr(m, "note", None)) for t, m in drain(sink)]
     assert [g[1:] for g in got] == [("note_on", 60), ("note_on", 61), ("clock", None), ("note_off", 60),
                                     ("note_off", 61)]
     assert all(t == pytest.approx(5.0 - 0.1) for t, *_ in got[1:])  # at the swallowing message's arrival

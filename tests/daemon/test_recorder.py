@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from improvd.core import midifile
 from improvd.core import notes as nt
 from improvd.daemon.io.recorder import IMPROVD, PLAYER, SessionRecorder
-from tests.daemon.fakes import Clock, off, on
+from harness.fakes import FakeClock, off, on
 
 TICKS_PER_S = midifile.FILE_TICKS_PER_BEAT * 1e6 / midifile.TEMPO_US  # 1920
 
@@ -99,7 +99,7 @@ def _write_notes_events(notes, channel):
 def _record(stream, flush_after, end_s, **kwargs):
     """Feed a stream [(t_s, who, msg)] to a recorder, flushing after the marked messages; returns the recorder,
     the last file's bytes and every file written."""
-    clock = Clock(100.0)
+    clock = FakeClock(100.0)
     written = []
     rec = SessionRecorder("/nonexistent", start_s=100.0, now=clock, name="s.mid",
                           write=lambda path, data: written.append(data), **kwargs)
@@ -165,8 +165,8 @@ def test_notes_that_do_not_overlap_are_written_as_write_notes_writes_them(notes,
         if dur == 0:  # a note 0 ms long must not touch the next (the file makes it a tick long)
             last_end[(who, pitch)] += 1
         rank_off = 0 if offs_first and dur else 2
-        stream.append((start, 1, who, on(pitch, velocity, ch=channel)))
-        stream.append((start + dur, rank_off, who, off(pitch, ch=channel)))
+        stream.append((start, 1, who, on(pitch, velocity, channel=channel)))
+        stream.append((start + dur, rank_off, who, off(pitch, channel=channel)))
     stream.sort(key=lambda e: e[:2])
     stream = [(100.0 + ms / 1000, who, msg) for ms, _, who, msg in stream]
     end_s = (stream[-1][0] if stream else 100.0) + 0.01
@@ -181,7 +181,7 @@ def test_notes_that_do_not_overlap_are_written_as_write_notes_writes_them(notes,
 
 
 def test_the_file_is_byte_for_byte_what_write_notes_writes(tmp_path):
-    clock = Clock(100.0)
+    clock = FakeClock(100.0)
     rec = SessionRecorder(tmp_path, now=clock, name="new.mid", output_channel=2)
     rec.add_player(100.5, on(60, 70))
     rec.add_player(100.7, off(60))
@@ -205,7 +205,7 @@ def test_the_file_is_byte_for_byte_what_write_notes_writes(tmp_path):
 
 
 def test_tracks_pair_notes_and_keep_times(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     rec = SessionRecorder(tmp_path, now=clock, output_channel=0, start_s=100.0)
     rec.add_player(100.5, on(60))
     rec.add_player(100.7, off(60))
@@ -224,16 +224,16 @@ def test_tracks_pair_notes_and_keep_times(tmp_path):
 
 
 def test_sounding_notes_end_at_the_flush_and_channels_filter(tmp_path):
-    rec = SessionRecorder(tmp_path, now=Clock(), player_channels=(0,), output_channel=3)
+    rec = SessionRecorder(tmp_path, now=FakeClock(), player_channels=(0,), output_channel=3)
     rec.add_player(100.0, on(60))
-    rec.add_player(100.1, on(50, ch=5))  # not a listened channel
+    rec.add_player(100.1, on(50, channel=5))  # not a listened channel
     player, improvd = rec.tracks(101.0)
     np.testing.assert_allclose(player.notes, [[60, 0, 1.0, 90]])
     assert len(improvd.notes) == 0 and player.channel == 0 and improvd.channel == 3
 
 
 def test_flush_writes_a_readable_file_and_only_when_something_changed(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     rec = SessionRecorder(tmp_path / "rec", now=clock, name="s.mid")
     assert not rec.flush()  # nothing yet: no file
     assert not rec.path.exists()
@@ -255,7 +255,7 @@ def test_flush_writes_a_readable_file_and_only_when_something_changed(tmp_path):
 
 
 def test_a_retriggered_note_ends_at_its_last_note_off(tmp_path):
-    clock = Clock(100.0)
+    clock = FakeClock(100.0)
     rec = SessionRecorder(tmp_path, now=clock, name="s.mid")
     rec.add_improvd(100.0, on(60))
     rec.add_improvd(100.1, on(60, 70))  # still sounding: the first ends here
@@ -274,13 +274,13 @@ def test_a_retriggered_note_ends_at_its_last_note_off(tmp_path):
 
 
 def test_a_note_off_ends_only_its_own_channel_s_note(tmp_path):
-    clock = Clock(100.0)
+    clock = FakeClock(100.0)
     rec = SessionRecorder(tmp_path, now=clock, name="s.mid")  # the player's track is on channel 1
-    rec.add_player(100.0, on(60, ch=0))
-    rec.add_player(100.1, off(60, ch=3))  # channel 3's 60 does not sound: ignored
-    rec.add_player(100.2, on(60, ch=3))  # another channel's 60: one pitch in the track, re-triggered
-    rec.add_player(100.3, off(60, ch=0))
-    rec.add_player(100.4, off(60, ch=3))
+    rec.add_player(100.0, on(60, channel=0))
+    rec.add_player(100.1, off(60, channel=3))  # channel 3's 60 does not sound: ignored
+    rec.add_player(100.2, on(60, channel=3))  # another channel's 60: one pitch in the track, re-triggered
+    rec.add_player(100.3, off(60, channel=0))
+    rec.add_player(100.4, off(60, channel=3))
     clock.t = 101.0
     assert rec.flush()
     assert _file_events(rec.path)[PLAYER] == [(0, "note_on", 1, 60, 90), (384, "note_off", 1, 60, 0),
@@ -288,7 +288,7 @@ def test_a_note_off_ends_only_its_own_channel_s_note(tmp_path):
 
 
 def test_a_unison_is_one_note_that_ends_at_the_later_note_off(tmp_path):
-    clock = Clock(100.0)
+    clock = FakeClock(100.0)
     rec = SessionRecorder(tmp_path, now=clock, name="s.mid")
     rec.add_improvd(100.0, on(60, 80))
     rec.add_improvd(100.0001, on(60, 100))  # the same tick
@@ -301,7 +301,7 @@ def test_a_unison_is_one_note_that_ends_at_the_later_note_off(tmp_path):
 
 
 def test_a_note_lasts_at_least_a_tick(tmp_path):
-    clock = Clock(100.0)
+    clock = FakeClock(100.0)
     rec = SessionRecorder(tmp_path, now=clock, name="s.mid")
     rec.add_improvd(100.5, on(60))
     rec.add_improvd(100.5, off(60))  # at its note-on's tick: a tick later
@@ -328,7 +328,7 @@ def test_a_note_lasts_at_least_a_tick(tmp_path):
 
 
 def test_provisional_note_offs_are_not_kept(tmp_path):
-    clock = Clock(100.0)
+    clock = FakeClock(100.0)
     rec = SessionRecorder(tmp_path, now=clock, name="s.mid")
     rec.add_player(100.0, on(60))
     rec.add_player(100.2, on(62))
@@ -350,7 +350,7 @@ def test_provisional_note_offs_are_not_kept(tmp_path):
 
 
 def test_an_event_stamped_before_the_latest_tick_is_written_at_it(tmp_path):
-    clock = Clock(100.0)
+    clock = FakeClock(100.0)
     rec = SessionRecorder(tmp_path, now=clock, name="s.mid")
     rec.add_player(100.2, on(60))
     rec.add_player(100.1, on(62))  # earlier than the last one: at its tick
@@ -363,7 +363,7 @@ def test_an_event_stamped_before_the_latest_tick_is_written_at_it(tmp_path):
 
 
 def test_rotation_goes_on_with_the_sounding_notes_at_the_new_file_s_start(tmp_path):
-    clock = Clock(100.0)
+    clock = FakeClock(100.0)
     rec = SessionRecorder(tmp_path, now=clock, name="first.mid", rotate_s=60.0)
     rec.add_player(100.5, on(60))
     rec.add_player(101.0, off(60))
@@ -385,7 +385,7 @@ def test_rotation_goes_on_with_the_sounding_notes_at_the_new_file_s_start(tmp_pa
 
 
 def test_due_every_interval(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     rec = SessionRecorder(tmp_path, now=clock)
     assert not rec.due(10.0)
     clock.t += 10.0
@@ -402,7 +402,7 @@ def test_a_failing_write_is_logged_once_does_not_raise_and_is_retried(tmp_path, 
         if disk_full[0]:
             raise OSError(28, "No space left on device")
         path.write_bytes(data)
-    clock = Clock(100.0)
+    clock = FakeClock(100.0)
     rec = SessionRecorder(tmp_path, now=clock, write=write, name="s.mid")
     rec.add_player(100.0, on(60))
     clock.t = 100.5
@@ -420,8 +420,8 @@ def test_a_failing_write_is_logged_once_does_not_raise_and_is_retried(tmp_path, 
 
 
 def test_unique_names(tmp_path):
-    a = SessionRecorder(tmp_path, now=Clock())
+    a = SessionRecorder(tmp_path, now=FakeClock())
     a.add_player(100.0, on(60))
     a.flush()
-    b = SessionRecorder(tmp_path, now=Clock())
+    b = SessionRecorder(tmp_path, now=FakeClock())
     assert a.path != b.path

@@ -35,8 +35,9 @@ from improvd.core.errors import ConfigError, ModelError
 from improvd.daemon.predict.model import StepModel
 from improvd.daemon.io.recorder import SessionRecorder
 from improvd.daemon.live.scheduler import Scheduler
-from tests.daemon.fakes import Clock, FakeMidi, FakeRt, off, on
-from tests.modelfactory import make_step_model
+from harness.fakes import FakeClock as Clock
+from harness.fakes import FakeMidi, FakeRt, drain, off, on
+from harness.modelfactory import make_step_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -118,15 +119,6 @@ def test_the_scheduler_thread_runs_real_time_where_permitted():
 
 # ---- the input sink --------------------------------------------------------------------------------------------
 
-def _drain(q):
-    out = []
-    while True:
-        try:
-            out.append(q.get_nowait())
-        except queue.Empty:
-            return out
-
-
 def test_input_sink_is_bounded_but_keeps_the_releases_of_keys_it_let_through():
     q = queue.SimpleQueue()
     rec = SessionRecorder("/nonexistent", now=Clock())
@@ -140,7 +132,7 @@ def test_input_sink_is_bounded_but_keeps_the_releases_of_keys_it_let_through():
     sink.put_nowait((1.6, off(60)))  # let through: its release always passes
     sink.put_nowait((1.7, mido.Message("note_on", note=61, velocity=0)))
     assert sink.received == 8 and sink.dropped == 3
-    kinds = [(m.type, getattr(m, "note", None), m.velocity if m.type == "note_on" else None) for _, m in _drain(q)]
+    kinds = [(m.type, getattr(m, "note", None), m.velocity if m.type == "note_on" else None) for _, m in drain(q)]
     assert kinds == [("note_on", 60, 90), ("pitchwheel", None, None), ("note_on", 61, 90), ("note_off", 60, None),
                      ("note_on", 61, 0)]
     assert sink.held == set()
@@ -151,12 +143,12 @@ def test_input_sink_is_bounded_but_keeps_the_releases_of_keys_it_let_through():
 def test_input_sink_releases_the_keys_held_on_a_lost_input():
     q = queue.SimpleQueue()
     sink = InputSink(q, None, None)
-    sink.put_nowait((1.0, on(60, ch=2)))
-    sink.put_nowait((1.0, on(64, ch=2)))
-    sink.put_nowait((1.1, off(64, ch=2)))
-    _drain(q)
+    sink.put_nowait((1.0, on(60, channel=2)))
+    sink.put_nowait((1.0, on(64, channel=2)))
+    sink.put_nowait((1.1, off(64, channel=2)))
+    drain(q)
     assert sink.release_held(2.5) == 1
-    (t_s, msg), = _drain(q)
+    (t_s, msg), = drain(q)
     assert t_s == 2.5 and msg.type == "note_off" and (msg.channel, msg.note) == (2, 60)
     assert sink.release_held(3.0) == 0
 
@@ -167,7 +159,7 @@ def test_clock_only_sink_takes_clock_and_transport_only():
     sink.put_nowait((1.0, on(60)))
     sink.put_nowait((1.0, mido.Message("clock")))
     sink.put_nowait((1.0, mido.Message("stop")))
-    assert [m.type for _, m in _drain(q)] == ["clock", "stop"]
+    assert [m.type for _, m in drain(q)] == ["clock", "stop"]
 
 
 def test_an_input_overload_is_logged_once_when_it_starts_and_once_when_it_ends(caplog):

@@ -5,27 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from harness.fakes import FakeClock, balanced_in_total
 from improvd.daemon.live.scheduler import Scheduler
-
-
-class FakeClock:
-    """Time that moves only when the scheduler waits or spins: a thread-driven run takes no real time."""
-
-    def __init__(self, t: float = 100.0):
-        self.t = t
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.t += max(seconds, 1e-5)
-
-    def wait(self, cond, timeout_s):
-        if timeout_s is None:
-            cond.wait(0.005)  # idle: nothing to fast-forward to
-        else:
-            self.t += max(timeout_s, 1e-6)  # a real wait always takes some time
-            cond.wait(0)
 
 
 class Out:
@@ -46,14 +27,6 @@ def fake_scheduler(**kw):
     clock = FakeClock()
     out = Out(clock)
     return clock, out, Scheduler(out.send, now=clock.now, sleep=clock.sleep, wait=clock.wait, **kw)
-
-
-def balanced(out):
-    count = {}
-    for _, m in out.sent:
-        key = (m.channel, m.note)
-        count[key] = count.get(key, 0) + (1 if m.type == "note_on" and m.velocity > 0 else -1)
-    return all(v == 0 for v in count.values()) and all(v >= 0 for v in count.values())
 
 
 def test_order_and_absolute_deadlines_without_thread():
@@ -88,7 +61,7 @@ def test_thread_with_fake_clock_hits_deadlines():
     for (t, _), due in zip(out.sent, dues):
         assert 0 <= t - (t0 + due) < 1e-4  # spun up to the deadline, never early
     assert s.stats()["p99_ms"] < 0.1
-    assert balanced(out)
+    assert balanced_in_total(out.sent)
 
 
 def test_lateness_stats_and_on_sent():
@@ -134,7 +107,7 @@ def test_cancel_by_owner_releases_at_once_and_drops_pending():
     s.run_pending()
     assert ("note_on", 62) not in out.kinds()  # a's pending note never starts
     assert out.kinds()[-1] == ("note_off", 48)  # b's note is untouched
-    assert balanced(out)
+    assert balanced_in_total(out.sent)
 
 
 def test_cancel_all_and_stop_release_everything():
@@ -144,11 +117,11 @@ def test_cancel_all_and_stop_release_everything():
     s.schedule_note(t0, t0 + 5, 61, 100, channel=3)
     s.run_pending()
     s.cancel()
-    assert s.sounding() == frozenset() and s.pending() == 0 and balanced(out)
+    assert s.sounding() == frozenset() and s.pending() == 0 and balanced_in_total(out.sent)
     s.schedule_note(t0, t0 + 5, 62, 100)
     s.run_pending()
     s.stop()
-    assert balanced(out)
+    assert balanced_in_total(out.sent)
     ons = sum(m.type == "note_on" for _, m in out.sent)
     stats = s.stats()
     assert stats["note_ons"] == stats["note_offs"] == ons  # what the final stats line reports is what was sent and s.sounding() == frozenset()
@@ -216,7 +189,7 @@ def test_real_thread_cancel_wakes_it_and_stop_releases():
         t_stop = time.perf_counter()
         s.stop(timeout=1.0)
     assert time.perf_counter() - t_stop < 0.5
-    assert balanced(out) and s.sounding() == frozenset()
+    assert balanced_in_total(out.sent) and s.sounding() == frozenset()
 
 
 @settings(max_examples=100, deadline=None)
@@ -239,7 +212,7 @@ def test_property_every_note_on_gets_its_note_off(ops):
             sounding[(m.channel, m.note)] = m.type == "note_on"
         assert {k for k, v in sounding.items() if v} == set(s.sounding())
     s.stop()
-    assert balanced(out)
+    assert balanced_in_total(out.sent)
     ons = sum(m.type == "note_on" for _, m in out.sent)
     stats = s.stats()
     assert stats["note_ons"] == stats["note_offs"] == ons  # what the final stats line reports is what was sent

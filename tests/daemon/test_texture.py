@@ -17,28 +17,13 @@ from improvd.daemon.predict.model import StepModel
 from improvd.daemon.predict.sampling import Decoding
 from improvd.daemon.music.texture import (REGISTER_WIDEN, Texture, TextureCounts, Voices, call_register,
                                     max_simultaneous, texture_for_call)
-from tests.daemon.test_band import T0, Sim, balanced
-from tests.modelfactory import make_step_model
+from harness.chorales import CHORALE_1, CHORALE_2, MELODY, chorale, sounding_max
+from harness.fakes import balanced
+from harness.modelfactory import make_step_model
+from tests.daemon.test_band import T0, Sim
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "models" / "bach.onnx"
-MELODY = nt.from_onsets([60, 62, 64, 65, 67, 65, 64, 62], np.arange(8) * 0.5, [0.45] * 8, [80] * 8)
-# Two chorale-like calls: four-voice chords (soprano, alto, tenor, bass) in half notes at 120 bpm.
-CHORALE_1 = [(48, 55, 64, 72), (53, 57, 65, 72), (55, 59, 62, 71), (48, 55, 64, 72)]  # I IV V I in C
-CHORALE_2 = [(45, 57, 64, 72), (50, 57, 65, 69), (52, 56, 64, 71), (45, 57, 64, 69)]  # i iv V i in A minor
-
-
-def chorale(chords, beat_s=1.0):
-    pitches, onsets = [], []
-    for i, chord in enumerate(chords):
-        pitches += list(chord)
-        onsets += [i * beat_s] * len(chord)
-    return nt.from_onsets(pitches, onsets, [0.95 * beat_s] * len(pitches), [80] * len(pitches))
-
-
-def sounding_max(notes):
-    onsets = nt.onsets(notes)
-    return max_simultaneous(onsets, onsets + notes[:, nt.DURATION])
 
 
 # ---- pure ----------------------------------------------------------------------------------------------------

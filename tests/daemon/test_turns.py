@@ -9,7 +9,8 @@ import pytest
 
 from improvd.daemon.music import turns
 from improvd.daemon.music.turns import AnswerLength, Budget, Sustain, answer_budget, parse_answer_length, phrase_end_s
-from tests.daemon.test_band import PLAYER_CH, T0, Sim, balanced, model  # noqa: F401
+from harness.fakes import balanced
+from tests.daemon.test_band import PLAYER_CH, T0, Sim, model  # noqa: F401
 
 
 # ---- pure ----------------------------------------------------------------------------------------------------

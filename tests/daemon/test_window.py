@@ -4,16 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from harness.fakes import off, on
 from improvd.core.config import ImproviseConfig, MidiConfig
 from improvd.daemon.music.tracker import HeardNote, NoteTracker
-
-
-def on(note, velocity=100, channel=0):
-    return mido.Message("note_on", note=note, velocity=velocity, channel=channel)
-
-
-def off(note, channel=0, velocity=0):
-    return mido.Message("note_off", note=note, velocity=velocity, channel=channel)
 
 
 def test_note_on_off_completes_a_note():
@@ -30,15 +23,15 @@ def test_note_on_off_completes_a_note():
 
 def test_note_on_velocity_zero_is_note_off():
     tr = NoteTracker()
-    tr.handle(0.0, on(64))
+    tr.handle(0.0, on(64, 100))
     u = tr.handle(0.25, on(64, velocity=0))
     assert not u.note_on and u.completed[0].duration_s == 0.25
 
 
 def test_channels_filter_note_ons_but_release_any_held():
     tr = NoteTracker(channels=[1])
-    assert tr.handle(0.0, on(60, channel=0)) == (False, ())
-    assert tr.handle(0.0, on(61, channel=1)).note_on
+    assert tr.handle(0.0, on(60, 100, channel=0)) == (False, ())
+    assert tr.handle(0.0, on(61, 100, channel=1)).note_on
     assert tr.handle(0.1, off(60, channel=0)).completed == ()
     tr.configure([], 64, 8.0)  # listening changed while a key is held: its release still counts
     tr.configure([2], 64, 8.0)
@@ -63,7 +56,7 @@ def test_retrigger_closes_previous():
 
 def test_max_hold_releases_and_ignores_late_off():
     tr = NoteTracker(max_hold_s=2.0)
-    tr.handle(1.0, on(60))
+    tr.handle(1.0, on(60, 100))
     assert tr.next_expiry_s() == 3.0
     assert tr.expire(2.9) == ()
     done = tr.expire(3.5)
@@ -71,7 +64,7 @@ def test_max_hold_releases_and_ignores_late_off():
     assert tr.held == 0 and tr.last_release_s == 3.0 and tr.next_expiry_s() is None
     assert tr.handle(5.0, off(60)).completed == ()
     # expiry also happens when any later message arrives
-    tr.handle(10.0, on(62))
+    tr.handle(10.0, on(62, 100))
     assert tr.handle(13.0, mido.Message("control_change", control=1, value=3)).completed[0].duration_s == 2.0
 
 

@@ -19,12 +19,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tests.e2e.jack import jack_server, phrase, requires_jack  # noqa: F401
-from tests.e2e.test_daemon_e2e import IMPROVD_CH, PLAYER_CH, Session, balance, notes_of
+from harness.clients import balance, notes_of, phrase
+from harness.daemon import REPO
+from harness.session import IMPROVD_CH, PLAYER_CH, Session
 
-pytestmark = [pytest.mark.jack, requires_jack]
+pytestmark = pytest.mark.jack
 
-REPO = Path(__file__).resolve().parents[2]
 SHIPPED = SimpleNamespace(path=REPO / "models" / "bach.onnx")
 MOTIF = [62, 69, 64, 71, 66, 73]       # up a fifth, down a fourth, again and again
 MOTIF_INTERVALS = [b - a for a, b in zip(MOTIF, MOTIF[1:])]  # +7 -5 +7 -5 +7

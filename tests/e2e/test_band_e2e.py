@@ -8,187 +8,19 @@ one clock.
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from tests.e2e.jack import (REPO, Daemon, Receiver, _LineReader, assert_graph_clean, balance, check_timing,  # noqa: F401
-                            jack_server, midi_lost, requires_jack, spawn, toml_config, finish)
-from tests.modelfactory import make_step_model
+from harness.band import C_MAJOR, START, STOP, TICK, clock, notes, tick_timeline
+from harness.clients import balance
+from harness.graph import midi_lost
+from harness.session import IMPROVD_CH, PLAYER_CH
+from tests.e2e.expect import check_timing
 
-pytestmark = [pytest.mark.jack, requires_jack]
-
-PLAYER_CH = 1  # 0-based: channel 2
-IMPROVD_CH = 0
-C_MAJOR = {0, 2, 4, 5, 7, 9, 11}
-START, TICK, STOP = 0xFA, 0xF8, 0xFC
-_names = iter(range(10**6))
-
-SOURCE_SCRIPT = r"""
-import json, sys, time
-import mido
-mido.set_backend("mido.backends.rtmidi/UNIX_JACK")
-port = mido.open_output(sys.argv[2], virtual=True, client_name=sys.argv[1])
-print("ready", flush=True)
-for line in sys.stdin:
-    events = json.loads(line)
-    start = time.perf_counter() + 0.005
-    for t_s, data in events:
-        due = start + t_s
-        while due - time.perf_counter() > 0.002:
-            time.sleep(due - time.perf_counter() - 0.0015)
-        while time.perf_counter() < due:
-            pass
-        port.send(mido.Message.from_bytes(data))
-    print("done", flush=True)
-port.close()
-"""
-
-
-class Source:
-    """A mido JACK virtual output in another process that sends raw MIDI messages at their times."""
-
-    def __init__(self, server, client: str = "band") -> None:
-        self.client = f"{client}-{next(_names)}"
-        self.proc = spawn([sys.executable, "-c", SOURCE_SCRIPT, self.client, "out"], env=server.env, cwd=REPO,
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.reader = _LineReader(self.proc.stdout)
-        self.reader.wait_line("^ready$", 10.0)
-        self.port = server.wait_port(f"{self.client}:out")
-        self._sent = 0
-
-    def send(self, events: list[tuple[float, list[int]]], *, wait: bool = True, timeout: float = 60.0) -> None:
-        """Send [(t_s, [bytes])] (sorted by time); with `wait`, return once the last one is sent."""
-        self.proc.stdin.write(json.dumps(sorted(events, key=lambda e: e[0])) + "\n")
-        self.proc.stdin.flush()
-        self._sent += 1
-        if wait:
-            self.wait_done(timeout)
-
-    def wait_done(self, timeout: float = 60.0) -> None:
-        n = self._sent
-        assert self.reader.wait_for(lambda: sum(ln == "done" for ln in self.reader.lines) >= n, timeout), \
-            "the source did not finish"
-
-    def stop(self) -> None:
-        finish(self.proc)
-
-
-def notes(pitches, start_s, step_s, duration_s, channel=PLAYER_CH, velocity=90):
-    out = []
-    for i, p in enumerate(pitches):
-        t = start_s + i * step_s
-        out += [(t, [0x90 | channel, p, velocity]), (t + duration_s, [0x80 | channel, p, 0])]
-    return out
-
-
-def clock(start_s, bpm, beats, *, transport: bool = False):
-    """Ticks (24 per beat) from start_s, and when the next tick would be; with `transport`, a Start 1 ms before
-    the first tick."""
-    tick_s = 60.0 / (bpm * 24)
-    n = int(round(beats * 24))
-    events = [(start_s + i * tick_s, [TICK]) for i in range(n)]
-    if transport:
-        events.insert(0, (max(0.0, start_s - 0.001), [START]))
-    return events, start_s + n * tick_s
-
-
-def tick_timeline(seen, n_first: int, tick_first_s: float, tick_then_s: float) -> np.ndarray:
-    """The time of every tick position from the ticks a receiver saw (a dropped one is interpolated): positions
-    from the intervals, in nominal tick lengths (`tick_first_s` for the first `n_first` positions, then
-    `tick_then_s`)."""
-    positions = [0]
-    for interval in np.diff(seen):
-        nominal = tick_first_s if positions[-1] < n_first else tick_then_s
-        positions.append(positions[-1] + max(1, int(round(interval / nominal))))
-    return np.interp(np.arange(positions[-1] + 1), positions, seen)
-
-
-class Band:
-    """improvd, a source and a receiver on the module's JACK server; the source reaches improvd's input (and its
-    clock port, when there is one) and the receiver; so does improvd's output."""
-
-    def __init__(self, server, tmp_path, model_path, *, improvise=None, timing=None, control=None, midi=None):
-        self.server = server
-        self.server_log_start = server.log_size()  # the driver's late wake-ups after this mark are this band's
-        self.client = f"improvd-band-{next(_names)}"
-        sections = {
-            "model": {"path": str(model_path)},
-            "midi": {"api": "jack", "client_name": self.client, **(midi or {})},
-            "improvise": {"temperature": 0.0, "silence": 0.4, "max_notes": 12, "answer_length": "max",
-                          "velocity": "fixed",
-                          **(improvise or {})},
-            "timing": timing or {},
-            "control": control or {},
-        }
-        config = toml_config(tmp_path / f"{self.client}.toml", sections)
-        self.receiver = Receiver(server)
-        self.source = Source(server)
-        self.daemon = Daemon(server, config, "--verbose")
-        try:
-            self.daemon.wait_ready()
-            ports = [p for p in server.ports() if p.startswith(self.client)]
-            self.in_port = next(p for p in ports if p.endswith(":improvd in"))
-            self.out_port = next(p for p in ports if p.endswith(":improvd out"))
-            server.connect(self.source.port, self.in_port)
-            clock_port = [p for p in ports if p.endswith(":improvd clock")]
-            if clock_port:
-                server.connect(self.source.port, clock_port[0])
-            server.connect(self.source.port, self.receiver.port)
-            server.connect(self.out_port, self.receiver.port)
-        except BaseException:
-            self.close()
-            raise
-
-    def improvd_ons(self, after=-np.inf):
-        return [e for e in list(self.receiver.events)
-                if e.kind == "on" and e.channel == IMPROVD_CH and e.t_s >= after]
-
-    def close(self):
-        self.daemon.stop()
-        self.source.stop()
-        self.receiver.stop()
-        # whatever the test checked, improvd's clients must not have cost the graph its cycles
-        assert_graph_clean(self.server, self.server_log_start)
-
-
-@pytest.fixture
-def band(jack_server, tmp_path):
-    made = []
-
-    def make(model_path, **kwargs):
-        b = Band(jack_server, tmp_path, model_path, **kwargs)
-        made.append(b)
-        return b
-    yield make
-    for b in made:
-        b.close()
-
-
-@pytest.fixture(scope="module")
-def grid_model(tmp_path_factory):
-    """Steps of about 0.3..0.45 s: two or three sixteenths at 100 bpm."""
-    return make_step_model(tmp_path_factory.mktemp("m") / "grid.onnx", seed=7, context=64, step_scale=0.6,
-                           duration_scale=0.3)
-
-
-@pytest.fixture(scope="module")
-def long_model(tmp_path_factory):
-    """Notes that last longer than their steps: something always sounds."""
-    return make_step_model(tmp_path_factory.mktemp("m") / "long.onnx", seed=4, context=64, step_scale=0.6,
-                           duration_scale=2.0)
-
-
-@pytest.fixture(scope="module")
-def spread_model(tmp_path_factory):
-    """Fast notes from flat pitch distributions: sampling visits pitches in and out of any scale."""
-    return make_step_model(tmp_path_factory.mktemp("m") / "spread.onnx", seed=6, context=64, step_scale=0.12,
-                           duration_scale=0.08, logit_scale=0.3)
+pytestmark = pytest.mark.jack
 
 
 def test_quantized_onsets_follow_the_clock_and_its_tempo_change(band, grid_model):

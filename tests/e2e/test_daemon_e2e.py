@@ -9,121 +9,22 @@ from __future__ import annotations
 
 import signal
 import time
-from collections import defaultdict
 
 import numpy as np
 import pytest
 
-from tests.e2e.jack import (Daemon, JackServer, Player, Receiver, assert_graph_clean, balance, check_timing,  # noqa: F401,E501
-                            greedy_answer, jack_server, make_model, midi_lost, phrase, requires_jack, write_config)
+from harness.clients import Player, balance, notes_of, phrase, prime_from_receiver
+from harness.daemon import Daemon, greedy_answer, write_config
+from harness.graph import midi_lost
+from harness.jack import JackServer
+from harness.session import DUR_S, IMPROVD_CH, PHRASE, PLAYER_CH, SILENCE_S, STEP_S, heard_notes
+from tests.e2e.expect import check_timing
 
-pytestmark = [pytest.mark.jack, requires_jack]
+pytestmark = pytest.mark.jack
 
-PLAYER_CH = 1  # 0-based: channel 2
-IMPROVD_CH = 0
-PHRASE = [60, 62, 64, 65, 67, 65, 64, 62]
-STEP_S, DUR_S = 0.15, 0.1
-SILENCE_S = 0.4
 PITCH_RANGE = (21, 108)
 STEP_RANGE = (0.0, 2.0)
 DURATION_RANGE = (0.03, 4.0)
-_names = iter(range(10**6))
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("model"))
-
-
-def notes_of(events, channel):
-    """Pair note-ons with note-offs on one channel: [(onset_s, pitch, off_s or None, velocity)], by onset."""
-    held = defaultdict(list)
-    out = []
-    for ev in events:
-        if ev.channel != channel or ev.kind == "other":
-            continue
-        if ev.kind == "on":
-            held[ev.note].append(len(out))
-            out.append([ev.t_s, ev.note, None, ev.data[2]])
-        elif held[ev.note]:
-            out[held[ev.note].pop(0)][2] = ev.t_s
-    return out
-
-
-class Session:
-    """A daemon, a player and a receiver wired together on the module's JACK server."""
-
-    def __init__(self, server: JackServer, tmp_path, model, *, improvise=None, midi=None, record=None,
-                 extra=()):
-        self.server = server
-        self.daemon_model = model.path
-        self.client = f"improvd-e2e-{next(_names)}"
-        improvise = {"temperature": 0.0, "silence": SILENCE_S, "max_notes": 12, "answer_length": "max",
-                     "velocity": "fixed",
-                     **(improvise or {})}
-        midi = {"client_name": self.client, **(midi or {})}
-        config = write_config(tmp_path / f"{self.client}.toml", model=model.path, midi=midi, improvise=improvise,
-                              record=record)
-        self.server_log_start = server.log_size()  # xruns after this mark are this session's
-        self.receiver = Receiver(server)
-        self.player = Player(server)
-        self.daemon = Daemon(server, config, *extra)
-        try:
-            self.daemon.wait_ready()
-            ports = server.ports()
-            self.in_port = next(p for p in ports if p.startswith(self.client) and p.endswith(":improvd in"))
-            self.out_port = next(p for p in ports if p.startswith(self.client) and p.endswith(":improvd out"))
-            server.connect(self.player.port, self.in_port)
-            server.connect(self.player.port, self.receiver.port)
-            server.connect(self.out_port, self.receiver.port)
-        except BaseException:
-            self.close()
-            raise
-
-    def events(self, channel):
-        return [e for e in self.receiver.events if e.channel == channel and e.kind != "other"]
-
-    def wait_answer_notes(self, n, timeout=10.0):
-        ok = self.receiver.wait_events(
-            lambda evs: sum(e.kind == "on" and e.channel == IMPROVD_CH for e in evs) >= n, timeout)
-        if not ok:  # notes not answered: a correctness failure, never excused by timing evidence
-            midi_lost(self.server, self.server_log_start, f"the receiver saw fewer than {n} notes from improvd "
-                                                          f"within {timeout} s\n{self.daemon.log()}")
-
-    def close(self):
-        self.daemon.stop()
-        self.player.stop()
-        self.receiver.stop()
-        # whatever the test checked, improvd's clients must not have cost the graph its cycles
-        assert_graph_clean(self.server, self.server_log_start)
-
-
-@pytest.fixture
-def session(jack_server, tmp_path, model):
-    made = []
-
-    def make(**kwargs):
-        s = Session(jack_server, tmp_path, model, **kwargs)
-        made.append(s)
-        return s
-    yield make
-    for s in made:
-        s.close()
-
-
-def heard_notes(s):
-    """The player's notes as the session's receiver saw them, each with its note-off (a missing one is MIDI the
-    server lost in a missed cycle, or a failure)."""
-    heard = notes_of(s.receiver.events, PLAYER_CH)
-    if any(n[2] is None for n in heard):
-        midi_lost(s.server, s.server_log_start, f"the receiver saw no note-off for some of the player's notes: {heard}")
-    return heard
-
-
-def _prime_from_receiver(player_notes):
-    onsets = np.array([n[0] for n in player_notes])
-    return np.array([[n[1], s, n[2] - n[0], n[3]] for n, s in
-                     zip(player_notes, np.diff(onsets, prepend=onsets[0]))])
 
 
 def test_phrase_is_answered_with_the_greedy_notes_on_time(session, model):
@@ -138,7 +39,7 @@ def test_phrase_is_answered_with_the_greedy_notes_on_time(session, model):
     assert [n[1] for n in heard] == PHRASE
     assert len(answer) == 12 and all(n[2] is not None for n in answer), answer
 
-    expected = greedy_answer(model, _prime_from_receiver(heard), 12, answer[0][0] - heard[-1][0],
+    expected = greedy_answer(model, prime_from_receiver(heard), 12, answer[0][0] - heard[-1][0],
                              pitch_range=PITCH_RANGE, step_range=STEP_RANGE, duration_range=DURATION_RANGE)
     assert [n[1] for n in answer] == expected[:, 0].astype(int).tolist()
 

@@ -11,9 +11,9 @@ import pytest
 import rtmidi
 
 from improvd.daemon.io.inport import EOX_GUARD_S, InputPort
-from tests.e2e.jack import _counter, jack_server, requires_jack  # noqa: F401
+from harness.procs import unique_id
 
-pytestmark = [pytest.mark.jack, requires_jack]
+pytestmark = pytest.mark.jack
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def wired(jack_server, monkeypatch):
     """(send(bytes, wait_s), take() -> [(t_s, mido.Message)]): a sender wired to an InputPort."""
     for key, value in jack_server.env.items():
         monkeypatch.setenv(key, value)
-    n = next(_counter)
+    n = unique_id()
     sink = queue.Queue()
     port = InputPort("jack", "virtual:in", sink, client_name=f"probe-{n}", now=time.monotonic)
     out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, f"sender-{n}")

@@ -3,9 +3,11 @@ the rules by which a failed check may be excused (never for correctness, never w
 
 import pytest
 
-from tests.e2e import jack
-from tests.e2e.jack import (JackServer, Player, Receiver, assert_graph_clean, check_timing,  # noqa: F401
-                            jack_server, midi_lost, parse_dump_line, phrase, requires_jack, xrun_kind)
+from harness import graph
+from harness.clients import Player, Receiver, parse_dump_line, phrase
+from harness.graph import assert_graph_clean, midi_lost, xrun_kind
+from harness.jack import JackServer, cpu_steal
+from tests.e2e.expect import check_timing
 
 
 def test_parse_dump_line():
@@ -30,7 +32,7 @@ def _server_with_log(tmp_path, text: str, realtime: bool = True, steal: tuple | 
     server = JackServer(realtime=realtime)
     server.log_path = tmp_path / "jackd.log"
     server.log_path.write_text(text)
-    server._steal_marks = {0: steal if steal is not None else jack.cpu_steal()}
+    server.steal_marks = {0: steal if steal is not None else cpu_steal()}
     return server
 
 
@@ -46,11 +48,11 @@ def test_a_timing_miss_fails_unless_the_log_and_the_host_show_a_cause_outside_im
     with pytest.raises(AssertionError, match="late by 4 ms"):  # xruns before the mark are not this test's
         check_timing(server, False, "late by 4 ms", since=len(LATE))
     # the driver woke late but the host stole nothing: no cause outside improvd is shown
-    monkeypatch.setattr(jack, "cpu_steal", lambda: (100.0, 0.0))
+    monkeypatch.setattr(graph, "cpu_steal", lambda: (100.0, 0.0))
     with pytest.raises(AssertionError, match="late by 4 ms"):
         check_timing(_server_with_log(tmp_path, LATE, steal=(0.0, 0.0)), False, "late by 4 ms", since=0)
     # ... and with steal measured it is an expected failure that says both
-    monkeypatch.setattr(jack, "cpu_steal", lambda: (100.0, 2.0))
+    monkeypatch.setattr(graph, "cpu_steal", lambda: (100.0, 2.0))
     with pytest.raises(pytest.xfail.Exception, match=r"woke late 1 times while the host stole 2.00%.*late by 4 ms"):
         check_timing(_server_with_log(tmp_path, LATE, steal=(0.0, 0.0)), False, "late by 4 ms", since=0)
     # a receiver that missed its own cycle stamps that cycle's events late
@@ -62,7 +64,7 @@ def test_a_timing_miss_fails_unless_the_log_and_the_host_show_a_cause_outside_im
 
 
 def test_xruns_naming_improvd_or_a_run_of_process_errors_fail_whatever_else_happened(tmp_path, monkeypatch):
-    monkeypatch.setattr(jack, "cpu_steal", lambda: (100.0, 50.0))  # a host that stole half the time
+    monkeypatch.setattr(graph, "cpu_steal", lambda: (100.0, 50.0))  # a host that stole half the time
     with pytest.raises(AssertionError, match="1 xruns naming improvd's clients"):
         check_timing(_server_with_log(tmp_path, LATE + RECEIVER + IMPROVD, steal=(0.0, 0.0)), False, "late",
                      since=0)
@@ -84,7 +86,6 @@ def test_xruns_naming_improvd_or_a_run_of_process_errors_fail_whatever_else_happ
 
 
 @pytest.mark.jack
-@requires_jack
 def test_player_reaches_receiver(jack_server):
     mark = jack_server.log_size()
     receiver = Receiver(jack_server)

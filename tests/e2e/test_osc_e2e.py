@@ -8,11 +8,8 @@ messages come back to a UDP socket of the test's.
 
 from __future__ import annotations
 
-import json
 import random
 import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -21,47 +18,18 @@ import pytest
 pytest.importorskip("pythonosc", reason="the OSC tests need python-osc (pip install 'improvd[osc]')")
 from pythonosc.osc_message import OscMessage  # noqa: E402
 
-from tests.e2e.jack import (REPO, Daemon, Receiver, _LineReader, assert_graph_clean, balance, check_timing,  # noqa: E402,F401,E501
-                            finish, greedy_answer, jack_server, requires_jack, spawn, toml_config)
-from tests.e2e.test_band_e2e import long_model, spread_model  # noqa: E402,F401 (fixtures)
-from tests.e2e.test_daemon_e2e import _prime_from_receiver, notes_of  # noqa: E402
+from harness.band import C_MAJOR  # noqa: E402
+from harness.clients import Receiver, Source, balance, notes_of, prime_from_receiver  # noqa: E402
+from harness.daemon import Daemon, greedy_answer, toml_config  # noqa: E402
+from harness.graph import assert_graph_clean  # noqa: E402
+from harness.jack import wire  # noqa: E402
+from harness.procs import closing_all, unique_id  # noqa: E402
+from harness.session import IMPROVD_CH, PHRASE, PLAYER_CH  # noqa: E402
+from tests.e2e.expect import check_timing  # noqa: E402
 
-pytestmark = [pytest.mark.jack, requires_jack]
+pytestmark = pytest.mark.jack
 
-PLAYER_CH, IMPROVD_CH, MARKER_CH = 1, 0, 15
-C_MAJOR = {0, 2, 4, 5, 7, 9, 11}
-PHRASE = [60, 62, 64, 65, 67, 65, 64, 62]
-_names = iter(range(10**6))
-
-SOURCE_SCRIPT = r"""
-import json, socket, sys, time
-import mido
-from pythonosc.osc_message_builder import OscMessageBuilder
-mido.set_backend("mido.backends.rtmidi/UNIX_JACK")
-port = mido.open_output(sys.argv[2], virtual=True, client_name=sys.argv[1])
-sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-print("ready", flush=True)
-for line in sys.stdin:
-    events = json.loads(line)
-    start = time.perf_counter() + 0.005
-    for ev in events:
-        due = start + ev[0]
-        while due - time.perf_counter() > 0.002:
-            time.sleep(due - time.perf_counter() - 0.0015)
-        while time.perf_counter() < due:
-            pass
-        if ev[1] == "midi":
-            port.send(mido.Message.from_bytes(ev[2]))
-        elif ev[1] == "osc":
-            b = OscMessageBuilder(address=ev[3])
-            for a in ev[4]:
-                b.add_arg(a)
-            sock.sendto(b.build().dgram, ("127.0.0.1", ev[2]))
-        else:
-            sock.sendto(bytes.fromhex(ev[3]), ("127.0.0.1", ev[2]))
-    print("done", flush=True)
-"""
-
+MARKER_CH = 15
 
 def notes(pitches, start_s=0.0, step_s=0.15, duration_s=0.1):
     out = []
@@ -85,7 +53,7 @@ class OscRig:
     def __init__(self, server, tmp_path, model_path, *, improvise=None):
         self.server = server
         self.server_log_start = server.log_size()
-        self.client = f"improvd-osc-{next(_names)}"
+        self.client = f"improvd-osc-{unique_id()}"
         self.sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sink.bind(("127.0.0.1", 0))
         self.sink.settimeout(0.05)
@@ -98,25 +66,11 @@ class OscRig:
             "osc": {"enabled": True, "port": self.port, "send_to": f"127.0.0.1:{self.sink.getsockname()[1]}"},
         })
         self.receiver = Receiver(server)
-        name = f"oscsrc-{next(_names)}"
-        self.source = spawn([sys.executable, "-c", SOURCE_SCRIPT, name, "out"], env=server.env, cwd=REPO,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.reader = _LineReader(self.source.stdout)
-        self.reader.wait_line("^ready$", 10.0)
-        src_port = server.wait_port(f"{name}:out")
+        self.source = Source(server, "oscsrc")
         self.daemon = Daemon(server, self.config, "--verbose")
-        self._sent = 0
         try:
             self.daemon.wait_ready()
-            deadline = time.monotonic() + 10
-            while True:  # rtmidi's input and output are two JACK clients: "NAME" and "NAME-01"
-                ports = [p for p in server.ports() if p.startswith(self.client)]
-                if sum(p.endswith((":improvd in", ":improvd out")) for p in ports) == 2 or time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
-            server.connect(src_port, next(p for p in ports if p.endswith(":improvd in")))
-            server.connect(src_port, self.receiver.port)
-            server.connect(next(p for p in ports if p.endswith(":improvd out")), self.receiver.port)
+            wire(server, [self.source], [self.receiver], client=self.client, monitor=True)
         except BaseException:
             self.close()
             raise
@@ -125,18 +79,14 @@ class OscRig:
     def send(self, events, wait=True):
         """events: (t_s, "midi", [bytes]) | (t_s, "osc", address, [args]) | (t_s, "raw", hex)."""
         lines = []
-        for ev in sorted(events, key=lambda e: e[0]):
+        for ev in events:
             if ev[1] == "osc":
                 lines.append([ev[0], "osc", self.port, ev[2], ev[3]])
             elif ev[1] == "raw":
                 lines.append([ev[0], "raw", self.port, ev[2]])
             else:
                 lines.append(list(ev))
-        self.source.stdin.write(json.dumps(lines) + "\n")
-        self.source.stdin.flush()
-        self._sent += 1
-        if wait:
-            assert self.reader.wait_for(lambda: sum(ln == "done" for ln in self.reader.lines) >= self._sent, 60)
+        self.source.send_events(lines, wait=wait, timeout=60)
 
     def osc(self, address, *args):
         self.send([(0.0, "osc", address, list(args))])
@@ -164,7 +114,7 @@ class OscRig:
 
     def close(self):
         self.daemon.stop()
-        finish(self.source)
+        self.source.stop()
         self.receiver.stop()
         self.sink.close()
         # whatever the test checked, improvd's clients must not have cost the graph its cycles
@@ -173,15 +123,8 @@ class OscRig:
 
 @pytest.fixture
 def rig(jack_server, tmp_path):
-    made = []
-
-    def make(model_path, **kwargs):
-        r = OscRig(jack_server, tmp_path, model_path, **kwargs)
-        made.append(r)
-        return r
-    yield make
-    for r in made:
-        r.close()
+    with closing_all(lambda model_path, **kwargs: OscRig(jack_server, tmp_path, model_path, **kwargs)) as make:
+        yield make
 
 
 def test_osc_panic_silences_within_10_ms_and_states_arrive_in_order(rig, long_model):
@@ -223,7 +166,7 @@ def test_osc_temperature_0_and_top_p_make_answers_greedy(rig, spread_model):
         assert r.answer(6), r.daemon.log()
         heard = notes_of(r.receiver.events, PLAYER_CH)
         answer = r.ons()
-        expected = greedy_answer(spread_model, _prime_from_receiver(heard), 6, answer[0].t_s - heard[-1][0])
+        expected = greedy_answer(spread_model, prime_from_receiver(heard), 6, answer[0].t_s - heard[-1][0])
         answers[label] = ([e.note for e in answer], expected[:, 0].astype(int).tolist())
         r.close()
     for label in ("greedy", "top_p"):

@@ -8,15 +8,10 @@ import time
 import pytest
 import rtmidi
 
-from tests.e2e.jack import jack_server, make_model, requires_jack  # noqa: F401
-from tests.e2e.test_daemon_e2e import PLAYER_CH, Session, balance
+from harness.clients import balance
+from harness.session import PLAYER_CH, Session
 
-pytestmark = [pytest.mark.jack, requires_jack]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("model"))
+pytestmark = pytest.mark.jack
 
 
 def test_an_unterminated_sysex_neither_deafens_improvd_nor_leaves_thru_notes_on(jack_server, tmp_path, model,

@@ -18,55 +18,20 @@ from pathlib import Path
 import mido
 import pytest
 
-from bench.flood import Flooder, input_counts, window_stats
-from tests.e2e.jack import (JackServer, Player, Receiver, _counter, _LineReader, check_timing,  # noqa: F401
-                            assert_graph_clean, greedy_answer, jack_server, make_model, midi_lost, phrase,
-                            requires_jack, spawn)
-from tests.e2e.test_daemon_e2e import (DUR_S, IMPROVD_CH, PHRASE, PLAYER_CH, STEP_S, Session, _prime_from_receiver,
-                                       balance, heard_notes, notes_of)
-from tests.modelfactory import make_step_model
+from harness.clients import Player, Receiver, balance, note_counts, notes_of, phrase, prime_from_receiver
+from harness.daemon import greedy_answer, input_counts, window_stats
+from harness.flood import Flooder
+from harness.graph import assert_graph_clean, midi_lost
+from harness.modelfactory import make_step_model
+from harness.procs import unique_id
+from harness.session import DUR_S, IMPROVD_CH, PHRASE, PLAYER_CH, STEP_S, heard_notes
+from tests.e2e.expect import check_timing
 
-pytestmark = [pytest.mark.jack, requires_jack]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture
-def session(jack_server, tmp_path, model):
-    made = []
-
-    def make(**kwargs):
-        s = Session(jack_server, tmp_path, model, **kwargs)
-        made.append(s)
-        return s
-    yield make
-    for s in made:
-        s.close()
-
-
-class NamedReceiver(Receiver):
-    """A receiver whose JACK client has exactly the given name (a synth that leaves and comes back)."""
-
-    def __init__(self, server: JackServer, client: str) -> None:  # noqa: D107 - same as Receiver, fixed name
-        self.server = server
-        self.client = client
-        self.events = []
-        self.proc = spawn(["stdbuf", "-oL", "jack_midi_dump", "-a", client], env=server.env,
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
-        self.reader = _LineReader(self.proc.stdout, self._on_line)
-        self.port = server.wait_port(f"{client}:input")
+pytestmark = pytest.mark.jack
 
 
 def improvd_ons(events) -> int:
     return sum(e.kind == "on" and e.channel == IMPROVD_CH for e in events)
-
-
-def counts(events, channel=IMPROVD_CH) -> tuple[int, int]:
-    return (sum(e.kind == "on" and e.channel == channel for e in events),
-            sum(e.kind == "off" and e.channel == channel for e in events))
 
 
 def stop_and_check_balance(s, *receivers) -> None:
@@ -94,7 +59,7 @@ def test_flood_during_continuous_play_keeps_time_and_no_note_hangs(session):
     # improvd listens to channel 2; the flood sends everything, notes on the 15 other channels (see bench/flood.py)
     s = session(improvise={"mode": "continuous", "temperature": 0.9, "seed": 3, "max_hold": 0.5},
                 midi={"input_channels": [PLAYER_CH + 1]})
-    flooder = _wire_flooder(s, f"flooder-c{next(_counter)}")
+    flooder = _wire_flooder(s, f"flooder-c{unique_id()}")
     try:
         s.player.play(phrase(PHRASE, step_s=STEP_S, duration_s=DUR_S, channel=PLAYER_CH))
         s.wait_answer_notes(3)
@@ -110,7 +75,7 @@ def test_flood_during_continuous_play_keeps_time_and_no_note_hangs(session):
         assert improvd_ons(s.receiver.events) > before + 2, s.daemon.log()
         assert s.daemon.proc.poll() is None
         stop_and_check_balance(s)
-        ons, offs = counts(s.receiver.events, IMPROVD_CH)
+        ons, offs = note_counts(s.receiver.events, IMPROVD_CH)
         assert ons == offs
         received = input_counts(s.daemon.lines)
         assert received is not None and received["received"] > 0 and received["invalid"] > 0, s.daemon.log()
@@ -120,7 +85,7 @@ def test_flood_during_continuous_play_keeps_time_and_no_note_hangs(session):
 
 def test_after_a_flood_with_stuck_keys_a_phrase_is_answered(session):
     s = session(improvise={"max_notes": 6, "max_hold": 0.5})
-    flooder = _wire_flooder(s, f"flooder-r{next(_counter)}")
+    flooder = _wire_flooder(s, f"flooder-r{unique_id()}")
     try:
         log_mark = s.server.log_size()
         flooder.flood(2.0, 10000, hang=3)
@@ -162,8 +127,8 @@ def test_a_key_held_longer_than_max_hold_counts_as_released(session):
 # ---- ports that go away ------------------------------------------------------------------------------------------
 
 def test_output_port_that_goes_away_is_released_and_reconnected(session, jack_server):
-    synth_name = f"synth-{next(_counter)}"
-    synth = NamedReceiver(jack_server, synth_name)
+    synth_name = f"synth-{unique_id()}"
+    synth = Receiver(jack_server, synth_name, exact_name=True)
     back = None
     try:
         s = session(midi={"output": synth.port}, improvise={"max_notes": 32, "max_seconds": 4.0})
@@ -174,7 +139,7 @@ def test_output_port_that_goes_away_is_released_and_reconnected(session, jack_se
         # The release reached what else was connected to improvd's port before it closed.
         s.receiver.wait_quiet(0.2, 5)
         assert balance(s.receiver.events, IMPROVD_CH) == {}, s.daemon.log()
-        back = NamedReceiver(jack_server, synth_name)  # the synth restarts: the same port name
+        back = Receiver(jack_server, synth_name, exact_name=True)  # the synth restarts: the same port name
         t_back = time.monotonic()
         s.daemon.reader.wait_line("is back; reconnected", 5.0)
         reconnect_s = time.monotonic() - t_back
@@ -281,7 +246,7 @@ def test_reload_keeps_the_old_model_on_bad_ones_and_swaps_in_a_good_one(session,
     s.daemon.reader.wait_line(r"now playing .*good\.onnx", 2.0)
     heard = heard_notes(s)
     answer = notes_of(s.receiver.events, IMPROVD_CH)
-    expected = greedy_answer(good, _prime_from_receiver(heard), 8, answer[0][0] - heard[-1][0])
+    expected = greedy_answer(good, prime_from_receiver(heard), 8, answer[0][0] - heard[-1][0])
     assert [n[1] for n in answer] == expected[:, 0].astype(int).tolist()  # the new model's greedy answer
     stop_and_check_balance(s)
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.jack import (Daemon, JackServer, Player, Receiver, make_model, phrase, requires_jack,
-                            write_config)
+from harness.clients import Player, Receiver, phrase
+from harness.daemon import Daemon, make_model, write_config
+from harness.jack import JackServer, wire
 
-pytestmark = [pytest.mark.jack, requires_jack]
+pytestmark = pytest.mark.jack
 
 
 @pytest.fixture
@@ -35,8 +36,7 @@ def rig(tmp_path):
         procs.append(receiver)
         player = Player(server)
         procs.append(player)
-        server.connect(server.wait_port(":improvd out"), receiver.port)
-        server.connect(player.port, server.wait_port(":improvd in"))
+        wire(server, [player], [receiver])
         yield server, daemon, player, receiver, tmp_path
     finally:
         if server.running:

@@ -1,6 +1,6 @@
 """Turn-taking of `improvd run` end to end over real JACK MIDI ports (daemon/music/turns.py): silence = "auto" answers fast
 eighths quickly and never cuts into slow legato quarters, answer_length = "match" answers about as long as the call,
-and with MIDI clock running the answer enters on a beat. The calls and measures are tests/e2e/turns_measure.py's
+and with MIDI clock running the answer enters on a beat. The calls and measures are harness/turns.py's
 (bench/turns.py runs the whole set)."""
 
 from __future__ import annotations
@@ -8,14 +8,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.e2e.jack import (REPO, Daemon, Player, Receiver, check_timing, jack_server,  # noqa: F401
-                            requires_jack, write_config)
-from tests.e2e.test_band_e2e import TICK, band, clock, grid_model, notes, tick_timeline  # noqa: F401
-from tests.e2e.turns_measure import Call, measure
+from harness.band import TICK, clock, notes, tick_timeline
+from harness.clients import Player, Receiver
+from harness.daemon import REPO, Daemon, write_config
+from harness.jack import wire
+from harness.session import IMPROVD_CH, PLAYER_CH
+from harness.turns import Call, measure
+from tests.e2e.expect import check_timing
 
-pytestmark = [pytest.mark.jack, requires_jack]
+pytestmark = pytest.mark.jack
 
-PLAYER_CH, IMPROVD_CH = 1, 0
 SHIPPED = REPO / "models" / "bach.onnx"
 
 
@@ -30,11 +32,7 @@ def test_auto_silence_and_match_length_with_the_shipped_model(jack_server, tmp_p
     daemon = Daemon(jack_server, config)
     try:
         daemon.wait_ready()
-        ports = jack_server.ports()
-        jack_server.connect(player.port, next(p for p in ports if p.startswith(client) and p.endswith(":improvd in")))
-        jack_server.connect(player.port, receiver.port)
-        jack_server.connect(next(p for p in ports if p.startswith(client) and p.endswith(":improvd out")),
-                            receiver.port)
+        wire(jack_server, [player], [receiver], client=client, monitor=True)
         rows = {}
         for call in (Call(160, "eighth", "legato", False), Call(160, "eighth", "detached", True),
                      Call(60, "quarter", "legato", False), Call(60, "quarter", "detached", False)):

@@ -15,7 +15,7 @@ import pytest
 from improvd.core import notes as nt
 from improvd.daemon.cli import main
 from improvd.core.midifile import Track, notes_from_midi, read_notes, write_notes
-from tests.modelfactory import make_step_model
+from harness.modelfactory import make_step_model
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "model-format.md"

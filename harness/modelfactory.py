@@ -9,6 +9,7 @@ velocity = 127 * sigmoid(.). The state is every layer's h then c, concatenated: 
 The returned `FactoryModel` computes the same step function in numpy (`step`), and `greedy_continuation` follows
 docs/model-format.md (zero state, feed, argmax within the pitch range, clamp) so tests can check what the daemon answers.
 Keyword arguments make broken variants: non-finite outputs, a wrong format tag, missing outputs or metadata.
+Pure (it writes only the model file); called from the test's or bench's thread.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ note-ons and note-offs after the call's first onset and before the next call, an
 - `premature`: improvd started a note while the player was still inside the call (between its first onset and
   its last release);
 - `ratio`: the answer's length (first note-on to last note-off) over the call's (first onset to last release).
+
+Pure; called from the test's or bench's thread.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class Call:
         return f"{self.bpm} bpm {self.value}s {self.articulation}{' held' if self.held else ''}"
 
     def events(self, channel: int, start_s: float = 0.0) -> list[tuple[float, str, int, int, int]]:
-        """(t_s, kind, pitch, velocity, channel) events of the call (tests/e2e/jack.py `Player` format)."""
+        """(t_s, kind, pitch, velocity, channel) events of the call (harness/clients.py `Player` format)."""
         out = []
         ioi = self.ioi_s
         for i, p in enumerate(PITCHES):
