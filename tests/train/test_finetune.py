@@ -46,6 +46,30 @@ def test_init_starts_from_the_given_weights_and_resumes(work, run):
     assert json.loads((out / "metrics.json").read_text())["init"] == init
 
 
+def test_init_fine_tunes_with_the_recipe_and_keeps_the_averaged_weights(work, run):
+    """--init adds the fine-tuning recipe (warm-up, weight averaging); model.keras holds the moving average of
+    the weights, last.keras the raw ones. With one batch per epoch and one epoch, the average after that batch
+    is exactly decay × start + (1 − decay) × raw."""
+    from improvd.train.init import FINETUNE
+
+    out = work["root"] / "ft-average"
+    assert improvd(work, "train", "--data", work["data"], "--init", run, "--epochs", 1, "--out", out,
+                   "--set", "train.batch_size=4096", "--set", "train.learning_rate=0.05", "--no-progress") == 0
+    preset = json.loads((out / "config.json").read_text())["preset"]
+    assert {k: preset[k] for k in FINETUNE} == FINETUNE
+    decay = preset["average"]
+    start, raw, best = _weights(run / "model.keras"), _weights(out / "last.keras"), _weights(out / "model.keras")
+    assert max(np.abs(r - s).max() for r, s in zip(raw, start)) > 1e-3  # it did train
+    for s, r, b in zip(start, raw, best):
+        np.testing.assert_allclose(b, decay * s + (1 - decay) * r, atol=1e-6)
+    # training from scratch has no recipe of its own
+    scratch = work["root"] / "no-init"
+    assert improvd(work, "train", "--data", work["data"], "--preset", "tiny", "--epochs", 1, "--out", scratch,
+                   "--no-progress") == 0
+    preset = json.loads((scratch / "config.json").read_text())["preset"]
+    assert preset["average"] == 0 and preset["warmup_steps"] == 0 and not preset["anneal"]
+
+
 def test_init_keeps_the_architecture_of_the_starting_model(work, run, capsys):
     out = work["root"] / "ft-units"
     # the default preset's recipe on the tiny model's shape
