@@ -71,13 +71,17 @@ def test_init_fine_tunes_with_the_recipe_and_keeps_the_averaged_weights(work, ru
 
 
 def test_init_keeps_the_architecture_of_the_starting_model(work, run, capsys):
+    from improvd.train.init import FINETUNE
+
     out = work["root"] / "ft-units"
     # the default preset's recipe on the tiny model's shape
     assert improvd(work, "train", "--data", work["data"], "--init", run / "model.keras", "--preset", "default",
                    "--epochs", 1, "--out", out, "--no-progress") == 0
     config = json.loads((out / "config.json").read_text())
     assert config["preset"]["units"] == [16] and config["preset"]["embedding"] == 8
-    assert config["preset"]["learning_rate"] == 0.002  # the default preset's recipe
+    # the default preset's recipe (dropout, transposition) with --init's own learning rate
+    assert config["preset"]["dropout"] == 0.3 and config["preset"]["transpose"] == 6
+    assert config["preset"]["learning_rate"] == FINETUNE["learning_rate"] != 0.002
     rc = improvd(work, "train", "--data", work["data"], "--init", run, "--set", "train.units=[32]", "--epochs", 1,
                  "--out", work["root"] / "ft-bad", "--no-progress")
     assert rc == 2
