@@ -4,7 +4,8 @@
 
 Picks `--count` scores at random (seeded) among the corpus folder's scores (MusicXML, Humdrum, ABC), converts
 them with music21 (in worker processes; a score that fails is reported and replaced by the next one), and with
-`--split K` puts the first K in OUT/train and the rest in OUT/heldout. Prints a JSON summary. Used for the
+`--split K` puts the first K in OUT/train and the rest in OUT/heldout; `--exclude DIR` skips every score whose MIDI
+file name is already below DIR (a disjoint development set). Prints a JSON summary. Used for the
 fine-tuning comparison and the adaptation protocol on corpora other than the chorales (docs/training.md).
 """
 
@@ -41,8 +42,12 @@ def main(argv=None) -> int:
     ap.add_argument("--count", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split", type=int, default=0, help="first K into OUT/train, the rest into OUT/heldout")
+    ap.add_argument("--exclude", action="append", default=[], metavar="DIR",
+                    help="skip scores whose MIDI file name exists below DIR (repeatable): a disjoint set")
     args = ap.parse_args(argv)
     scores = corpus_scores(args.folder)
+    taken = {p.name for d in args.exclude for p in Path(d).rglob("*.mid")}
+    scores = [s for s in scores if _name(s, args.folder) + ".mid" not in taken]
     if not scores:
         print(f"no scores in music21's corpus folder {args.folder!r}", file=sys.stderr)
         return 2

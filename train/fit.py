@@ -49,8 +49,10 @@ SYNC_EVERY = 64  # batches between the workers' agreement on the time limit (mul
 
 
 def _callbacks(run_dir: Path, preset: Preset, max_minutes: float, resume: bool, started: float,
-               best_so_far: float | None = None, strategy=None):
+               best_so_far: float | None = None, strategy=None, epochs: int = 0, steps_per_epoch: int = 1):
     import keras
+
+    from improvd.train.recipe import schedule_callbacks
 
     multi = distribute.is_multi_worker(strategy)
 
@@ -90,21 +92,28 @@ def _callbacks(run_dir: Path, preset: Preset, max_minutes: float, resume: bool, 
 
     monitor = preset.monitor
     limit = TimeLimit()
+    # the learning-rate schedule and weight averaging (train.recipe); the average is swapped out again right
+    # after the best checkpoint and early stopping have judged it, so last.keras holds the raw weights
+    before, after = schedule_callbacks(preset, preset.learning_rate, max_minutes, epochs, steps_per_epoch,
+                                       started, resume)
+    early = keras.callbacks.EarlyStopping(monitor=monitor, patience=preset.patience, restore_best_weights=True,
+                                          baseline=best_so_far)
     cbs = [
         Elapsed(),
+        *before,
         # on --resume, the best value so far carries over: a worse first epoch must not replace model.keras
         keras.callbacks.ModelCheckpoint(str(run_dir / "model.keras"), monitor=monitor, save_best_only=True,
                                         initial_value_threshold=best_so_far),
+        early,
+        *after,
         keras.callbacks.ModelCheckpoint(str(run_dir / "last.keras")),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume),
-        keras.callbacks.EarlyStopping(monitor=monitor, patience=preset.patience, restore_best_weights=True,
-                                      baseline=best_so_far),
         limit,
     ]
-    if preset.lr_schedule:
+    if preset.lr_schedule and not preset.anneal:  # annealing sets the rate itself
         cbs.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5,
                                                      patience=max(2, preset.patience // 3), min_lr=1e-5))
-    return cbs, limit, cbs[4]
+    return cbs, limit, early
 
 
 def read_history(run_dir: Path) -> list[dict]:
@@ -172,7 +181,8 @@ def fit(run_dir: Path, preset: Preset, train_files, val_files, *,
     distribute.prepare_model(model, strategy, train_source.batch(train_source.plan(0), 0, 0, 0, batch_size, 1))
     started = time.monotonic()
     cbs, limit, early = _callbacks(write_dir, preset, max_minutes, resume, started,
-                                   min(previous) if previous else None, strategy)
+                                   min(previous) if previous else None, strategy, epochs,
+                                   train_source.steps(batch_size * replicas))
 
     class Epochs(keras.callbacks.Callback):
         """Tells the batch source which epoch's plan to cut (every worker cuts the same one)."""

@@ -6,7 +6,8 @@ name beside it (as `models/bach.onnx` has `models/bach.keras`), or `shipped`: th
 (`models/bach.keras`, the Keras weights of `models/bach.onnx`).
 
 The fine-tuning run trains the starting model's architecture (kind, features, LSTM units, embedding, context);
-the recipe (learning rate, dropout, augmentation...) is the chosen preset's.
+the recipe (learning rate, dropout, augmentation...) is the chosen preset's, with `FINETUNE` on top (the
+fine-tuning recipe, chosen on a development set: docs/training.md, "Fine-tuning").
 
 Called from the main thread of `improvd train`.
 """
@@ -25,6 +26,14 @@ from improvd.core.errors import ImprovdError
 from improvd.core.paths import SHIPPED_KERAS
 
 SHIPPED = "shipped"
+
+# What `--init` changes in the preset's recipe (train.recipe; docs/training.md says how it was chosen).
+FINETUNE = {"learning_rate": 0.004, "warmup_steps": 10, "average": 0.9}
+
+
+def finetune_preset(preset):
+    """`preset` with the fine-tuning recipe `FINETUNE` on top (the architecture and the rest unchanged)."""
+    return dataclasses.replace(preset, **FINETUNE)
 
 
 @dataclass
@@ -104,7 +113,7 @@ def load_init(spec: str, base_preset):
     if recipe is None:
         from improvd.train.model import get_preset
         recipe = get_preset("default" if arch["kind"] == "sequence" else "tutorial")
-    preset = dataclasses.replace(recipe, **arch)
+    preset = finetune_preset(dataclasses.replace(recipe, **arch))
     info = {"spec": spec, "path": str(path.resolve()), "how": how, "weights_sha256": weights_sha256(model),
             "architecture": {k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()},
             "parameters": int(model.count_params())}

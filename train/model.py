@@ -44,6 +44,10 @@ class Preset:
     monitor: str = "loss"               # early stopping and best checkpoint on "loss" or "val_loss"
     transpose: int = 0                  # augmentation: random shifts in -transpose..transpose semitones
     clipnorm: float | None = None
+    # the schedule and weight averaging of train.recipe (what fine-tuning uses; off in the presets)
+    warmup_steps: int = 0               # linear warm-up of the learning rate over this many batches
+    anneal: bool = False                # cosine decay of the rate to the end of the budget (time limit or epochs)
+    average: float = 0.0                # decay of a moving average of the weights (0 = off), per batch
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

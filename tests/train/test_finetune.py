@@ -46,14 +46,43 @@ def test_init_starts_from_the_given_weights_and_resumes(work, run):
     assert json.loads((out / "metrics.json").read_text())["init"] == init
 
 
+def test_init_fine_tunes_with_the_recipe_and_keeps_the_averaged_weights(work, run):
+    """--init adds the fine-tuning recipe (warm-up, weight averaging); model.keras holds the moving average of
+    the weights, last.keras the raw ones. With one batch per epoch and one epoch, the average after that batch
+    is exactly decay × start + (1 − decay) × raw."""
+    from improvd.train.init import FINETUNE
+
+    out = work["root"] / "ft-average"
+    assert improvd(work, "train", "--data", work["data"], "--init", run, "--epochs", 1, "--out", out,
+                   "--set", "train.batch_size=4096", "--set", "train.learning_rate=0.05", "--no-progress") == 0
+    preset = json.loads((out / "config.json").read_text())["preset"]
+    assert preset["warmup_steps"] == FINETUNE["warmup_steps"] and preset["average"] == FINETUNE["average"]
+    assert preset["learning_rate"] == 0.05  # [train] learning_rate still overrides the recipe's
+    decay = preset["average"]
+    start, raw, best = _weights(run / "model.keras"), _weights(out / "last.keras"), _weights(out / "model.keras")
+    assert max(np.abs(r - s).max() for r, s in zip(raw, start)) > 1e-3  # it did train
+    for s, r, b in zip(start, raw, best):
+        np.testing.assert_allclose(b, decay * s + (1 - decay) * r, atol=1e-6)
+    # training from scratch has no recipe of its own
+    scratch = work["root"] / "no-init"
+    assert improvd(work, "train", "--data", work["data"], "--preset", "tiny", "--epochs", 1, "--out", scratch,
+                   "--no-progress") == 0
+    preset = json.loads((scratch / "config.json").read_text())["preset"]
+    assert preset["average"] == 0 and preset["warmup_steps"] == 0 and not preset["anneal"]
+
+
 def test_init_keeps_the_architecture_of_the_starting_model(work, run, capsys):
+    from improvd.train.init import FINETUNE
+
     out = work["root"] / "ft-units"
     # the default preset's recipe on the tiny model's shape
     assert improvd(work, "train", "--data", work["data"], "--init", run / "model.keras", "--preset", "default",
                    "--epochs", 1, "--out", out, "--no-progress") == 0
     config = json.loads((out / "config.json").read_text())
     assert config["preset"]["units"] == [16] and config["preset"]["embedding"] == 8
-    assert config["preset"]["learning_rate"] == 0.002  # the default preset's recipe
+    # the default preset's recipe (dropout, transposition) with --init's own learning rate
+    assert config["preset"]["dropout"] == 0.3 and config["preset"]["transpose"] == 6
+    assert config["preset"]["learning_rate"] == FINETUNE["learning_rate"] != 0.002
     rc = improvd(work, "train", "--data", work["data"], "--init", run, "--set", "train.units=[32]", "--epochs", 1,
                  "--out", work["root"] / "ft-bad", "--no-progress")
     assert rc == 2
