@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
-    from improvd.daemon.config import Config
+    from improvd.core.config import Config
     from improvd.train import cli
     from improvd.train.evaluate import evaluate, keras_predictor
     from improvd.train.fit import fit, write_json
