@@ -5,7 +5,7 @@
         --epochs 28 --out /tmp/dev-runs
 
 Does what `improvd train --data DATA/train --init shipped` does (same split of DATA/train, seed and fit), but
-with the fine-tuning fields of the preset given as JSON (any `train.model.Preset` field, plus `batch_size`),
+with the fine-tuning fields of the preset given as JSON (any `core.presets.Preset` field, plus `batch_size`),
 replacing `--init`'s own recipe (`train.init.FINETUNE`) wholly: `{}` is the plain preset's recipe. `--epochs`
 bounds the run by epochs instead of wall time, so that variants compare on the same number of steps on a shared
 machine. Then scores the result on DATA/heldout with `improvd eval`'s protocol. Prints JSON (and appends it to
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from improvd.train.evaluate import evaluate, keras_predictor
     from improvd.train.fit import fit, write_json
     from improvd.train.init import FINETUNE, load_init
-    from improvd.train.model import get_preset
+    from improvd.core.presets import get_preset
 
     overrides = json.loads(args.overrides)
     data, out = Path(args.data), Path(args.out) / args.name

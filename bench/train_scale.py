@@ -112,7 +112,8 @@ def child(args) -> dict:
     import keras
 
     from improvd.train.batches import BatchSource, tf_dataset
-    from improvd.train.model import build_model, get_preset
+    from improvd.core.presets import get_preset
+    from improvd.train.model import build_model
 
     preset = get_preset("tiny")
     source = BatchSource(col.note_set().subset(split.train), preset.kind, preset.seq_length,

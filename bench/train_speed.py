@@ -33,7 +33,7 @@ def worker(preset_name: str, data: str | None, minutes: float, sample: int, out:
     from improvd.train.cli import data_source, load_data, make_split
     from improvd.train.evaluate import evaluate, keras_predictor
     from improvd.train.fit import fit
-    from improvd.train.model import get_preset
+    from improvd.core.presets import get_preset
 
     config = load_config(ROOT / "config.toml")
     args = argparse.Namespace(data=data, corpus=None)

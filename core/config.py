@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from improvd.core.errors import ConfigError
+from improvd.core.presets import PRESETS
 from improvd.core.paths import SHIPPED_MODEL, USER_CONFIG
 
 DEFAULT_CONFIG_NAMES = ("config.toml", USER_CONFIG)
@@ -50,7 +51,7 @@ class DataConfig:
 class TrainConfig:
     """How a model is trained; the preset fixes the architecture and its hyper-parameters."""
 
-    preset: str = _opt("default", choices=("default", "tutorial", "tiny"))
+    preset: str = _opt("default", choices=tuple(PRESETS))
     epochs: int = _opt(0, lo=0, hi=100000)
     max_minutes: float = _opt(0.0, lo=0.0)
     batch_size: int = _opt(0, lo=0, hi=65536)

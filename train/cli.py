@@ -18,7 +18,7 @@ from improvd.core.errors import ImprovdError
 from improvd.train import data as td
 from improvd.train.evaluate import evaluate, format_table, keras_predictor, onnx_predictor
 from improvd.train.markov import evaluate_orders, transpose_sequences
-from improvd.train.model import Preset, get_preset
+from improvd.core.presets import Preset, get_preset
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ import numpy as np
 
 from improvd.train import distribute
 from improvd.train.batches import BatchSource, tf_dataset
-from improvd.train.model import Preset, build_model, float32_copy, is_mixed, load_keras
+from improvd.core.presets import Preset
+from improvd.train.model import build_model, float32_copy, is_mixed, load_keras
 
 log = logging.getLogger(__name__)
 

@@ -107,11 +107,11 @@ def load_init(spec: str, base_preset):
     run_dir = path.parent if path.name == "model.keras" and (path.parent / "config.json").exists() else None
     recipe = base_preset
     if run_dir is not None and base_preset is None:
-        from improvd.train.model import Preset
+        from improvd.core.presets import Preset
         saved = json.loads((run_dir / "config.json").read_text())["preset"]
         recipe = Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     if recipe is None:
-        from improvd.train.model import get_preset
+        from improvd.core.presets import get_preset
         recipe = get_preset("default" if arch["kind"] == "sequence" else "tutorial")
     preset = finetune_preset(dataclasses.replace(recipe, **arch))
     info = {"spec": spec, "path": str(path.resolve()), "how": how, "weights_sha256": weights_sha256(model),

@@ -52,7 +52,8 @@ def keras_from_window_onnx(path: str | Path):
     import onnx
     from onnx import numpy_helper
 
-    from improvd.train.model import Preset, build_model, get_preset
+    from improvd.core.presets import Preset, get_preset
+    from improvd.train.model import build_model
 
     path = Path(path)
     proto = onnx.load(str(path))

@@ -24,7 +24,8 @@ def test_mixed_precision_model_keeps_logits_and_losses_in_float32(tmp_path):
     import keras
 
     from improvd.train.fit import fit
-    from improvd.train.model import build_model, get_preset, is_mixed, load_keras
+    from improvd.core.presets import get_preset
+    from improvd.train.model import build_model, is_mixed, load_keras
 
     preset = get_preset("tiny")
     model = build_model(preset, 1, mixed_precision=True)

@@ -225,7 +225,8 @@ def test_a_model_built_the_tutorials_way_exports(work, capsys):
 def test_tutorial_preset_is_the_tutorials_model():
     import keras
 
-    from improvd.train.model import build_model, get_preset, mse_with_positive_pressure
+    from improvd.core.presets import get_preset
+    from improvd.train.model import build_model, mse_with_positive_pressure
     preset = get_preset("tutorial")
     assert (preset.context, preset.batch_size, preset.epochs, preset.patience, preset.monitor) == \
         (25, 64, 50, 5, "loss")
