@@ -38,6 +38,12 @@ the scheduler thread, for everything due; the caller of `release_all` (and of `s
 `cancel` while the thread is not running; the scheduler thread itself when its loop fails (it releases everything
 before it ends). `run_pending` is the thread's body for one deadline and lets tests drive the scheduler with a fake
 clock and no thread.
+
+Why `Scheduler` is one class of about 370 lines: the heap, the map of sounding notes and the lateness ring are one
+state under one lock, and every public method is a transaction on all three (a re-trigger, a cancel or an
+`end_note` must change the heap and the sounding notes together, or a note-off could be lost or doubled). Split
+into classes, each would take the others' lock or reach into their state; the lock discipline is easier to check in
+one place. The statistics' percentiles, the only part that needs none of it, are computed outside the lock.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ the player's notes and the weights of a mixture:
   operations over the 128 pitches (`softmax` and `mix`). Improvd's own notes extend the context the experts
   look up, but are never counted.
 
-- Timing (`TimingCache`, unless `timing=False`): step and duration are predicted by the model, by the timing
+- Timing (`TimingCache`, daemon/predict/timing.py, unless `timing=False`): step and duration are predicted by the model, by the timing
   of what followed the same pitches last time, and by what followed the same rhythm last time, mixed with
   weights learned from each one's recent absolute errors on the player's notes. Velocity comes from the model.
 
@@ -45,6 +45,8 @@ import math
 from collections import deque
 
 import numpy as np
+
+from improvd.daemon.predict.timing import TimingCache
 
 ORDERS = (2, 4, 8, 16)     # context lengths (in pitches) that are counted; 16 is the longest
 MAX_ORDER = ORDERS[-1]
@@ -60,17 +62,6 @@ FLOOR = 1e-12              # no expert's probability of a note counts as less th
 _INTERVAL_ORDERS = tuple(n - 1 for n in INTERVAL_SPANS)  # the same contexts in intervals
 # Timing (step and duration). The prior and the softness were chosen on sessions of 60 files of the chorales'
 # training split (files the model was trained on), never on evaluation files (docs/training.md):
-TIMING_PITCH_ORDERS = (8, 4, 2)   # the pitch contexts whose latest follower's timing is an expert (longest first)
-TIMING_RHYTHM_ORDERS = (4, 2)     # the same with the last notes' steps and durations (longest first)
-TIMING_QUANTUM_S = 0.01           # steps and durations are compared in rhythm contexts to this resolution
-TIMING_DISCOUNT = 0.98            # the experts' past errors fade by this factor per note (about 50 notes)
-TIMING_SCALE_FLOOR_S = 0.001      # the error scale never counts as less than this
-TIMING_SOFTNESS = 8.0             # weights exp(-L / (TIMING_SOFTNESS · the model's mean absolute error))
-TIMING_PRIOR = (0.8, 0.1, 0.1)    # the experts' prior weights (model, pitch context, rhythm context)
-TIMING_EXPERTS = ("model", "pitch context", "rhythm context")
-_P0, _P1, _P2 = TIMING_PRIOR
-_RHYTHM_SPANS = tuple(2 * n for n in TIMING_RHYTHM_ORDERS)  # a note is two symbols in a rhythm context
-_PER_QUANTUM = 1.0 / TIMING_QUANTUM_S
 
 
 def _plan(spans: tuple[int, ...], lowest: tuple[int, ...], first: int) -> tuple[tuple, ...]:
@@ -127,138 +118,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
         total = float(e.sum())
     e *= 1.0 / total
     return e
-
-
-class TimingCache:
-    """The session's timing memory: step and duration predicted from the player's recent notes (see the module
-    docstring). Owned by a `SessionAdapter`, which gives it the pitch context and keeps it in step.
-
-    Experts, per quantity (step, duration): the model's prediction; the timing of the latest counted note that
-    followed the longest of the last 8, 4 or 2 pitches (a motif played again tends to keep its rhythm); the
-    timing of the latest counted note that followed the last 4 or 2 (step, duration) pairs (a rhythm played
-    again). An expert with nothing matched is the model. The prediction is the experts' weighted mean, weights
-    `exp(-L_k / (8·s))` with L_k the expert's discounted sum of absolute errors on the player's notes so far and
-    s the model's discounted mean absolute error (the exponentially weighted forecaster, with its learning rate
-    set by the scale of the errors met), times the prior `TIMING_PRIOR`: whichever expert has been right
-    lately dominates.
-    """
-
-    def __init__(self, memory: int):
-        self.memory = memory
-        self._by_pitch: dict[tuple, tuple] = {}   # pitch context -> (step, duration, serial) of its latest follower
-        self._by_rhythm: dict[tuple, tuple] = {}  # rhythm context (quantised step, duration, ...) -> the same
-        self._rhythm: tuple = ()  # the last notes' quantised (step, duration), flattened, oldest first
-        self._added: deque = deque()  # per counted note: (serial, its keys in _by_pitch, in _by_rhythm)
-        self._serial = 0
-        self._loss = [(0.0, 0.0, 0.0), (0.0, 0.0, 0.0)]  # per quantity (step, duration), per expert
-        self._scale: list[float | None] = [None, None]
-        self._cache: tuple | None = None  # the matched followers for the current context
-
-    def clear(self) -> None:
-        self._by_pitch.clear()
-        self._by_rhythm.clear()
-        self._added.clear()
-        self._rhythm = ()
-        self._loss = [(0.0, 0.0, 0.0), (0.0, 0.0, 0.0)]
-        self._scale = [None, None]
-        self._cache = None
-
-    @property
-    def rhythm(self) -> tuple:
-        return self._rhythm
-
-    def set_rhythm(self, rhythm: tuple) -> None:
-        self._rhythm = tuple(rhythm)
-        self._cache = None
-
-    def _followers(self, pitches: tuple) -> tuple:
-        """(the timing after the longest matched pitch context, the same for rhythm), None where none matched."""
-        cache = self._cache
-        if cache is None:
-            after_pitch = after_rhythm = None
-            size = len(pitches)
-            get = self._by_pitch.get
-            for n in TIMING_PITCH_ORDERS:
-                if n <= size:
-                    after_pitch = get(pitches[-n:])
-                    if after_pitch is not None:
-                        break
-            rhythm = self._rhythm
-            size = len(rhythm)
-            get = self._by_rhythm.get
-            for n in _RHYTHM_SPANS:
-                if n <= size:
-                    after_rhythm = get(rhythm[-n:])
-                    if after_rhythm is not None:
-                        break
-            cache = self._cache = (after_pitch, after_rhythm)
-        return cache
-
-    def experts(self, pitches: tuple, step: float, duration: float) -> list[tuple[float, float]]:
-        """Each expert's (step, duration) for the next note, given the model's, in `TIMING_EXPERTS` order."""
-        out = [(step, duration)]
-        for hit in self._followers(pitches):
-            out.append((hit[0], hit[1]) if hit is not None else (step, duration))
-        return out
-
-    def predict(self, pitches: tuple, step: float, duration: float) -> tuple[float, float]:
-        """The adapted (step, duration) for the next note, given the model's (after the notes observed so far)."""
-        after_pitch, after_rhythm = self._followers(pitches)
-        if after_pitch is None and after_rhythm is None:
-            return step, duration  # every expert is the model
-        p = after_pitch or (step, duration)
-        r = after_rhythm or (step, duration)
-        out = [step, duration]
-        for q in (0, 1):
-            l0, l1, l2 = self._loss[q]
-            least = min(l0, l1, l2)
-            rate = -1.0 / (TIMING_SOFTNESS * max(self._scale[q] or 0.0, TIMING_SCALE_FLOOR_S))
-            w0 = _P0 * math.exp(rate * (l0 - least))
-            w1 = _P1 * math.exp(rate * (l1 - least))
-            w2 = _P2 * math.exp(rate * (l2 - least))
-            out[q] = (w0 * out[q] + w1 * p[q] + w2 * r[q]) / (w0 + w1 + w2)
-        return out[0], out[1]
-
-    def observe(self, pitches: tuple, step: float, duration: float, model: tuple | None, learn: bool) -> None:
-        """A note was played with this (step, duration), after `pitches`; `model` is the model's (step,
-        duration) for it (None: the weights are not updated). `learn`: the player's note (remembered)."""
-        rhythm = self._rhythm
-        if learn:
-            if model is not None:
-                after_pitch, after_rhythm = self._followers(pitches)
-                p = after_pitch or model
-                r = after_rhythm or model
-                g = TIMING_DISCOUNT
-                for q, truth in ((0, step), (1, duration)):
-                    l0, l1, l2 = self._loss[q]
-                    e0 = abs(model[q] - truth)
-                    self._loss[q] = (g * l0 + e0, g * l1 + abs(p[q] - truth), g * l2 + abs(r[q] - truth))
-                    scale = self._scale[q]
-                    self._scale[q] = e0 if scale is None else g * scale + (1.0 - g) * e0
-            self._serial += 1
-            timing = (step, duration, self._serial)
-            size = len(pitches)
-            pkeys = tuple([pitches[-n:] for n in TIMING_PITCH_ORDERS if n <= size])
-            by_pitch = self._by_pitch
-            for key in pkeys:
-                by_pitch[key] = timing
-            size = len(rhythm)
-            rkeys = tuple([rhythm[-n:] for n in _RHYTHM_SPANS if n <= size])
-            by_rhythm = self._by_rhythm
-            for key in rkeys:
-                by_rhythm[key] = timing
-            added = self._added
-            added.append((self._serial, pkeys, rkeys))
-            if len(added) > self.memory:
-                serial, pkeys, rkeys = added.popleft()
-                for key in pkeys:
-                    if by_pitch[key][2] == serial:  # its latest follower leaves: nothing newer followed it
-                        del by_pitch[key]
-                for key in rkeys:
-                    if by_rhythm[key][2] == serial:
-                        del by_rhythm[key]
-        self._rhythm = (rhythm + (round(step * _PER_QUANTUM), round(duration * _PER_QUANTUM)))[-_RHYTHM_SPANS[0]:]
-        self._cache = None
 
 
 class SessionAdapter:

@@ -6,7 +6,7 @@ import mido
 import numpy as np
 import pytest
 
-from improvd.daemon.predict import adapt
+from improvd.daemon.predict import adapt, timing
 from improvd.daemon.predict.adapt import SessionAdapter
 from improvd.core.config import Config, ControlConfig
 from improvd.daemon.control.cc import Action, ControlMap
@@ -270,8 +270,8 @@ def test_timing_memory_stays_bounded_and_pitch_only_leaves_timing_alone():
         a.observe(int(p), UNIFORM, timing=(float(rng.choice([0.1, 0.2, 0.3])), 0.2), model_timing=(0.2, 0.2))
     cache = a._timing
     assert len(cache._added) == 50
-    assert len(cache._by_pitch) <= 50 * len(adapt.TIMING_PITCH_ORDERS)
-    assert len(cache._by_rhythm) <= 50 * len(adapt.TIMING_RHYTHM_ORDERS)
+    assert len(cache._by_pitch) <= 50 * len(timing.TIMING_PITCH_ORDERS)
+    assert len(cache._by_rhythm) <= 50 * len(timing.TIMING_RHYTHM_ORDERS)
     pitch_only = SessionAdapter(100, timing=False)
     for _ in range(4):
         play_timed(pitch_only, MOTIF[:5], RHYTHM)
