@@ -4,6 +4,9 @@
 `--set section.key=value` overrides and returns a `Config`. Unknown sections or keys, wrong types and values out
 of range raise `ConfigError` naming the key, the value and what is allowed. The objects are passed down to the
 parts; there are no module-level globals.
+
+Threads: pure parsing and checks, called by the main thread (start-up, `improvd config`, `improvd train`) and by
+the daemon's reload thread (daemon/live/reload.py reads the file again).
 """
 
 from __future__ import annotations

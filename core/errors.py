@@ -1,6 +1,8 @@
 """The exceptions improvd raises: one base class, one subclass per kind of failure.
 
 Messages name the bad value and what would be valid; the CLI prints them without a traceback.
+
+Threads: definitions only; raised on any thread.
 """
 
 

@@ -5,6 +5,10 @@ track, honouring tempo changes, and sorts them by (onset, pitch). With `track=NA
 (their `track_name` meta event, as `[record]` writes "player" and "improvd") are read; every track's tempo
 changes still count. Writing uses 960 ticks per quarter at
 120 bpm (about 0.5 ms a tick), so times survive a round trip to the millisecond.
+
+Threads: no threads of its own; it runs on its caller's: the main thread of `improvd generate`, the
+parsing worker processes of `improvd train` (train/data.py); the recorder (daemon/io/recorder.py) uses its
+constants and writes its own files.
 """
 
 from __future__ import annotations

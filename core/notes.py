@@ -3,6 +3,8 @@
 A sequence of notes is a float64 array of shape [N, 4] with columns `PITCH` (MIDI 0..127), `STEP` (seconds from
 the previous note's onset to this one's; 0 for the first note and for the notes of a chord), `DURATION`
 (seconds) and `VELOCITY` (1..127). Onsets are the cumulative sum of steps. Notes are sorted by (onset, pitch).
+
+Threads: pure functions on arrays, called on any thread.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Importing this module loads neither TensorFlow nor `train/` nor `export/`: the training subcommands are imported
 only when they run, and when TensorFlow is missing they say which extra to install.
+
+Threads: the main thread; `improvd run` then hands over to daemon/live/service.py.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ so the model's times survive to the millisecond. `--beam K` searches over pitch 
 continuation's texture as the daemon bounds an answer (daemon/music/texture.py), the prime being the call: a note that
 would sound with N others waits for a release, pitches are sampled within the prime's span widened by
 `REGISTER_WIDEN` semitones. The summary line says how often the bounds overrode the model.
+
+Threads: the main thread of `improvd generate`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""`improvd export`: a run directory or a .keras file → step-format ONNX with its card, checked for parity."""
+"""`improvd export`: a run directory or a .keras file → step-format ONNX with its card, checked for parity.
+
+Threads: the main thread of `improvd export`.
+"""
 
 from __future__ import annotations
 

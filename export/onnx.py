@@ -5,6 +5,8 @@ improvd's `NoteEncoder`), one LSTM cell per layer written out as matrix products
 and the dense heads. All layers' h and c travel in one `state` tensor, laid out [h_0, c_0, h_1, c_1, ...].
 Models of the tutorial's shape (input (None, 25, 3), pitch pre-scaled by 1/128, outputs pitch/step/duration)
 export the same way.
+
+Threads: the main thread of `improvd export`.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Checked on every export (a failure fails it): pitch logits within 1e-4, identical argmax, step and duration (and
 velocity, in MIDI units scaled to 0..1) within 1e-5; the step model fed note by note from a zero state against the
 Keras model on the same windows, and, when it was written, the window-format ONNX model against both.
+
+Threads: the main thread of `improvd export`.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ of per-file arrays. `BatchSource` fixes an epoch's plan from (seed, epoch) alone
 distributed run cuts the same global batches; `tf_dataset` streams them to Keras through `tf.data` (a generator
 with prefetching), sharded per replica with `tf.distribute` when a strategy is given. `batch_dataset` is the same
 source as a `keras.utils.PyDataset`.
+
+Threads: the plans and batches are cut on the training process's main thread, or on the one prefetching thread
+of `batch_dataset`/`tf_dataset` (see `BatchSource`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""`improvd train` and `improvd eval`: data selection, the split, the run directory and the reports."""
+"""`improvd train` and `improvd eval`: data selection, the split, the run directory and the reports.
+
+Threads: the main thread of `improvd train` and `improvd eval`.
+"""
 
 from __future__ import annotations
 

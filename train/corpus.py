@@ -3,6 +3,8 @@
 Nothing is downloaded: music21 carries the scores (MusicXML and Humdrum) in its package. Conversion runs in
 worker processes, writes each MIDI file atomically, and skips files already converted, so a second call costs
 nothing and an interrupted one resumes.
+
+Threads: the main thread of `improvd train`, and the worker processes that convert the corpus.
 """
 
 from __future__ import annotations

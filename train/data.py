@@ -17,6 +17,11 @@ and packs go (an entry's mtime is set each time a run uses it), never the run's 
 the size of the data set) are removed at the next run once their process is gone or untouched for `STALE_TMP_S`.
 
 Bad files never stop a run: they are counted and named with their reason, one line each.
+
+Threads: the main thread of `improvd train`; files are parsed in worker processes (`data.workers`,
+`ProcessPoolExecutor`). Why this module is over 500 lines: reading, caching, packing and splitting share the
+cache's keys and index (`index.sqlite`, the per-file hashes), and a change to one must change the others; the
+split by melody needs the parsed notes the cache returns.
 """
 
 from __future__ import annotations

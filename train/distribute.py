@@ -13,6 +13,8 @@ Keras 3.x with TensorFlow 2.16-2.21 cannot `fit` under `MultiWorkerMirroredStrat
 (tensorflow/tensorflow#72388): its per-replica log reduction asks for `strategy.reduce("MEAN", v, axis=0)` on
 scalars, and its pre-fit "symbolic build" all-reduces the first input batch, which fails with one device per
 worker. `patch_keras_for_multi_worker` works around both, only when several workers are configured.
+
+Threads: the main thread of each worker process of a distributed run.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Each note of the evaluated files that has at least `context` notes before it is predicted from exactly those
 `context` notes (from a zero state). Reported: pitch cross-entropy (nats/note), pitch top-1 accuracy, step and
 duration mean absolute error (s), and the number of notes.
+
+Threads: the main thread of `improvd eval` and `improvd train`.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ the fit cleanly and keeps the best checkpoint.
 Batches stream through `tf.data` (`train.batches.tf_dataset`). Under a `tf.distribute` strategy the model is
 built in its scope, the global batch is `batch_size × replicas`, and only the chief's checkpoints land in the
 run directory: the other workers write theirs to a temporary directory and delete it (`train.distribute`).
+
+Threads: the main thread of `improvd train` (TensorFlow runs its own threads inside `fit`; SIGINT is handled
+on the main thread).
 """
 
 from __future__ import annotations

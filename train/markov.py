@@ -31,6 +31,8 @@ Measured on a 2-core Xeon (numpy 2.4, Python 3.11): `evaluate_orders` with order
 1.2 M random-walk notes (12 transpositions of 100 sequences of 1,000 notes; 1.19 M distinct 9-grams) and scoring
 20 k notes, took 1.1-1.5 s over several runs, of which fitting took 0.6-1.0 s; the whole timing script peaked at
 about 380 MB of memory.
+
+Threads: pure; the main thread of `improvd eval` and of the benches that compare with it.
 """
 
 from __future__ import annotations

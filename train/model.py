@@ -7,6 +7,8 @@ Two kinds of model share one interface (`predict_next`):
   LSTMs that return every position, and heads at every position, so one pass over T notes trains T targets.
 
 Both are exported to the same step format (`export/onnx.py`) from their weights.
+
+Threads: the main thread of `improvd train`, `improvd export` and `improvd eval`.
 """
 
 from __future__ import annotations
