@@ -12,7 +12,8 @@ from improvd.core.config import Config, ControlConfig
 from improvd.daemon.control.cc import Action, ControlMap
 from improvd.daemon.predict.improviser import Decoding, Improviser
 from improvd.daemon.predict.model import StepModel
-from tests.daemon.test_engine import Rig, improvise
+from harness.engines import Rig
+from harness.engines import engine_improvise as improvise
 from harness.modelfactory import make_step_model
 
 UNIFORM = np.full(128, 1.0 / 128)

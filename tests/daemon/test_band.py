@@ -6,128 +6,16 @@ Every message is sent at exactly its deadline on the fake clock, so grids and in
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 
 import mido
 import numpy as np
 import pytest
 
-from improvd.core.config import Config, ControlConfig, ImproviseConfig, MidiConfig, TimingConfig
-from improvd.daemon.live.engine import Engine
-from improvd.daemon.predict.model import StepModel
-from improvd.daemon.live.scheduler import Scheduler
+from harness.band import C_MAJOR
+from harness.engines import T0, Sim
 from harness.fakes import balanced
-from harness.modelfactory import make_step_model
-
-C_MAJOR = {0, 2, 4, 5, 7, 9, 11}
-T0 = 1000.0
-PLAYER_CH = 1  # 0-based
-
-
-def improvise(**kw) -> ImproviseConfig:
-    base = dict(temperature=0.0, silence=0.3, max_notes=8, max_seconds=30.0, pitch_range=(21, 108),
-                step_range=(0.0, 2.0), duration_range=(0.03, 4.0), velocity="fixed", fixed_velocity=80, seed=1,
-                answer_length="max")  # answers of max_notes notes
-    base.update(kw)
-    return ImproviseConfig(**base)
-
-
-class Sim:
-    """An engine and a scheduler on a fake clock; inputs are (t_s, message) delivered at their time."""
-
-    def __init__(self, ref, *, improvise_kw=None, timing=None, control=None, midi=None, **engine_kw):
-        self.t = T0
-        self.ref = ref
-        self.sent: list[tuple[float, mido.Message]] = []
-        self.summaries: list[dict] = []
-        self.events: list[tuple[str, np.ndarray, float]] = []
-        self.reloads = 0
-        self._inputs: list = []
-        self._seq = itertools.count()
-        self.scheduler = Scheduler(lambda m: self.sent.append((self.t, m)), now=self.now)
-        self.config = Config(improvise=improvise(**(improvise_kw or {})), timing=TimingConfig(**(timing or {})),
-                             control=ControlConfig(**(control or {})), midi=MidiConfig(**(midi or {})))
-        self.engine = Engine(self.config, StepModel(ref.path), self.scheduler, now=self.now,
-                             on_answer=self.summaries.append,
-                             on_note_heard=lambda r, t: self.events.append(("heard", r.copy(), t)),
-                             on_note_played=lambda r, t: self.events.append(("played", r.copy(), t)),
-                             on_reload_request=self._reload, **engine_kw)
-        self.engine.begin()
-        self.scheduler.run_pending()
-
-    def now(self) -> float:
-        return self.t
-
-    def _reload(self):
-        self.reloads += 1
-
-    # ---- input -------------------------------------------------------------------------------------------
-    def at(self, t_s: float, msg: mido.Message) -> None:
-        heapq.heappush(self._inputs, (t_s, next(self._seq), msg))
-
-    def play(self, pitches, start_s, spacing_s=0.2, hold_s=0.1, velocity=100, channel=PLAYER_CH):
-        for i, p in enumerate(pitches):
-            t = start_s + i * spacing_s
-            self.at(t, mido.Message("note_on", note=p, velocity=velocity, channel=channel))
-            self.at(t + hold_s, mido.Message("note_off", note=p, channel=channel))
-        return start_s + (len(pitches) - 1) * spacing_s + hold_s
-
-    def cc(self, t_s, control, value, channel=0):
-        self.at(t_s, mido.Message("control_change", control=control, value=value, channel=channel))
-
-    def clock(self, start_s, bpm, n, *, first_index=0, jitter_s=0.0, rng=None):
-        """n ticks from start_s at bpm; returns their (true) times."""
-        tick_s = 60.0 / (bpm * 24)
-        times = start_s + tick_s * np.arange(n)
-        for i, t in enumerate(times):
-            j = rng.uniform(-jitter_s, jitter_s) if jitter_s else 0.0
-            self.at(float(t + j), mido.Message("clock"))
-        return times
-
-    # ---- time --------------------------------------------------------------------------------------------
-    def run_until(self, t_end: float) -> None:
-        same, last = 0, None
-        while True:
-            candidates = [w for w in (self.engine.next_wake_s(), self.scheduler.next_due_s()) if w is not None]
-            if self._inputs:
-                candidates.append(self._inputs[0][0])
-            nxt = min(candidates) if candidates else None
-            if nxt is None or nxt > t_end:
-                self.t = max(self.t, t_end)
-                return
-            self.t = max(self.t, nxt)
-            same = same + 1 if self.t == last else 0
-            assert same < 10000, "the engine does not make progress"
-            last = self.t
-            while self._inputs and self._inputs[0][0] <= self.t:
-                t_s, _, msg = heapq.heappop(self._inputs)
-                self.engine.input_queue.put((t_s, msg))
-            self.engine.run_once()
-            self.scheduler.run_pending()
-
-    # ---- what was sent -----------------------------------------------------------------------------------
-    def note_ons(self, channel=0, after=-np.inf):
-        return [(t, m) for t, m in self.sent
-                if m.type == "note_on" and m.velocity > 0 and m.channel == channel and t >= after]
-
-    def of_type(self, kind):
-        return [(t, m) for t, m in self.sent if m.type == kind]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """Steps of 0.3..0.45 s (two or three sixteenths at 100 bpm), durations up to 0.3 s."""
-    return make_step_model(tmp_path_factory.mktemp("m") / "band.onnx", seed=7, context=200, step_scale=0.6,
-                           duration_scale=0.3)
-
-
-@pytest.fixture(scope="module")
-def spread_model(tmp_path_factory):
-    """Flat pitch distributions (small logits): sampling visits most pitches, in and out of any scale."""
-    return make_step_model(tmp_path_factory.mktemp("m") / "spread.onnx", seed=6, context=200, step_scale=0.2,
-                           duration_scale=0.1, logit_scale=0.3)
+from harness.session import PLAYER_CH
 
 
 # ---- MIDI clock and quantize -----------------------------------------------------------------------------------

@@ -4,102 +4,17 @@ Real time is used (the engine waits on its queue), with short silences and steps
 seconds. Every played note is checked against the numpy twin of the model (harness/modelfactory.py).
 """
 
-import queue
-import threading
 import time
 
 import mido
 import numpy as np
 import pytest
 
-from improvd.core.config import Config, ControlConfig, ImproviseConfig, MidiConfig
-from improvd.daemon.live.engine import Engine
 from improvd.daemon.predict.model import StepModel
-from improvd.daemon.live.scheduler import Scheduler
+from harness.engines import Rig
+from harness.engines import engine_improvise as improvise
 from harness.fakes import balanced
 from harness.modelfactory import make_step_model
-
-
-class FakePort:
-    """A queue-backed output port: what the scheduler sends, with the time it was sent."""
-
-    def __init__(self):
-        self.queue = queue.SimpleQueue()
-
-    def send(self, msg):
-        self.queue.put((time.perf_counter(), msg))
-
-    def drain(self):
-        out = []
-        while True:
-            try:
-                out.append(self.queue.get_nowait())
-            except queue.Empty:
-                return out
-
-
-def improvise(**kw) -> ImproviseConfig:
-    base = dict(temperature=0.0, silence=0.05, max_notes=6, max_seconds=8.0, pitch_range=(0, 127),
-                step_range=(0.0, 2.0), duration_range=(0.001, 4.0), velocity="fixed", fixed_velocity=77,
-                answer_length="max")  # answers of max_notes notes
-    base.update(kw)
-    return ImproviseConfig(**base)
-
-
-class Rig:
-    def __init__(self, ref, imp: ImproviseConfig, output_channel=1, control=None, **engine_kwargs):
-        self.ref = ref
-        self.model = StepModel(ref.path)
-        self.port = FakePort()
-        self.sent = []
-        self.events = []  # ("heard" | "played", row, onset_s, model path) in feeding order
-        self.on_played = None  # a test's own hook, called after each "played" event is recorded
-        self.summaries = []
-        self.answered = threading.Condition()
-        self.scheduler = Scheduler(self.port.send)
-        self.config = Config(improvise=imp, midi=MidiConfig(output_channel=output_channel),
-                             control=control if control is not None else ControlConfig())
-        self.engine = Engine(self.config, self.model, self.scheduler, on_answer=self._on_answer,
-                             on_note_heard=lambda r, t: self.events.append(("heard", r, t, self.engine.model.path)),
-                             on_note_played=self._on_played,
-                             **engine_kwargs)
-        self.scheduler.start()
-        self.engine.start()
-
-    def _on_played(self, row, onset):
-        self.events.append(("played", row, onset, self.engine.model.path))
-        if self.on_played is not None:
-            self.on_played(row, onset)
-
-    def _on_answer(self, summary):
-        with self.answered:
-            self.summaries.append(summary)
-            self.answered.notify_all()
-
-    def wait_answers(self, n, timeout=3.0):
-        with self.answered:
-            assert self.answered.wait_for(lambda: len(self.summaries) >= n, timeout), self.summaries
-        return self.summaries[n - 1]
-
-    def wait_sent(self, predicate, timeout=3.0):
-        deadline = time.perf_counter() + timeout
-        while time.perf_counter() < deadline:
-            self.sent += self.port.drain()
-            if predicate(self.sent):
-                return
-            time.sleep(0.002)
-        raise AssertionError(f"timed out; sent: {[(m.type, m.note) for _, m in self.sent]}")
-
-    def play(self, pitches, start_s, spacing_s=0.1, hold_s=0.05, velocity=100):
-        for i, p in enumerate(pitches):
-            t = start_s + i * spacing_s
-            self.engine.input_queue.put((t, mido.Message("note_on", note=p, velocity=velocity)))
-            self.engine.input_queue.put((t + hold_s, mido.Message("note_off", note=p)))
-
-    def close(self):
-        self.engine.stop(1.0)
-        self.scheduler.stop(1.0)
-        self.sent += self.port.drain()
 
 
 def note_ons(sent):

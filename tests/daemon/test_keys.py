@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
+from harness.band import C_MAJOR
 from improvd.daemon.music.keys import KK_MAJOR, KK_MINOR, SCALES, Key, check_key_setting, estimate_key, parse_key, scale_mask
 from improvd.daemon.predict.sampling import Decoding, choose_pitch, key_penalty
 from improvd.core.config import ImproviseConfig
 
-C_MAJOR = {0, 2, 4, 5, 7, 9, 11}
 
 
 @pytest.mark.parametrize("text, key", [

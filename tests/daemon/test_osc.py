@@ -225,7 +225,7 @@ def test_fuzzed_datagrams_never_raise_and_only_valid_actions_pass(data):
 
 def test_the_engine_applies_osc_actions_in_its_thread(caplog):
     """Engine.control queues an action; the engine thread applies it like a CC's (tests/daemon/test_band.py's Sim)."""
-    from tests.daemon.test_band import T0, Sim
+    from harness.engines import T0, Sim
     from harness.modelfactory import make_step_model
     import tempfile
     from pathlib import Path

@@ -34,7 +34,8 @@ from improvd.daemon.io.recorder import SessionRecorder
 from improvd.daemon.music.arrival import ArrivalClock
 from harness.fakes import FakeClock as Clock
 from harness.fakes import FakeMidi, FakeRt, balanced, drain
-from tests.daemon.test_band import PLAYER_CH, T0, Sim
+from harness.engines import T0, Sim
+from harness.session import PLAYER_CH
 from harness.modelfactory import make_step_model
 
 REPO = Path(__file__).resolve().parents[2]

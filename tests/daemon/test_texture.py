@@ -20,7 +20,7 @@ from improvd.daemon.music.texture import (REGISTER_WIDEN, Texture, TextureCounts
 from harness.chorales import CHORALE_1, CHORALE_2, MELODY, chorale, sounding_max
 from harness.fakes import balanced
 from harness.modelfactory import make_step_model
-from tests.daemon.test_band import T0, Sim
+from harness.engines import T0, Sim
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "models" / "bach.onnx"

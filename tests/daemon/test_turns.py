@@ -10,7 +10,8 @@ import pytest
 from improvd.daemon.music import turns
 from improvd.daemon.music.turns import AnswerLength, Budget, Sustain, answer_budget, parse_answer_length, phrase_end_s
 from harness.fakes import balanced
-from tests.daemon.test_band import PLAYER_CH, T0, Sim, model  # noqa: F401
+from harness.engines import T0, Sim
+from harness.session import PLAYER_CH
 
 
 # ---- pure ----------------------------------------------------------------------------------------------------
