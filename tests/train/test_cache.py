@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from improvd.train import data as td
-from tests.train.test_data import harmonised, write
+from harness.trainfiles import harmonised, write
 
 
 def _cache_bytes(cache):

@@ -1,59 +1,14 @@
 """Tests for training data (train/data.py) and batches (train/batches.py). No TensorFlow: fixtures built in code."""
 
-import struct
 from pathlib import Path
 
-import mido
 import numpy as np
 import pytest
 
 from improvd.core import notes as nt
-from improvd.core.midifile import Track, write_notes
+from harness.trainfiles import harmonised, make_bad_files, write
 from improvd.train import batches as tb
 from improvd.train import data as td
-
-
-def tune(seed, n=40):
-    """A random melody: pitches 55..80 and steps of 0.25 or 0.5 s."""
-    rng = np.random.default_rng(seed)
-    pitch = 60 + np.cumsum(rng.integers(-4, 5, n)).clip(-5, 20)
-    onset = np.concatenate([[0.0], np.cumsum(rng.choice([0.25, 0.5], n - 1))])
-    return pitch, onset
-
-
-def harmonised(seed, transpose=0, voices_seed=None, n=40):
-    """A melody on top and a bass line below it (the bass differs per `voices_seed`): a chorale-like file."""
-    pitch, onset = tune(seed, n)
-    rng = np.random.default_rng(voices_seed if voices_seed is not None else seed + 1000)
-    bass = pitch - rng.integers(12, 20, n)
-    all_pitch = np.concatenate([pitch, bass]) + transpose
-    all_onset = np.concatenate([onset, onset])
-    return nt.from_onsets(all_pitch, all_onset, np.full(2 * n, 0.2), np.full(2 * n, 80))
-
-
-def write(path: Path, notes: np.ndarray) -> Path:
-    write_notes(path, [Track("t", notes)])
-    return path
-
-
-def make_bad_files(folder: Path) -> dict[str, str]:
-    """Bad files in `folder`; returns {file name: a word its skip reason must contain}."""
-    good = write(folder / "good_for_cutting.tmp", harmonised(99))
-    data = good.read_bytes()
-    good.unlink()
-    (folder / "truncated.mid").write_bytes(data[:len(data) // 2])
-    (folder / "empty.mid").write_bytes(b"")
-    (folder / "text.mid").write_text("These are my notes for Tuesday's rehearsal.\n" * 20)
-    # A header and a track chunk whose first event is a data byte with no status before it.
-    body = bytes([0x00, 0x40, 0x40, 0x00, 0xFF, 0x2F, 0x00])
-    (folder / "corrupt.mid").write_bytes(b"MThd" + struct.pack(">IHHH", 6, 1, 1, 480) + b"MTrk"
-                                         + struct.pack(">I", len(body)) + body)
-    drums = mido.MidiFile()
-    drums.tracks.append(mido.MidiTrack([mido.Message("note_on", channel=9, note=36, velocity=100),
-                                        mido.Message("note_off", channel=9, note=36, time=120)]))
-    drums.save(str(folder / "drums.mid"))
-    return {"truncated.mid": "truncated", "empty.mid": "empty", "text.mid": "not a readable MIDI file",
-            "corrupt.mid": "running status", "drums.mid": "drums only"}
 
 
 # --- finding files -------------------------------------------------------------------------------------------

@@ -10,11 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from improvd.core import notes as nt
 from improvd.core.midifile import Track, write_notes
+from harness.trainfiles import melody
 from improvd.train.distribute import Cluster, read_tf_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,13 +33,6 @@ def free_ports(n):
     finally:
         for s in socks:
             s.close()
-
-
-def melody(seed, n=60):
-    rng = np.random.default_rng(seed)
-    pitch = 60 + np.cumsum(rng.integers(-5, 6, n)).clip(-12, 20)
-    onset = np.concatenate([[0.0], np.cumsum(rng.choice([0.25, 0.5], n - 1))])
-    return nt.from_onsets(pitch, onset, rng.uniform(0.1, 0.5, n), rng.integers(50, 110, n))
 
 
 def test_read_tf_config_roles():

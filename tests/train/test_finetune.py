@@ -10,7 +10,7 @@ import pytest
 from improvd.core import notes as nt
 from improvd.core.errors import MidiFileError
 from improvd.core.midifile import Track, read_notes, write_notes
-from tests.train.test_train_cli import GOOD_FILES, REPO, exported, improvd, read_history, run, song, work  # noqa: F401
+from harness.trainfiles import REPO, improvd, read_history, song
 
 pytestmark = [pytest.mark.tf,
               pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,

@@ -17,7 +17,7 @@ import pytest
 
 from improvd.core.midifile import Track, write_notes
 from improvd.train.distribute import read_tf_config, server_warning
-from tests.train.test_distributed import melody
+from harness.trainfiles import melody
 
 REPO = Path(__file__).resolve().parents[2]
 needs_tf = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,

@@ -3,7 +3,6 @@
 Every test here needs TensorFlow (the `train` extra).
 """
 
-import csv
 import importlib.util
 import json
 import shutil
@@ -13,65 +12,12 @@ import numpy as np
 import onnx
 import pytest
 
-from improvd.core import notes as nt
 from improvd.daemon.cli import main
-from improvd.core.midifile import Track, write_notes
-from tests.train.test_data import make_bad_files
+from harness.trainfiles import GOOD_FILES, REPO, improvd, read_history
 
 pytestmark = [pytest.mark.tf,
               pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
                                  reason="needs TensorFlow (pip install 'improvd[train]')")]
-
-REPO = Path(__file__).resolve().parents[2]
-GOOD_FILES = 8
-
-
-def song(seed, n=70):
-    """A two-voice piece: a melody that moves by small steps over a bass; durations and velocities vary."""
-    rng = np.random.default_rng(seed)
-    pitch = 62 + np.cumsum(rng.integers(-3, 4, n)).clip(-10, 15)
-    onset = np.concatenate([[0.0], np.cumsum(rng.choice([0.25, 0.5, 0.75], n - 1))])
-    bass_at = np.arange(0, n, 4)
-    return nt.from_onsets(np.concatenate([pitch, pitch[bass_at] - 12 - rng.integers(0, 5, len(bass_at))]),
-                          np.concatenate([onset, onset[bass_at]]),
-                          np.concatenate([rng.uniform(0.1, 0.6, n), np.full(len(bass_at), 0.9)]),
-                          rng.integers(40, 120, n + len(bass_at)))
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_cli")
-    data = root / "data"
-    (data / "sub").mkdir(parents=True)
-    for i in range(GOOD_FILES):
-        write_notes(data / ("sub" if i % 2 else "") / f"song{i}.mid", [Track("t", song(i))])
-    bad = make_bad_files(data)
-    return {"root": root, "data": data, "bad": bad, "cache": root / "cache"}
-
-
-def improvd(work, *args):
-    return main([args[0], "--config", str(REPO / "config.toml"), "--set", f"data.cache_dir={work['cache']}",
-                 "--set", "data.workers=1", "--set", "eval.batch_size=256", *map(str, args[1:])])
-
-
-@pytest.fixture(scope="module")
-def run(work):
-    run_dir = work["root"] / "run"
-    assert improvd(work, "train", "--data", work["data"], "--preset", "tiny", "--epochs", 2, "--out", run_dir,
-                   "--no-progress") == 0
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def exported(work, run):
-    out = work["root"] / "export" / "M.onnx"
-    assert improvd(work, "export", run, "--out", out, "--format", "window") == 0
-    return out
-
-
-def read_history(run_dir):
-    with open(run_dir / "history.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def test_train_writes_the_run_directory(work, run):
