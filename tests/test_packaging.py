@@ -186,7 +186,8 @@ def test_improvd_run_answers_a_phrase_with_the_packaged_model(installed, tmp_pat
         receiver.wait_quiet(0.3, 5.0)
         ons = sum(e.kind == "on" for e in receiver.events)
         offs = sum(e.kind == "off" for e in receiver.events)
-        assert ons == offs, f"{ons} note-ons, {offs} note-offs at the receiver"
+        assert ons == offs, (f"{ons} note-ons, {offs} note-offs at the receiver: "
+                             f"{[(round(e.t_s, 4), e.data) for e in receiver.events]}\n" + daemon.log())
     finally:
         for part in (daemon, player, receiver):
             if part is not None:
