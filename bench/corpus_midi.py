@@ -34,7 +34,7 @@ def _name(score: Path, folder: str) -> str:
 
 
 def main(argv=None) -> int:
-    from improvd.train.corpus import _convert_one
+    from improvd.train.corpus import convert_one
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("folder", help="a music21 corpus folder, e.g. ryansMammoth, palestrina, monteverdi")
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
             staging.mkdir(parents=True, exist_ok=True)
             # named by the path inside the corpus folder: several pieces have a movement1.krn
             jobs = [(str(score), str(staging / (_name(score, args.folder) + ".mid"))) for score in batch]
-            for (src, dst), (_, err) in zip(jobs, pool.map(_convert_one, jobs)):
+            for (src, dst), (_, err) in zip(jobs, pool.map(convert_one, jobs)):
                 if err:
                     failed.append({"score": src, "error": err})
                     continue

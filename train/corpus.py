@@ -26,7 +26,7 @@ def bach_chorale_scores() -> list[Path]:
     return sorted(p for p in paths if p.name.startswith("bwv") and p.suffix.lower() in SCORE_SUFFIXES)
 
 
-def _convert_one(args: tuple[str, str]) -> tuple[str, str | None]:
+def convert_one(args: tuple[str, str]) -> tuple[str, str | None]:
     """Worker: one score to one MIDI file; returns (score, error or None)."""
     src, dst = args
     try:
@@ -64,7 +64,7 @@ def bach_midi_dir(cache_dir: str | os.PathLike, workers: int = 0, progress: bool
     if todo:
         log.info("converting %d Bach chorales from music21 to MIDI into %s (once)", len(todo), out)
         with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-            results = pool.map(_convert_one, todo, chunksize=4)
+            results = pool.map(convert_one, todo, chunksize=4)
             for src, err in tqdm(results, total=len(todo), desc="chorales → MIDI", disable=not progress,
                                  unit="file"):
                 if err:
