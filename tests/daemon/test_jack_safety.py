@@ -329,3 +329,27 @@ def test_the_jack_watch_names_an_output_client_that_stopped_running_its_cycle():
     finally:
         parked.set()
         t.join()
+
+
+class _HiccupMonitor(_FrameMonitor):
+    """A server whose frame time stands still until `moves_at_s` (perf_counter), e.g. a VM the host paused."""
+
+    def __init__(self, moves_at_s):
+        super().__init__()
+        self.moves_at_s = moves_at_s
+
+    def frame(self):
+        self.reads += 1
+        return 0 if time.perf_counter() < self.moves_at_s else 4800
+
+
+def test_at_stop_a_server_that_paused_for_80_ms_is_not_taken_for_a_stalled_one():
+    """A false stall at stop leaves the sounding notes without their note-offs (the output is suspended)."""
+    from improvd.daemon.live.stallwatch import SHUTDOWN_STALL_PROBE_S, JackWatch
+    out = _WatchedOutput()
+    watch = JackWatch(_HiccupMonitor(time.perf_counter() + 0.08), out, (out,))
+    assert watch.stalled_now() is False
+    frozen = JackWatch(_HiccupMonitor(float("inf")), out, (out,))
+    t0 = time.perf_counter()
+    assert frozen.stalled_now() is True
+    assert SHUTDOWN_STALL_PROBE_S <= time.perf_counter() - t0 < SHUTDOWN_STALL_PROBE_S + 0.2
