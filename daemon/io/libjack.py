@@ -25,8 +25,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
-import os
-import re
 import sys
 import threading
 import time
@@ -41,48 +39,9 @@ _SHUTDOWN_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 # Synchro files of JACK clients (jack2 on Linux: one shared-memory futex per client, /dev/shm/jack_sem.*).
 _JACK_SYNCHRO = "/dev/shm/jack_sem."
 SETTLE_TIMEOUT_S = 0.5  # how long `settle_jack_synchros` waits at most
-_LIBJACK_FILE = re.compile(r"/libjack[-.][^/]*so")  # libjack.so.0.1.0, libjack-5305d520.so.0.1.0
-
-
-def mapped_libjacks(maps_path: str = "/proc/self/maps") -> list[str]:
-    """The libjack files this process has loaded (Linux: read from its memory maps), in load order."""
-    try:
-        with open(maps_path) as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return []
-    found: list[str] = []
-    for line in lines:
-        fields = line.split(None, 5)
-        if len(fields) == 6 and _LIBJACK_FILE.search(fields[5]) and fields[5] not in found:
-            found.append(fields[5])
-    return found
-
-
-def rtmidi_libjack(maps_path: str = "/proc/self/maps") -> str | None:
-    """The libjack that python-rtmidi's extension was linked with, once it is loaded; None if it has none.
-
-    python-rtmidi's wheels bundle their own libjack (`python_rtmidi.libs/libjack-<hash>.so`), so a process that
-    loads the system's libjack through ctypes beside it has two copies of libjack, each with its own client
-    bookkeeping (the synchro table, the shared-memory registry, atexit clean-up) for the same server. improvd's
-    own clients (the monitor, the probe) therefore use rtmidi's copy: one libjack per process."""
-    import rtmidi  # noqa: F401  (loads the extension, and with it the libjack it needs)
-
-    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(rtmidi.__file__)))
-    mapped = mapped_libjacks(maps_path)
-    beside = [path for path in mapped if os.path.dirname(os.path.dirname(path)) == package_dir]
-    if beside:
-        return beside[0]  # the wheel's bundled copy
-    return mapped[0] if len(mapped) == 1 else None  # an rtmidi linked with the system's libjack
 
 
 def _libjack_name() -> str | None:
-    try:
-        shared = rtmidi_libjack()
-    except ImportError:
-        shared = None
-    if shared is not None:
-        return shared
     return ctypes.util.find_library("jack") or ("libjack.so.0" if sys.platform.startswith("linux") else None)
 
 

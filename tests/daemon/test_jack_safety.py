@@ -238,30 +238,6 @@ def test_thread_switches_are_read_for_this_processs_threads():
     assert jackwatch.thread_switches({999999999}) is None
 
 
-def test_mapped_libjacks_reads_every_libjack_file_once(tmp_path):
-    maps = tmp_path / "maps"
-    maps.write_text("7f00-7f01 r--p 00000000 08:01 11 /usr/lib/x86_64-linux-gnu/libjack.so.0.1.0\n"
-                    "7f01-7f02 r-xp 00001000 08:01 11 /usr/lib/x86_64-linux-gnu/libjack.so.0.1.0\n"
-                    "7f02-7f03 r-xp 00000000 08:01 12 /venv/site-packages/python_rtmidi.libs/libjack-5305d520.so.0.1.0\n"
-                    "7f03-7f04 r-xp 00000000 08:01 13 /usr/lib/x86_64-linux-gnu/libjackserver.so.0\n"
-                    "7f04-7f05 rw-p 00000000 00:00 0 \n")
-    assert libjack.mapped_libjacks(str(maps)) == ["/usr/lib/x86_64-linux-gnu/libjack.so.0.1.0",
-                                                  "/venv/site-packages/python_rtmidi.libs/libjack-5305d520.so.0.1.0"]
-
-
-def test_improvd_uses_the_libjack_that_rtmidi_loaded():
-    """One libjack per process: python-rtmidi's wheel bundles its own, and a second copy loaded through ctypes for
-    the monitor and the probe would keep its own client bookkeeping for the same server."""
-    import rtmidi  # noqa: F401
-
-    before = libjack.mapped_libjacks()
-    if not before:
-        pytest.skip("this python-rtmidi is not linked with libjack")
-    assert libjack.load_libjack() is not None
-    assert libjack.mapped_libjacks() == before  # nothing new loaded
-    assert len(before) == 1
-
-
 class _FrameMonitor:
     """A JackMonitor's face for the stall watch: the frame time is set by the test; reads are counted."""
 
