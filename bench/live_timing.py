@@ -46,6 +46,7 @@ from improvd.daemon.live.statslog import parse_event, parse_stats  # noqa: E402
 PHRASES = [[60, 62, 64, 65, 67, 65, 64, 62], [67, 69, 71, 72, 71, 69, 67, 65], [55, 59, 62, 65, 64, 62, 60, 59],
            [72, 71, 69, 67, 65, 64, 62, 60]]
 SILENCE_S = 0.4
+PLAYED_DURATION_S = 0.1  # the player's note length in the respond run
 BARE_CLIENT = r"""
 import sys, time, rtmidi
 mi = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, sys.argv[1]); mi.open_virtual_port("improvd in")
@@ -137,14 +138,18 @@ def respond_run(server, tmp: Path, model_path: Path, twin, n_phrases: int, cpu_s
         server.connect(player.port, bare_in)
         time.sleep(1.0)
         idle = cpu_percent({"improvd": daemon.proc.pid, "bare_client": bare.pid}, cpu_s)
-        first_delays, answers = [], []
+        first_delays, answers, receiver_lost = [], [], 0
         for k in range(n_phrases):
             start = len(receiver.events)
-            player.play(phrase(PHRASES[k % len(PHRASES)], step_s=0.15, duration_s=0.1, channel=PLAYER_CH))
+            player.play(phrase(PHRASES[k % len(PHRASES)], step_s=0.15, duration_s=PLAYED_DURATION_S, channel=PLAYER_CH))
             receiver.wait_events(lambda evs: any(e.channel == IMPROVD_CH for e in evs[start:]), 10)
             receiver.wait_quiet(0.6, 20)
             evs = receiver.events[start:]
             heard, answer = pair(evs, PLAYER_CH), pair(evs, IMPROVD_CH)
+            for n in heard:  # a player's note-off the receiver missed (an asynchronous server can lose one)
+                if n[2] is None:
+                    receiver_lost += 1
+                    n[2] = n[0] + PLAYED_DURATION_S  # as played
             first_delays.append((answer[0][0] - (max(n[2] for n in heard) + SILENCE_S)) * 1000)
             answers.append((heard, answer))
         daemon.send_signal(signal.SIGTERM)
@@ -191,6 +196,7 @@ def respond_run(server, tmp: Path, model_path: Path, twin, n_phrases: int, cpu_s
                         if a[2] is not None]
     return {
         "answers": len(answers), "notes_received": len(received),
+        "receiver_lost_player_note_offs": receiver_lost,
         "lateness_ms": daemon_stats(lines),
         "first_note_after_silence_ms": summary(first_delays) | {"values": [round(v, 3) for v in first_delays]},
         "ioi_error_ms": {"vs_model_first_answer": summary(ioi_vs_model), "vs_sent": summary(ioi_vs_sent)},
