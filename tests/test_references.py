@@ -18,7 +18,8 @@ TOP = ("core", "daemon", "train", "export", "tests", "bench", "docs", "contrib",
 PATH_REF = re.compile(r"(?<![\w./-])((?:" + "|".join(re.escape(t) for t in TOP) + r")/[\w./-]*\w)")
 MD_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 TEXT_SUFFIXES = (".py", ".md", ".toml", ".1", ".service", ".in", ".cfg", ".txt")
-OUTSIDE = ("DESIGN.md", "STYLE.md", "../shared")
+# Written in pieces, so that this file does not name them itself (it is checked like every other file).
+OUTSIDE = ("DESIGN" + ".md", "STYLE" + ".md", ".." + "/shared")
 
 
 def tracked_text_files() -> list[Path]:
@@ -72,6 +73,6 @@ def test_markdown_links_resolve():
 
 
 def test_no_reference_to_design_notes_outside_the_repository():
-    bad = [f"{f.relative_to(REPO)}: {name}" for f in tracked_text_files() if f.name != Path(__file__).name
+    bad = [f"{f.relative_to(REPO)}: {name}" for f in tracked_text_files()
            for name in OUTSIDE if name in f.read_text(errors="replace")]
     assert not bad, f"references to files outside the repository: {bad}"
