@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import sys
 import threading
@@ -41,6 +42,7 @@ _JACK_SYNCHRO = "/dev/shm/jack_sem."
 SETTLE_TIMEOUT_S = 0.5  # how long `settle_jack_synchros` waits at most
 
 
+@functools.cache  # find_library runs ldconfig (a process) each time; the probe and the monitor both ask
 def _libjack_name() -> str | None:
     return ctypes.util.find_library("jack") or ("libjack.so.0" if sys.platform.startswith("linux") else None)
 
