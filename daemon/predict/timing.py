@@ -26,6 +26,18 @@ _RHYTHM_SPANS = tuple(2 * n for n in TIMING_RHYTHM_ORDERS)  # a note is two symb
 _PER_QUANTUM = 1.0 / TIMING_QUANTUM_S
 
 
+def _latest_after(table: dict, sequence: tuple, spans: tuple[int, ...]):
+    """The entry of `table` for the longest of `sequence`'s last `spans` symbols that has one (spans longest
+    first); None when none has."""
+    size = len(sequence)
+    for n in spans:
+        if n <= size:
+            hit = table.get(sequence[-n:])
+            if hit is not None:
+                return hit
+    return None
+
+
 class TimingCache:
     """The session's timing memory: step and duration predicted from the player's recent notes (see the module
     docstring). Owned by a `SessionAdapter`, which gives it the pitch context and keeps it in step.
@@ -72,23 +84,8 @@ class TimingCache:
         """(the timing after the longest matched pitch context, the same for rhythm), None where none matched."""
         cache = self._cache
         if cache is None:
-            after_pitch = after_rhythm = None
-            size = len(pitches)
-            get = self._by_pitch.get
-            for n in TIMING_PITCH_ORDERS:
-                if n <= size:
-                    after_pitch = get(pitches[-n:])
-                    if after_pitch is not None:
-                        break
-            rhythm = self._rhythm
-            size = len(rhythm)
-            get = self._by_rhythm.get
-            for n in _RHYTHM_SPANS:
-                if n <= size:
-                    after_rhythm = get(rhythm[-n:])
-                    if after_rhythm is not None:
-                        break
-            cache = self._cache = (after_pitch, after_rhythm)
+            cache = self._cache = (_latest_after(self._by_pitch, pitches, TIMING_PITCH_ORDERS),
+                                   _latest_after(self._by_rhythm, self._rhythm, _RHYTHM_SPANS))
         return cache
 
     def experts(self, pitches: tuple, step: float, duration: float) -> list[tuple[float, float]]:
