@@ -129,7 +129,7 @@ def cmd_train(args, config: Config) -> int:
     deterministic, so they agree), they train in lockstep under `tf.distribute`, and only the chief writes the
     run directory and evaluates.
     """
-    from improvd.train.fit import fit, plot_curves, write_json
+    from improvd.train.fit import fit, write_json
 
     progress = not args.no_progress
     cluster = None
@@ -245,6 +245,7 @@ def cmd_train(args, config: Config) -> int:
         }
         write_json(run_dir / "metrics.json", metrics)
         if result.history:
+            from improvd.train.plots import plot_curves  # matplotlib loads only when there is something to draw
             plot_curves(result.history, run_dir / "curves.png", f"improvd {preset.name}: {run_dir.name}")
     finally:
         if cluster is not None:

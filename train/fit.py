@@ -233,29 +233,6 @@ def _custom_objects() -> dict:
             "mae_with_positive_pressure": mae_with_positive_pressure}
 
 
-def plot_curves(history: list[dict], path: Path, title: str) -> None:
-    """Training and validation curves (total loss and pitch cross-entropy) to a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    epochs = np.arange(1, len(history) + 1)
-    for ax, key, label in ((axes[0], "loss", "total loss"), (axes[1], "pitch_loss", "pitch cross-entropy")):
-        for prefix, style in (("", "-"), ("val_", "--")):
-            values = [h.get(prefix + key) for h in history]
-            if any(v is not None for v in values):
-                ax.plot(epochs, values, style, label=("validation " if prefix else "training ") + label)
-        ax.set_xlabel("epoch")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=float))

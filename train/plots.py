@@ -1,7 +1,8 @@
-"""Piano rolls drawn with matplotlib (the 'train' extra): `improvd generate --plot` draws its prime and continuation.
+"""Plots drawn with matplotlib (the 'train' extra): a run's training curves (`curves.png`, `improvd train`) and the
+piano roll `improvd generate --plot` draws of its prime and continuation.
 
 matplotlib is imported at the top: this module is imported only when a plot is asked for, so the daemon's runtime
-install (no matplotlib) never loads it. Main thread of `improvd generate`.
+install (no matplotlib) never loads it. Main thread of `improvd train` and `improvd generate`.
 """
 
 from __future__ import annotations
@@ -40,3 +41,22 @@ def plot_piano_roll(prime: np.ndarray, continuation: np.ndarray, cont_start_s: f
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> None:
+    """Training and validation curves (total loss and pitch cross-entropy) to a PNG."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = np.arange(1, len(history) + 1)
+    for ax, key, label in ((axes[0], "loss", "total loss"), (axes[1], "pitch_loss", "pitch cross-entropy")):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            values = [h.get(prefix + key) for h in history]
+            if any(v is not None for v in values):
+                ax.plot(epochs, values, style, label=("validation " if prefix else "training ") + label)
+        ax.set_xlabel("epoch")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
