@@ -2,15 +2,18 @@
 
 (a) the step model with its state carried (one call per note), and (b) the window model re-run over the last
 `context` notes for every new note (what a model without carried state costs), measured in the same run.
-(c) `step_adapted`: (a) plus session adaptation (`improvise.adapt = "cache"`, daemon/predict/adapt.py) as the
-Improviser does it per note: softmax of the logits, the adapter's pitch mixture and timing, and `observe` of the
-note (weights and counts updated, pitch and timing), on a stream that repeats motifs and their rhythms (so
-contexts match) with the memory full (`--adapt-memory`, default the config's). `adapt_cost_ratio_median` =
-median (c) / median (a); `adapt_cost_ratio_cpu_median` the same with the thread's CPU time per note, which a
-shared machine's other processes disturb far less than wall-clock time.
-(d) `improviser` / `improviser_adapted`: what the engine thread spends per note, through `Improviser`: feed a
-player's note, then decode the next note (`predict`, the default [improvise] decoding: temperature 0.9, top-p
-0.95), without and with adaptation. `improviser_adapt_ratio_median` = median adapted / median without.
+(c) `step_adapted`: (a) plus session adaptation (`improvise.adapt = "cache"`, daemon/predict/adapt.py) on every
+note: `observe` of the note (weights and counts updated, pitch and timing), softmax of the logits, the adapter's
+pitch mixture and timing, on a stream that repeats motifs and their rhythms (so contexts match) with the memory
+full (`--adapt-memory`, default the config's): a note both learned and predicted from, more than either engine
+path does. `adapt_cost_ratio_median` = median (c) / median (a); `adapt_cost_ratio_cpu_median` the same with the
+thread's CPU time per note, which a shared machine's other processes disturb far less than wall-clock time;
+`adapt_only_*`: the time (c) spends outside the model step, what adaptation itself costs per note.
+(d) `improviser` / `improviser_adapted`: what the engine thread spends per note, through `Improviser`, without
+and with adaptation (the default [improvise] decoding: temperature 0.9, top-p 0.95), on its two paths: `player`
+(a player's note fed: the model steps, the adapter learns) and `answer` (a note decoded and fed as improvd's own:
+the mixture and timing, the context extended); the top level is both back to back. `improviser_adapt_ratio_median`
+= median adapted / median without; `player_note_ratio_median` and `answer_note_ratio_median` the same per path.
 
     .venv/bin/python bench/inference.py [--model models/bach.onnx] [--window models/bach.window.onnx]
                                         [--adapt cache|pitch]
@@ -86,6 +89,9 @@ def _pitch_stream(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def bench_step_adapted(path: str, notes: int, memory: int, timing: bool = True, warmup: int = 200) -> dict:
+    """(c): per note, `observe` (the player's note learned: weights and counts), the model step, softmax, the
+    mixture and timing: a note that is both learned and predicted from, an upper bound of either engine path.
+    `adapt_only` is the same loop's time outside the model step: what adaptation itself costs per note."""
     model = StepModel(path, threads=1)
     rng = np.random.default_rng(0)
     feats = model.num_features
@@ -95,13 +101,15 @@ def bench_step_adapted(path: str, notes: int, memory: int, timing: bool = True, 
     steps = 0.125 * (1 + pitches % 3)  # a rhythm that comes back with the motifs
     for p, s in zip(pitches[:memory], steps):  # the memory full before timing: the worst case for its size
         adapter.observe(int(p), None, timing=(s, 0.4))
-    times, cpu = [], []
+    times, cpu, own = [], [], []
     probs = model_timing = None
     for i, (p, s) in enumerate(zip(pitches[memory:], steps[memory:])):
         note = np.array([[p, s, 0.4, 80][:feats]], dtype=np.float32)
         t0, c0 = time.perf_counter(), time.thread_time()
         adapter.observe(int(p), probs, timing=(s, 0.4), model_timing=model_timing)
+        t1 = time.perf_counter()
         pred = model.run(note, state)
+        t2 = time.perf_counter()
         probs = softmax(pred.pitch_logits[0])
         adapter.mix(probs)
         model_timing = (max(float(pred.step[0]), 0.0), max(float(pred.duration[0]), 0.0))
@@ -111,10 +119,16 @@ def bench_step_adapted(path: str, notes: int, memory: int, timing: bool = True, 
         if i >= warmup:
             times.append(dt)
             cpu.append(dc)
-    return _stats(times, cpu) | {"memory": memory, "counted": adapter.counted, "timing": timing}
+            own.append(dt - (t2 - t1))
+    return _stats(times, cpu) | {"memory": memory, "counted": adapter.counted, "timing": timing,
+                                 "adapt_only": _stats(own)}
 
 
 def bench_improviser(path: str, notes: int, memory: int | None, timing: bool = True, warmup: int = 200) -> dict:
+    """(d): the engine thread's two per-note paths through `Improviser`, on the same stream: `player` feeds a
+    player's note (`feed(player=True)`: the model steps, the adapter learns); `answer` decodes a note and feeds
+    it as improvd's own (`predict` then `feed`: the mixture and timing, the context extended, nothing learned).
+    The top level is `player` + `answer` back to back (a player's note, then a prediction), as before."""
     from improvd.core.config import ImproviseConfig
     from improvd.daemon.predict.improviser import Decoding, Improviser
 
@@ -128,17 +142,29 @@ def bench_improviser(path: str, notes: int, memory: int | None, timing: bool = T
             imp.feed([p, 0.25, 0.4, 80], player=True)
         pitches = pitches[memory:]
     imp.feed([pitches[0], 0.25, 0.4, 80], player=True)
-    times, cpu = [], []
+    times, cpu, player, answer = [], [], [], []
+    pc = time.perf_counter
     for i, p in enumerate(pitches[1:]):
         note = [float(p), 0.25, 0.4, 80.0]
-        t0, c0 = time.perf_counter(), time.thread_time()
+        t0, c0 = pc(), time.thread_time()
         imp.feed(note, player=True)
+        t1 = pc()
         imp.predict()
-        dt, dc = time.perf_counter() - t0, time.thread_time() - c0
+        dt, dc = pc() - t0, time.thread_time() - c0
+        # the answer path: a note decoded and fed as improvd's own (then the player goes on, as in a duet)
+        snap = imp.snapshot()
+        t2 = pc()
+        row = imp.predict()
+        imp.feed(row)
+        t3 = pc()
+        imp.restore(snap)
         if i >= warmup:
             times.append(dt)
             cpu.append(dc)
-    return _stats(times, cpu) | ({"memory": memory, "counted": adapter.counted} if adapter is not None else {})
+            player.append(t1 - t0)
+            answer.append(t3 - t2)
+    return _stats(times, cpu) | {"player": _stats(player), "answer": _stats(answer)} | (
+        {"memory": memory, "counted": adapter.counted} if adapter is not None else {})
 
 
 def bench_window(path: str, notes: int, warmup: int = 50) -> dict:
@@ -149,7 +175,7 @@ def bench_window(path: str, notes: int, warmup: int = 50) -> dict:
     window = np.zeros((1, context, feats), dtype=np.float32)
     window[..., 0] = rng.integers(40, 80, (1, context))
     window[..., 1:3] = 0.3
-    times, cpu = [], []
+    times = []
     for i in range(warmup + notes):
         t0 = time.perf_counter()
         sess.run(None, {inp.name: window})
@@ -200,6 +226,13 @@ def main() -> int:
                                                    / result["improviser"]["cpu_median_us"])
     result["improviser_adapt_ratio_per_round"] = [a["median_us"] / s["median_us"]
                                                   for s, a in zip(imp_rounds, imp_adapted_rounds)]
+    for path in ("player", "answer"):  # each engine path: adapted / without, the quietest round of each
+        result[f"{path}_note_ratio_median"] = (min(r[path]["median_us"] for r in imp_adapted_rounds)
+                                               / min(r[path]["median_us"] for r in imp_rounds))
+        result[f"{path}_note_adapted_p99_us"] = min(r[path]["p99_us"] for r in imp_adapted_rounds)
+        result[f"{path}_note_p99_us"] = min(r[path]["p99_us"] for r in imp_rounds)
+    result["adapt_only_p99_us"] = min(r["adapt_only"]["p99_us"] for r in adapted_rounds)
+    result["adapt_only_median_us"] = min(r["adapt_only"]["median_us"] for r in adapted_rounds)
     result["loadavg"] = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
     if window_rounds:
         result["window"] = pick(window_rounds)

@@ -24,6 +24,8 @@ TIMING_EXPERTS = ("model", "pitch context", "rhythm context")
 _P0, _P1, _P2 = TIMING_PRIOR
 _RHYTHM_SPANS = tuple(2 * n for n in TIMING_RHYTHM_ORDERS)  # a note is two symbols in a rhythm context
 _PER_QUANTUM = 1.0 / TIMING_QUANTUM_S
+_LONGEST_PITCH = max(TIMING_PITCH_ORDERS)
+_LONGEST_RHYTHM = max(_RHYTHM_SPANS)
 
 
 def _latest_after(table: dict, sequence: tuple, spans: tuple[int, ...]):
@@ -123,26 +125,33 @@ class TimingCache:
                 p = after_pitch or model
                 r = after_rhythm or model
                 g = TIMING_DISCOUNT
-                for q, truth in ((0, step), (1, duration)):
-                    l0, l1, l2 = self._loss[q]
-                    e0 = abs(model[q] - truth)
-                    self._loss[q] = (g * l0 + e0, g * l1 + abs(p[q] - truth), g * l2 + abs(r[q] - truth))
-                    scale = self._scale[q]
-                    self._scale[q] = e0 if scale is None else g * scale + (1.0 - g) * e0
+                # (step and duration written out: the same update for each, without a loop's tuples)
+                (s0, s1, s2), (d0, d1, d2) = self._loss
+                scale_s, scale_d = self._scale
+                es, ed = abs(model[0] - step), abs(model[1] - duration)
+                self._loss = [(g * s0 + es, g * s1 + abs(p[0] - step), g * s2 + abs(r[0] - step)),
+                              (g * d0 + ed, g * d1 + abs(p[1] - duration), g * d2 + abs(r[1] - duration))]
+                self._scale = [es if scale_s is None else g * scale_s + (1.0 - g) * es,
+                               ed if scale_d is None else g * scale_d + (1.0 - g) * ed]
             self._serial += 1
-            timing = (step, duration, self._serial)
-            size = len(pitches)
-            pkeys = tuple([pitches[-n:] for n in TIMING_PITCH_ORDERS if n <= size])
+            serial = self._serial
+            timing = (step, duration, serial)
             by_pitch = self._by_pitch
+            if len(pitches) >= _LONGEST_PITCH:  # (the usual case: every context is long enough)
+                pkeys = tuple([pitches[-n:] for n in TIMING_PITCH_ORDERS])
+            else:
+                pkeys = tuple([pitches[-n:] for n in TIMING_PITCH_ORDERS if n <= len(pitches)])
             for key in pkeys:
                 by_pitch[key] = timing
-            size = len(rhythm)
-            rkeys = tuple([rhythm[-n:] for n in _RHYTHM_SPANS if n <= size])
             by_rhythm = self._by_rhythm
+            if len(rhythm) >= _LONGEST_RHYTHM:
+                rkeys = tuple([rhythm[-n:] for n in _RHYTHM_SPANS])
+            else:
+                rkeys = tuple([rhythm[-n:] for n in _RHYTHM_SPANS if n <= len(rhythm)])
             for key in rkeys:
                 by_rhythm[key] = timing
             added = self._added
-            added.append((self._serial, pkeys, rkeys))
+            added.append((serial, pkeys, rkeys))
             if len(added) > self.memory:
                 serial, pkeys, rkeys = added.popleft()
                 for key in pkeys:
@@ -151,5 +160,5 @@ class TimingCache:
                 for key in rkeys:
                     if by_rhythm[key][2] == serial:
                         del by_rhythm[key]
-        self._rhythm = (rhythm + (round(step * _PER_QUANTUM), round(duration * _PER_QUANTUM)))[-_RHYTHM_SPANS[0]:]
+        self._rhythm = (rhythm + (round(step * _PER_QUANTUM), round(duration * _PER_QUANTUM)))[-_LONGEST_RHYTHM:]
         self._cache = None
