@@ -151,8 +151,11 @@ def compile_model(model, preset: Preset, mixed_precision: bool = False) -> None:
     optimizer = keras.optimizers.Adam(learning_rate=preset.learning_rate, clipnorm=preset.clipnorm)
     if mixed_precision:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    # `weighted_metrics`, not `metrics`: Keras leaves sample weights out of the latter, so the padding rows (weight
+    # 0) of a short batch counted as misses (a validation set of 6 tunes in one padded batch of 128 rows showed a
+    # pitch accuracy of 0.04 where improvd eval measured 0.36 on the same files)
     model.compile(optimizer=optimizer, loss=losses, loss_weights=weights,
-                  metrics={"pitch": [keras.metrics.SparseCategoricalAccuracy(name="acc")]})
+                  weighted_metrics={"pitch": [keras.metrics.SparseCategoricalAccuracy(name="acc")]})
 
 
 def load_keras(path):
