@@ -18,7 +18,6 @@ def test_pitch_accuracy_leaves_out_padding_rows():
     from improvd.train.model import build_model
 
     preset = get_preset("tiny")
-    rng = np.random.default_rng(0)
     files = [np.column_stack([60 + np.arange(n) % 3, np.full(n, 0.25), np.full(n, 0.2), np.full(n, 80.0)])
              .astype(np.float32) for n in (40, 23)]
     source = BatchSource(files, "sequence", preset.seq_length, 4, 0, 0, False)
