@@ -240,9 +240,9 @@ def note_counts(events, channel: int) -> tuple[int, int]:
 def tally_heard(played: Iterable[tuple[int, ...]], heard: Iterable[tuple[float, tuple[int, ...]]]) -> dict:
     """What a receiver heard of a phrase whose messages are all different, message by message (MIDI bytes as hex,
     e.g. '90 3c 5a'): `missing`, played and never heard; `repeated`, played and heard more than once, each with the
-    gaps between its copies in ms (a repeat under one JACK period is the signature of a receiving client that ran
-    two cycles on the same, unrefreshed, buffer of its source, see bench/starts.py); `unexpected`, heard and never
-    played. `heard` is [(t_s, bytes)] in arrival order."""
+    gaps between its copies in ms (rtmidi's copies of a message that an asynchronous JACK server's late client read
+    twice from its source's unrefreshed buffer come microseconds to milliseconds apart, see bench/starts.py);
+    `unexpected`, heard and never played. `heard` is [(t_s, bytes)] in arrival order."""
     played = [tuple(p) for p in played]
     if len(set(played)) != len(played):
         raise ValueError(f"the played messages must all differ to be told apart, got {played}")
