@@ -19,10 +19,12 @@ start that lost one message and heard another twice received six. A start that h
 some is lossy. Both losses and repeats are what an asynchronous server does to any client on a busy host without
 real-time scheduling, which is why the bare client is measured beside improvd, and `--witness` connects a
 `jack_midi_dump` to the player for the whole run and tallies what it heard during each start the same way. A
-repeat: the receiving client ran its cycle again before its source had refreshed its output buffer, and read the
-same event twice (rtmidi stamps the copies a few microseconds to a few milliseconds apart; `jack_midi_dump` one
-period apart, as the next cycle's); see docs/daemon.md, "Measuring it". `ok`: no deaf start, exit status 0 every
-time, no stale synchro.
+repeat: a late receiving client read its source's output buffer out of step with the source, again before the
+source refreshed it or while the source rewrote it, and took the same event twice (rtmidi stamps the copies a few
+microseconds to a few milliseconds apart; `jack_midi_dump` one period apart, as the next cycle's); see
+docs/daemon.md, "Measuring it". An instance that crashed shows in `bad_exit_status` (rc -11: a segmentation fault,
+which the bare client's rtmidi can die of in that race). `ok`: no deaf start, exit status 0 every time, no stale
+synchro.
 
 Besides the counts, each start that missed, repeated or did not expect something records the evidence: what it
 heard, the server's xrun reports and process errors during the round, `jack_lsp -c` of the instance's input port,
