@@ -7,6 +7,7 @@ measured the way a musician would hear it, and what a receiver heard.
   gives it at their times, one JSON line per batch: raw MIDI bytes, and OSC messages or raw datagrams over UDP.
 - `Player`: a `Source` that plays note phrases (`phrase`).
 - What a receiver heard: `balance` (notes left sounding), `notes_of` (notes with their releases), `note_counts`,
+  `tally_heard` (which messages of a phrase were missed, repeated or unexpected),
   `prime_from_receiver` (heard notes as the rows improvd's model is fed).
 
 Called from the test's or bench's thread; each client's output is read on its own thread (`LineReader`).
@@ -234,6 +235,29 @@ def note_counts(events, channel: int) -> tuple[int, int]:
     """(note-ons, note-offs) among a receiver's events on one channel."""
     return (sum(e.kind == "on" and e.channel == channel for e in events),
             sum(e.kind == "off" and e.channel == channel for e in events))
+
+
+def tally_heard(played: Iterable[tuple[int, ...]], heard: Iterable[tuple[float, tuple[int, ...]]]) -> dict:
+    """What a receiver heard of a phrase whose messages are all different, message by message (MIDI bytes as hex,
+    e.g. '90 3c 5a'): `missing`, played and never heard; `repeated`, played and heard more than once, each with the
+    gaps between its copies in ms (rtmidi's copies of a message that an asynchronous JACK server's late client read
+    twice from its source's unrefreshed buffer come microseconds to milliseconds apart, see bench/starts.py);
+    `unexpected`, heard and never played. `heard` is [(t_s, bytes)] in arrival order."""
+    played = [tuple(p) for p in played]
+    if len(set(played)) != len(played):
+        raise ValueError(f"the played messages must all differ to be told apart, got {played}")
+    times: dict[tuple[int, ...], list[float]] = collections.defaultdict(list)
+    for t_s, data in heard:
+        times[tuple(data)].append(t_s)
+
+    def hexed(data) -> str:
+        return " ".join(f"{b:02x}" for b in data)
+
+    return {"missing": [hexed(p) for p in played if p not in times],
+            "repeated": [{"message": hexed(p), "copies": len(times[p]),
+                          "gaps_ms": [round(1000 * (b - a), 3) for a, b in zip(times[p], times[p][1:])]}
+                         for p in played if len(times.get(p, ())) > 1],
+            "unexpected": [hexed(d) for d, copies in times.items() if d not in set(played) for _ in copies]}
 
 
 def prime_from_receiver(player_notes) -> np.ndarray:

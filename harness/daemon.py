@@ -137,6 +137,18 @@ def input_counts(lines: list[str]) -> dict | None:
     return None
 
 
+def heard_notes(lines: list[str]) -> list[tuple[float, tuple[int, int, int]]]:
+    """The note messages improvd says it heard (`--verbose`'s `heard` lines), in order: (t_s after its start, MIDI
+    bytes). A note-on with velocity 0 reads back as a note-off (0x80), as the log writes it."""
+    notes = []
+    for line in lines:
+        event = statslog.parse_event(line)
+        if event is not None and event[0] == "heard":
+            _, t_s, kind, channel, pitch, velocity = event
+            notes.append((t_s, ((0x90 if kind == "note-on" else 0x80) | (channel - 1), pitch, velocity)))
+    return notes
+
+
 def sent_counts(lines: list[str]) -> dict | None:
     """The note-ons and note-offs improvd says it sent (its final `stats:` line), or None before it exits."""
     for line in lines:

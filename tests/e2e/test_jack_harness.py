@@ -1,12 +1,16 @@
-"""The harness itself: a mido JACK virtual port in another process reaches an independent receiver, on time; and
-the rules by which a failed check may be excused (never for correctness, never when improvd's clients show)."""
+"""The harness itself: a mido JACK virtual port in another process reaches an independent receiver, on time; the
+rules by which a failed check may be excused (never for correctness, never when improvd's clients show); and how
+what a client heard is told apart, message by message."""
 
+import mido
 import pytest
 
 from harness import graph
-from harness.clients import Player, Receiver, parse_dump_line, phrase
+from harness.clients import Player, Receiver, parse_dump_line, phrase, tally_heard
+from harness.daemon import heard_notes
 from harness.graph import assert_graph_clean, midi_lost, xrun_kind
 from harness.jack import JackServer, cpu_steal
+from improvd.daemon.live import statslog
 from tests.e2e.expect import check_timing
 
 
@@ -17,6 +21,29 @@ def test_parse_dump_line():
     assert parse_dump_line("  51072: 80 3c 40 note off (channel  0): pitch  60, velocity  64").kind == "off"
     assert parse_dump_line("  51072: 92 3c 00 note on").kind == "off"
     assert parse_dump_line("garbage") is None
+
+
+def test_tally_heard_tells_missing_repeated_and_unexpected_messages():
+    played = [(0x90, 60, 90), (0x80, 60, 0), (0x90, 61, 90), (0x80, 61, 0)]
+    heard = [(0.0, (0x90, 60, 90)), (0.05, (0x80, 60, 0)), (0.05002, (0x80, 60, 0)), (0.1, (0xB0, 7, 100)),
+             (0.15, (0x80, 61, 0))]
+    assert tally_heard(played, heard) == {
+        "missing": ["90 3d 5a"], "repeated": [{"message": "80 3c 00", "copies": 2, "gaps_ms": [0.02]}],
+        "unexpected": ["b0 07 64"]}
+    assert tally_heard(played, [(i * 0.1, p) for i, p in enumerate(played)]) == {
+        "missing": [], "repeated": [], "unexpected": []}
+    with pytest.raises(ValueError, match="must all differ"):
+        tally_heard(played + played[:1], [])
+
+
+def test_heard_notes_reads_the_verbose_log_back_as_midi_bytes():
+    lines = ["INFO improvd: ready: ...",
+             "DEBUG improvd: " + statslog.format_event("heard", 0.5, mido.Message("note_on", channel=2, note=60,
+                                                                                  velocity=90)),
+             "DEBUG improvd: " + statslog.format_event("sent", 0.6, mido.Message("note_on", note=62, velocity=80)),
+             "DEBUG improvd: " + statslog.format_event("heard", 0.7, mido.Message("note_off", channel=2, note=60,
+                                                                                  velocity=0))]
+    assert heard_notes(lines) == [(0.5, (0x92, 60, 90)), (0.7, (0x82, 60, 0))]
 
 
 def test_xrun_kind_tells_the_driver_from_clients():
