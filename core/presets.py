@@ -39,6 +39,8 @@ class Preset:
     warmup_steps: int = 0               # linear warm-up of the learning rate over this many batches
     anneal: bool = False                # cosine decay of the rate to the end of the budget (time limit or epochs)
     average: float = 0.0                # decay of a moving average of the weights (0 = off), per batch
+    epoch_rows: int = 0                 # an epoch makes whole passes over the training data until it has at
+                                        # least this many rows (0 = one pass): fewer validations per step
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -117,10 +117,12 @@ class BatchSource:
         transpose: random transposition range in semitones (applied only when `shuffle`).
         seed: plan order and augmentation.
         shuffle: a new chunk phase and order each epoch (training); else one fixed order (validation).
+        passes: passes over the data per epoch (training; each with its own phase and order), so that a small
+            data set's epoch is not a handful of batches between two validations (`Preset.epoch_rows`).
     """
 
     def __init__(self, files, kind: str, length: int, num_features: int, transpose: int = 0,
-                 seed: int | None = None, shuffle: bool = True):
+                 seed: int | None = None, shuffle: bool = True, passes: int = 1):
         self.files: NoteSet = as_note_set(files)
         self.kind, self.length, self.num_features = kind, length, num_features
         self.transpose = transpose if shuffle else 0
@@ -129,7 +131,11 @@ class BatchSource:
         self.epoch = 0
         self._memo: tuple = (None, None)
         self._fixed = None if shuffle else self._plan(None)
-        self.rows = len(self._fixed) if self._fixed is not None else len(self._plan(None))
+        self.pass_rows = len(self._fixed) if self._fixed is not None else len(self._plan(None))
+        if passes < 1:
+            raise ValueError(f"passes = {passes!r} is not valid: expected at least 1")
+        self.passes = int(passes) if shuffle else 1
+        self.rows = self.pass_rows * self.passes
 
     def _plan(self, rng):
         lengths = self.files.lengths
@@ -144,10 +150,13 @@ class BatchSource:
             return self._fixed
         if self._memo[0] == epoch:
             return self._memo[1]
-        plan = self._plan(np.random.default_rng([self.seed, epoch]))
-        if len(plan) < self.rows:  # a random phase can give a few chunks fewer: repeat some
-            plan = np.concatenate([plan, plan[:self.rows - len(plan)]])
-        self._memo = (epoch, plan[:self.rows])
+        plans = []
+        for j in range(self.passes):  # (one pass: the same plan as before passes existed)
+            plan = self._plan(np.random.default_rng([self.seed, epoch] + ([j] if j else [])))
+            if len(plan) < self.pass_rows:  # a random phase can give a few chunks fewer: repeat some
+                plan = np.concatenate([plan, plan[:self.pass_rows - len(plan)]])
+            plans.append(plan[:self.pass_rows])
+        self._memo = (epoch, plans[0] if len(plans) == 1 else np.concatenate(plans))
         return self._memo[1]
 
     def steps(self, global_batch: int) -> int:

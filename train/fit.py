@@ -100,14 +100,15 @@ def _callbacks(run_dir: Path, preset: Preset, max_minutes: float, resume: bool, 
     # after the best checkpoint and early stopping have judged it, so last.keras holds the raw weights
     before, after = schedule_callbacks(preset, preset.learning_rate, max_minutes, epochs, steps_per_epoch,
                                        started, resume)
-    early = keras.callbacks.EarlyStopping(monitor=monitor, patience=preset.patience, restore_best_weights=True,
-                                          baseline=best_so_far)
+    # (mode "min": every monitor is a loss, and Keras guesses the direction only for the names it knows)
+    early = keras.callbacks.EarlyStopping(monitor=monitor, mode="min", patience=preset.patience,
+                                          restore_best_weights=True, baseline=best_so_far)
     cbs = [
         Elapsed(),
         *before,
         # on --resume, the best value so far carries over: a worse first epoch must not replace model.keras
-        keras.callbacks.ModelCheckpoint(str(run_dir / "model.keras"), monitor=monitor, save_best_only=True,
-                                        initial_value_threshold=best_so_far),
+        keras.callbacks.ModelCheckpoint(str(run_dir / "model.keras"), monitor=monitor, mode="min",
+                                        save_best_only=True, initial_value_threshold=best_so_far),
         early,
         *after,
         keras.callbacks.ModelCheckpoint(str(run_dir / "last.keras")),
@@ -115,7 +116,7 @@ def _callbacks(run_dir: Path, preset: Preset, max_minutes: float, resume: bool, 
         limit,
     ]
     if preset.lr_schedule and not preset.anneal:  # annealing sets the rate itself
-        cbs.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5,
+        cbs.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="min", factor=0.5,
                                                      patience=max(2, preset.patience // 3), min_lr=1e-5))
     return cbs, limit, early
 
@@ -158,6 +159,9 @@ def fit(run_dir: Path, preset: Preset, train_files, val_files, *,
     f = len(preset.features)
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
     train_source = BatchSource(train_files, preset.kind, length, f, preset.transpose, seed, True)
+    if preset.epoch_rows > train_source.rows:  # a small data set: several passes per epoch
+        train_source = BatchSource(train_files, preset.kind, length, f, preset.transpose, seed, True,
+                                   passes=-(-preset.epoch_rows // train_source.rows))
     train_data = tf_dataset(train_source, batch_size, strategy)
     val_data = None
     if len(val_files):

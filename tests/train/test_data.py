@@ -302,3 +302,20 @@ def test_batch_source_is_reproducible_and_splits_global_batches_by_replica():
     assert w["pitch"][:real].max() == pytest.approx(4 / real)
     generated = list(src.generate([0], 4, 1))
     assert len(generated) == steps
+
+
+def test_several_passes_per_epoch_each_cover_the_data_in_a_new_order():
+    files = td.NoteSet.from_arrays(ramp_files([40, 70, 5, 33]))
+    one = tb.BatchSource(files, "sequence", 16, 4, transpose=2, seed=3)
+    three = tb.BatchSource(files, "sequence", 16, 4, transpose=2, seed=3, passes=3)
+    assert three.rows == 3 * one.rows and three.steps(4) >= 3 * (one.steps(4) - 1)
+    plan = three.plan(1)
+    np.testing.assert_array_equal(plan[:one.rows], one.plan(1))  # the first pass is the one-pass epoch
+    passes = plan.reshape(3, one.rows, 2)
+    assert not np.array_equal(passes[1], passes[0]) and not np.array_equal(passes[2], passes[1])
+    for p in passes:  # every pass has a chunk from each file
+        assert set(p[:, 0]) == set(one.plan(1)[:, 0])
+    with pytest.raises(ValueError, match="passes = 0"):
+        tb.BatchSource(files, "sequence", 16, 4, passes=0)
+    # validation keeps one fixed pass whatever is asked
+    assert tb.BatchSource(files, "sequence", 16, 4, shuffle=False, passes=3).rows == one.rows

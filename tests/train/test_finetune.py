@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -80,9 +79,11 @@ def test_init_keeps_the_architecture_of_the_starting_model(work, run, capsys):
                    "--epochs", 1, "--out", out, "--no-progress") == 0
     config = json.loads((out / "config.json").read_text())
     assert config["preset"]["units"] == [16] and config["preset"]["embedding"] == 8
-    # the default preset's recipe (dropout, transposition) with --init's own learning rate
-    assert config["preset"]["dropout"] == 0.3 and config["preset"]["transpose"] == 6
+    # the default preset's recipe (dropout) with --init's own learning rate, transposition and epoch length
+    assert config["preset"]["dropout"] == 0.3
     assert config["preset"]["learning_rate"] == FINETUNE["learning_rate"] != 0.002
+    assert config["preset"]["transpose"] == FINETUNE["transpose"] != 6
+    assert config["preset"]["epoch_rows"] == FINETUNE["epoch_rows"] > 0
     rc = improvd(work, "train", "--data", work["data"], "--init", run, "--set", "train.units=[32]", "--epochs", 1,
                  "--out", work["root"] / "ft-bad", "--no-progress")
     assert rc == 2
