@@ -209,7 +209,7 @@ def main() -> int:
     parser.add_argument("--jack-sync", action="store_true", help="JACK's synchronous mode (default: asynchronous)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="improvd-flood-"))
-    model = args.model
+    model = args.model.resolve() if args.model is not None else None  # (the config lives in a temporary folder)
     if model is None:
         from harness.modelfactory import make_step_model
         model = tmp / "model.onnx"

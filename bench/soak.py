@@ -89,7 +89,7 @@ def main() -> int:
                              "instead of synchronous mode (-S)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="improvd-soak-"))
-    model = args.model
+    model = args.model.resolve() if args.model is not None else None  # (the daemon runs in a temporary folder)
     if model is None:
         from harness.modelfactory import make_step_model
         model = tmp / "model.onnx"
