@@ -28,7 +28,7 @@ from improvd.core.paths import SHIPPED_KERAS
 SHIPPED = "shipped"
 
 # What `--init` changes in the preset's recipe (train.recipe; docs/training.md says how it was chosen).
-FINETUNE = {"learning_rate": 0.004, "warmup_steps": 10, "average": 0.98, "transpose": 12, "epoch_rows": 640}
+FINETUNE = {"learning_rate": 0.006, "warmup_steps": 10, "average": 0.98, "transpose": 12, "epoch_rows": 640}
 
 
 def finetune_preset(preset):
