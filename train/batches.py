@@ -118,11 +118,12 @@ class BatchSource:
         seed: plan order and augmentation.
         shuffle: a new chunk phase and order each epoch (training); else one fixed order (validation).
         passes: passes over the data per epoch (training; each with its own phase and order), so that a small
-            data set's epoch is not a handful of batches between two validations (`Preset.epoch_rows`).
+            data set's epoch is not a handful of batches between two validations.
+        min_rows: more passes if need be, until an epoch has at least this many rows (`Preset.epoch_rows`).
     """
 
     def __init__(self, files, kind: str, length: int, num_features: int, transpose: int = 0,
-                 seed: int | None = None, shuffle: bool = True, passes: int = 1):
+                 seed: int | None = None, shuffle: bool = True, passes: int = 1, min_rows: int = 0):
         self.files: NoteSet = as_note_set(files)
         self.kind, self.length, self.num_features = kind, length, num_features
         self.transpose = transpose if shuffle else 0
@@ -134,7 +135,8 @@ class BatchSource:
         self.pass_rows = len(self._fixed) if self._fixed is not None else len(self._plan(None))
         if passes < 1:
             raise ValueError(f"passes = {passes!r} is not valid: expected at least 1")
-        self.passes = int(passes) if shuffle else 1
+        passes = max(int(passes), -(-int(min_rows) // max(1, self.pass_rows)))
+        self.passes = passes if shuffle else 1
         self.rows = self.pass_rows * self.passes
 
     def _plan(self, rng):

@@ -158,10 +158,9 @@ def fit(run_dir: Path, preset: Preset, train_files, val_files, *,
     length = preset.context if preset.kind == "window" else preset.seq_length
     f = len(preset.features)
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
-    train_source = BatchSource(train_files, preset.kind, length, f, preset.transpose, seed, True)
-    if preset.epoch_rows > train_source.rows:  # a small data set: several passes per epoch
-        train_source = BatchSource(train_files, preset.kind, length, f, preset.transpose, seed, True,
-                                   passes=-(-preset.epoch_rows // train_source.rows))
+    # (a small data set makes several passes per epoch: `epoch_rows`)
+    train_source = BatchSource(train_files, preset.kind, length, f, preset.transpose, seed, True,
+                               min_rows=preset.epoch_rows)
     train_data = tf_dataset(train_source, batch_size, strategy)
     val_data = None
     if len(val_files):

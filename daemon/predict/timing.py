@@ -24,8 +24,13 @@ TIMING_EXPERTS = ("model", "pitch context", "rhythm context")
 _P0, _P1, _P2 = TIMING_PRIOR
 _RHYTHM_SPANS = tuple(2 * n for n in TIMING_RHYTHM_ORDERS)  # a note is two symbols in a rhythm context
 _PER_QUANTUM = 1.0 / TIMING_QUANTUM_S
-_LONGEST_PITCH = max(TIMING_PITCH_ORDERS)
 _LONGEST_RHYTHM = max(_RHYTHM_SPANS)
+
+
+def _suffixes(sequence: tuple, spans: tuple[int, ...]) -> tuple:
+    """`sequence`'s last `n` symbols for each of `spans` it is long enough for: the keys a note is stored under."""
+    size = len(sequence)
+    return tuple([sequence[-n:] for n in spans if n <= size])
 
 
 def _latest_after(table: dict, sequence: tuple, spans: tuple[int, ...]):
@@ -137,17 +142,11 @@ class TimingCache:
             serial = self._serial
             timing = (step, duration, serial)
             by_pitch = self._by_pitch
-            if len(pitches) >= _LONGEST_PITCH:  # (the usual case: every context is long enough)
-                pkeys = tuple([pitches[-n:] for n in TIMING_PITCH_ORDERS])
-            else:
-                pkeys = tuple([pitches[-n:] for n in TIMING_PITCH_ORDERS if n <= len(pitches)])
+            pkeys = _suffixes(pitches, TIMING_PITCH_ORDERS)
             for key in pkeys:
                 by_pitch[key] = timing
             by_rhythm = self._by_rhythm
-            if len(rhythm) >= _LONGEST_RHYTHM:
-                rkeys = tuple([rhythm[-n:] for n in _RHYTHM_SPANS])
-            else:
-                rkeys = tuple([rhythm[-n:] for n in _RHYTHM_SPANS if n <= len(rhythm)])
+            rkeys = _suffixes(rhythm, _RHYTHM_SPANS)
             for key in rkeys:
                 by_rhythm[key] = timing
             added = self._added

@@ -315,6 +315,9 @@ def test_several_passes_per_epoch_each_cover_the_data_in_a_new_order():
     assert not np.array_equal(passes[1], passes[0]) and not np.array_equal(passes[2], passes[1])
     for p in passes:  # every pass has a chunk from each file
         assert set(p[:, 0]) == set(one.plan(1)[:, 0])
+    # asked in rows (Preset.epoch_rows): whole passes, as many as that takes
+    assert tb.BatchSource(files, "sequence", 16, 4, seed=3, min_rows=2 * one.rows + 1).rows == 3 * one.rows
+    assert tb.BatchSource(files, "sequence", 16, 4, seed=3, min_rows=one.rows).rows == one.rows
     with pytest.raises(ValueError, match="passes = 0"):
         tb.BatchSource(files, "sequence", 16, 4, passes=0)
     # validation keeps one fixed pass whatever is asked
