@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from harness.clients import Player, Receiver, tally_heard  # noqa: E402
+from harness.clients import Player, Receiver, hex_bytes, tally_heard  # noqa: E402
 from harness.daemon import Daemon, heard_notes, write_config  # noqa: E402
 from harness.jack import JackServer, cpu_steal, steal_percent  # noqa: E402
 from harness.procs import LineReader, spawn, terminate  # noqa: E402
@@ -212,7 +212,7 @@ def one_round(server: JackServer, player: Player, kind: str, config: Path, phras
     if (received != len(played) or stale or process_errors or row["missing"] or row["repeated"]
             or row["unexpected"]):
         if len(heard) <= HEARD_LISTED:
-            row["heard"] = [[round(t_s, 6), " ".join(f"{b:02x}" for b in data)] for t_s, data in heard]
+            row["heard"] = [[round(t_s, 6), hex_bytes(data)] for t_s, data in heard]
         row["stale_synchros"] = stale
         row["port_connections"] = [ln.strip() for ln in connections.splitlines()
                                    if ln.strip() and ("improvd in" in ln or player.port in ln)]

@@ -244,20 +244,22 @@ def tally_heard(played: Iterable[tuple[int, ...]], heard: Iterable[tuple[float, 
     twice from its source's unrefreshed buffer come microseconds to milliseconds apart, see bench/starts.py);
     `unexpected`, heard and never played. `heard` is [(t_s, bytes)] in arrival order."""
     played = [tuple(p) for p in played]
-    if len(set(played)) != len(played):
+    known = set(played)
+    if len(known) != len(played):
         raise ValueError(f"the played messages must all differ to be told apart, got {played}")
     times: dict[tuple[int, ...], list[float]] = collections.defaultdict(list)
     for t_s, data in heard:
         times[tuple(data)].append(t_s)
-
-    def hexed(data) -> str:
-        return " ".join(f"{b:02x}" for b in data)
-
-    return {"missing": [hexed(p) for p in played if p not in times],
-            "repeated": [{"message": hexed(p), "copies": len(times[p]),
+    return {"missing": [hex_bytes(p) for p in played if p not in times],
+            "repeated": [{"message": hex_bytes(p), "copies": len(times[p]),
                           "gaps_ms": [round(1000 * (b - a), 3) for a, b in zip(times[p], times[p][1:])]}
                          for p in played if len(times.get(p, ())) > 1],
-            "unexpected": [hexed(d) for d, copies in times.items() if d not in set(played) for _ in copies]}
+            "unexpected": [hex_bytes(d) for d, copies in times.items() if d not in known for _ in copies]}
+
+
+def hex_bytes(data: Iterable[int]) -> str:
+    """MIDI bytes as `tally_heard` and bench/starts.py write them: '90 3c 5a'."""
+    return " ".join(f"{b:02x}" for b in data)
 
 
 def prime_from_receiver(player_notes) -> np.ndarray:
